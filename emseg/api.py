@@ -1,0 +1,144 @@
+"""The public functions: one per CLI command, with parameters named like the command's options.
+
+``emseg.cli`` is a thin wrapper over these; notebooks and pipelines call them directly::
+
+    import emseg
+    emseg.ingest("train-volume.tif", "isbi.zarr", labels="train-labels.tif", voxel_size=(50, 4, 4))
+    print(emseg.info("isbi.zarr"))
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from emseg.config import IngestConfig
+from emseg.errors import BadInputError
+from emseg.progress import Reporter
+
+log = logging.getLogger(__name__)
+
+
+def ingest(
+    source: str | Path,
+    output: str | Path,
+    *,
+    labels: str | Path | None = None,
+    voxel_size: Sequence[float] | None = None,
+    chunks: Sequence[int] = IngestConfig.chunks,
+    ngff: str = IngestConfig.ngff,
+    shards: Sequence[int] | None = None,
+    overwrite: bool = False,
+    progress: Reporter | None = None,
+) -> Path:
+    """Convert a TIFF/BigTIFF stack, a folder of TIFF/PNG slices or a 2D image to OME-Zarr.
+
+    ``labels`` (same kinds of source, same shape) are binarised into ``labels/cells``.
+    ``voxel_size`` is (z, y, x) in nm; by default it comes from the TIFF metadata, else 1.
+    Returns the output path.
+    """
+    from emseg.io.ingest import ingest_stack
+
+    config = IngestConfig(
+        ngff=str(ngff),
+        chunks=tuple(int(c) for c in chunks),  # type: ignore[arg-type]
+        shards=None if shards is None else tuple(int(s) for s in shards),  # type: ignore[arg-type]
+        voxel_size=None if voxel_size is None else tuple(float(v) for v in voxel_size),  # type: ignore[arg-type]
+        overwrite=overwrite,
+    )
+    return ingest_stack(source, output, config, labels=labels, progress=progress)
+
+
+def info(path: str | Path) -> dict[str, Any]:
+    """Shape, dtype, chunks, voxel size, levels and labels (with foreground fraction) of a store.
+
+    The foreground fraction is exact when the label's level 0 is under 1 GiB, else estimated
+    from the finest level that is (the key ``fraction_level`` says which).
+    """
+    from emseg.io.zarr import emseg_attrs, open_ome
+
+    image = open_ome(path)
+    arr = image.array
+    result: dict[str, Any] = {
+        "path": str(image.path),
+        "ngff": image.version,
+        "shape": list(arr.shape),
+        "dtype": str(arr.dtype),
+        "chunks": list(arr.chunks),
+        "shards": None if getattr(arr, "shards", None) is None else list(arr.shards),
+        "voxel_size_nm": list(image.voxel_size),
+        "levels": [list(a.shape) for a in image.levels],
+        "size_bytes": int(np.prod(arr.shape)) * arr.dtype.itemsize,
+        "labels": {},
+        "emseg": emseg_attrs(image),
+    }
+    for name, label in image.labels.items():
+        level = next((i for i, a in enumerate(label.levels) if np.prod(a.shape) <= 2**30), len(label.levels) - 1)
+        fraction = _mean_of(label.levels[level])
+        result["labels"][name] = {"foreground_fraction": fraction, "fraction_level": level}
+    return result
+
+
+def _mean_of(array: Any) -> float:
+    import dask.array as da
+
+    return float(da.from_zarr(array).astype(np.float64).mean().compute())
+
+
+def show(
+    data: str | Path,
+    output: str | Path,
+    *,
+    slice: int = 0,
+    pred: str | Path | None = None,
+    level: int | None = None,
+) -> Path:
+    """Save a PNG of slice ``slice``: the image, its ``labels/cells`` mask when present, and with
+    ``pred`` the predicted P(cell) and an overlay of the predicted membranes.
+
+    ``level`` picks a pyramid level; by default the finest whose largest side is at most 2048 px.
+    """
+    from emseg.io.zarr import open_ome
+    from emseg.viz import overlay, panel_rows
+
+    image = open_ome(data)
+    if not 0 <= slice < image.shape[0]:
+        raise BadInputError(f"--slice {slice}: {data} has slices 0-{image.shape[0] - 1}")
+    if level is None:
+        level = next((i for i, a in enumerate(image.levels) if max(a.shape[1:]) <= 2048), len(image.levels) - 1)
+    if not 0 <= level < len(image.levels):
+        raise BadInputError(f"--level {level}: {data} has levels 0-{len(image.levels) - 1}")
+    raw = np.asarray(image.levels[level][slice])
+    row: dict[str, np.ndarray] = {f"image (slice {slice}, level {level})": raw}
+    if "cells" in image.labels:
+        cells = image.labels["cells"]
+        row["truth: cells"] = np.asarray(cells.levels[min(level, len(cells.levels) - 1)][slice]).astype(bool)
+    if pred is not None:
+        prediction = open_ome(pred)
+        if prediction.shape[1:] != image.shape[1:]:
+            raise BadInputError(f"--pred {pred}: shape {prediction.shape} does not match {data} {image.shape}")
+        z = slice - int(prediction.attrs.get("emseg", {}).get("slices", [0, 0])[0] or 0)
+        if not 0 <= z < prediction.shape[0]:
+            raise BadInputError(f"--pred {pred}: holds no prediction for slice {slice}")
+        prob = np.asarray(prediction.levels[min(level, len(prediction.levels) - 1)][z])
+        prob = prob.astype(np.float32) / (255.0 if prob.dtype == np.uint8 else 1.0)
+        row["prob: P(cell)"] = prob
+        row["overlay: predicted membranes"] = overlay(raw, prob < 0.5)
+    return panel_rows([row], Path(output))
+
+
+def demo(
+    *,
+    data: str | Path | None = None,
+    output: str | Path = "emseg-demo",
+    progress: Reporter | None = None,
+) -> Any:
+    """Run the whole flow on the ISBI 2012 stacks (``data`` or found nearby) or, offline, on a
+    synthetic EM-like stack; returns a :class:`emseg.demo.DemoResult`."""
+    from emseg.demo import run_demo
+
+    return run_demo(data=data, output=output, progress=progress)

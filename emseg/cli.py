@@ -1,0 +1,268 @@
+"""The ``emseg`` command line: each command parses its options and calls one function of
+:mod:`emseg.api`. Progress bars and tables are drawn here, on stderr, and nowhere else.
+
+Exit codes: 0 success, 1 runtime failure, 2 bad usage or bad input (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    Progress,
+    SpinnerColumn,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from emseg import __version__
+from emseg.errors import EmsegError
+
+app = typer.Typer(
+    name="emseg",
+    help="Segment electron-microscopy stacks: ingest, train, predict, evaluate.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+stdout = Console()
+stderr = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class RichReporter:
+    """A :class:`emseg.progress.Reporter` drawing rich progress bars with ETA on stderr."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and stderr.is_terminal
+        self._progress: Progress | None = None
+        self._task: Any = None
+
+    def start(self, description: str, total: float | None, unit: str = "") -> None:
+        if not self.enabled:
+            return
+        if self._progress is None:
+            self._progress = Progress(
+                SpinnerColumn(),
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                TaskProgressColumn(),
+                TextColumn("{task.completed:.0f}/{task.total:.0f} {task.fields[unit]}"),
+                TextColumn("{task.fields[info]}"),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=stderr,
+            )
+            self._progress.start()
+        self._task = self._progress.add_task(description, total=total, unit=unit, info="")
+
+    def advance(self, amount: float = 1, **fields: Any) -> None:
+        if self._progress is None or self._task is None:
+            return
+        info = "  ".join(f"{k.replace('_', ' ')} {_fmt(v)}" for k, v in fields.items())
+        self._progress.update(self._task, advance=amount, info=info)
+
+    def finish(self) -> None:
+        if self._progress is not None and self._task is not None:
+            self._progress.refresh()
+        self._task = None
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+    def __enter__(self) -> "RichReporter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def command(*args: Any, **kwargs: Any) -> Callable[[F], F]:
+    """Register a command whose emseg errors become one stderr line and their exit code."""
+
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(*a: Any, **k: Any) -> Any:
+            try:
+                return fn(*a, **k)
+            except EmsegError as exc:
+                sys.stderr.write(f"emseg: error: {exc}\n")
+                sys.stderr.flush()
+                raise typer.Exit(exc.exit_code) from None
+
+        app.command(*args, **kwargs)(wrapper)
+        return fn
+
+    return decorate
+
+
+def _version(value: bool) -> None:
+    if value:
+        stdout.print(f"emseg {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what emseg does (INFO level)."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """Segment electron-microscopy stacks: ingest, train, predict, evaluate."""
+    _setup_logging(logging.INFO if verbose else logging.WARNING)
+
+
+class _LowerLevelFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        record.levelname = record.levelname.lower()
+        return super().format(record)
+
+
+def _setup_logging(level: int) -> None:
+    logger = logging.getLogger("emseg")
+    logger.setLevel(level)
+    if not any(getattr(h, "_emseg", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_LowerLevelFormatter("emseg: %(levelname)s: %(message)s"))
+        handler._emseg = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+        logger.propagate = False
+    for h in logger.handlers:
+        h.setLevel(level)
+
+
+QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar.")
+OVERWRITE = typer.Option(False, "--overwrite", help="Replace an existing output written by emseg.")
+
+
+@command("ingest")
+def ingest_cmd(
+    source: Path = typer.Argument(..., help="Multi-page TIFF/BigTIFF, folder of TIFF/PNG slices, or a 2D image."),
+    output: Path = typer.Option(..., "--output", "-o", help="Output OME-Zarr store (DIR.zarr)."),
+    labels: Optional[Path] = typer.Option(None, "--labels", "-l", help="Labels, same kind and shape (cell > 0)."),
+    voxel_size: Optional[tuple[float, float, float]] = typer.Option(
+        None, "--voxel-size", help="Voxel size Z Y X in nm (default: from the TIFF, else 1)."
+    ),
+    chunks: tuple[int, int, int] = typer.Option((1, 1024, 1024), "--chunks", help="Chunk shape Z Y X."),
+    ngff: str = typer.Option("0.4", "--ngff", help="OME-Zarr version: 0.4 (zarr v2) or 0.5 (zarr v3)."),
+    shards: Optional[tuple[int, int, int]] = typer.Option(None, "--shards", help="Shard shape Z Y X (--ngff 0.5)."),
+    overwrite: bool = OVERWRITE,
+    quiet: bool = QUIET,
+) -> None:
+    """Convert a TIFF stack or slice folder (and its labels) into chunked OME-Zarr."""
+    from emseg import api
+
+    with RichReporter(not quiet) as progress:
+        out = api.ingest(
+            source, output, labels=labels, voxel_size=voxel_size, chunks=chunks, ngff=ngff,
+            shards=shards, overwrite=overwrite, progress=progress,
+        )
+    if not quiet:
+        stderr.print(f"wrote {out}")
+
+
+@command("info")
+def info_cmd(
+    path: Path = typer.Argument(..., help="An OME-Zarr store."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Shape, dtype, chunks, voxel size, levels and labels of an OME-Zarr store."""
+    from emseg import api
+
+    result = api.info(path)
+    if as_json:
+        stdout.print_json(json.dumps(result))
+        return
+    table = Table(title=str(path), show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    table.add_row("NGFF", result["ngff"])
+    table.add_row("shape (z, y, x)", " x ".join(map(str, result["shape"])))
+    table.add_row("dtype", result["dtype"])
+    table.add_row("chunks", " x ".join(map(str, result["chunks"])))
+    if result["shards"]:
+        table.add_row("shards", " x ".join(map(str, result["shards"])))
+    table.add_row("voxel size (nm)", " x ".join(f"{v:g}" for v in result["voxel_size_nm"]))
+    table.add_row("levels", ", ".join("x".join(map(str, s)) for s in result["levels"]))
+    table.add_row("size", f"{result['size_bytes'] / 2**20:.1f} MiB uncompressed")
+    for name, lab in result["labels"].items():
+        note = "" if lab["fraction_level"] == 0 else f" (estimated from level {lab['fraction_level']})"
+        table.add_row(f"labels/{name}", f"foreground fraction {lab['foreground_fraction']:.4f}{note}")
+    if not result["labels"]:
+        table.add_row("labels", "none")
+    if result["emseg"]:
+        table.add_row("written by", f"emseg {result['emseg'].get('version')} {result['emseg'].get('command')} "
+                      f"on {result['emseg'].get('created')}")
+    stdout.print(table)
+
+
+@command("show")
+def show_cmd(
+    data: Path = typer.Argument(..., help="An OME-Zarr store from emseg ingest."),
+    output: Path = typer.Option(Path("view.png"), "--output", "-o", help="PNG to write."),
+    slice_: int = typer.Option(0, "--slice", "-z", help="Slice index."),
+    pred: Optional[Path] = typer.Option(None, "--pred", help="A prediction store from emseg predict."),
+    level: Optional[int] = typer.Option(None, "--level", help="Pyramid level (default: fits 2048 px)."),
+) -> None:
+    """Save a PNG of a slice beside its mask (and prediction with an overlay)."""
+    from emseg import api
+
+    out = api.show(data, output, slice=slice_, pred=pred, level=level)
+    stderr.print(f"wrote {out}")
+
+
+@command("demo")
+def demo_cmd(
+    data: Optional[Path] = typer.Option(
+        None, "--data", help="Folder with the ISBI 2012 stacks (default: found nearby, else synthetic data)."
+    ),
+    output: Path = typer.Option(Path("emseg-demo"), "--output", "-o", help="Folder for everything the demo writes."),
+    quiet: bool = QUIET,
+) -> None:
+    """Run the whole flow end to end on ISBI 2012 or, offline, a synthetic EM-like stack."""
+    from emseg import api
+
+    with RichReporter(not quiet) as progress:
+        result = api.demo(data=data, output=output, progress=progress)
+    stdout.print(f"[bold]data:[/] {result.data}")
+    for name, path in result.outputs.items():
+        stdout.print(f"[bold]{name}:[/] {path}")
+    info = result.scores.get("train_info")
+    if info:
+        stdout.print(f"[bold]training stack:[/] {' x '.join(map(str, info['shape']))} {info['dtype']}, "
+                     f"cell fraction {info['labels']['cells']['foreground_fraction']:.3f}")
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main() -> None:
+    """Console entry point: SIGTERM unwinds like Ctrl-C, so partial outputs are removed."""
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.stderr.write("emseg: interrupted; partial outputs were removed\n")
+        sys.exit(130)

@@ -1,0 +1,27 @@
+"""The two kinds of failure emseg reports to its users.
+
+A :class:`BadInputError` is something the user can fix (a missing file, a tile the model cannot
+take): the CLI prints its message on one line and exits with code 2. An :class:`EmsegRuntimeError`
+is a failure while doing valid work (a full disk, a non-finite loss): exit code 1. Anything else
+is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class EmsegError(Exception):
+    """Base class of the errors emseg reports as one line."""
+
+    exit_code = 1
+
+
+class BadInputError(EmsegError, ValueError):
+    """Bad usage or bad input: the user can fix it. Exit code 2."""
+
+    exit_code = 2
+
+
+class EmsegRuntimeError(EmsegError, RuntimeError):
+    """A failure while running a valid request. Exit code 1."""
+
+    exit_code = 1

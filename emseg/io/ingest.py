@@ -1,0 +1,257 @@
+"""TIFF stacks and slice folders into chunked OME-Zarr, streamed band by band.
+
+The source is read in bands of whole chunk rows (``chunks[0]`` slices x ``chunks[1]`` rows x all
+columns); each band is written to level 0 and reduced 2x2 into the pyramid levels, whose rows are
+buffered until a whole chunk row is ready, so every write covers whole chunks and peak memory is
+a few bands whatever the stack's size. Reading the next band overlaps writing the current one.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import math
+import time
+from collections.abc import Iterator
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from emseg import __version__
+from emseg.config import IngestConfig
+from emseg.errors import BadInputError
+from emseg.io.atomic import atomic_directory
+from emseg.io.tiff import Stack, open_stack
+from emseg.io.zarr import LevelSpec, create_image_store, create_label, create_multiscale, pyramid_shapes
+from emseg.progress import Reporter, reporter_or_null
+
+log = logging.getLogger(__name__)
+
+
+def reduce2(band: np.ndarray, kind: str) -> np.ndarray:
+    """2x2 reduction in y and x of a (Z, Y, X) band: block mean ("mean", in the band's dtype,
+    rounded for integers) or block majority of a {0, 1} band ("majority", ties to 1).
+    Odd sizes are padded by edge replication, so the output is (Z, ceil(Y/2), ceil(X/2))."""
+    z, y, x = band.shape
+    if y % 2 or x % 2:
+        band = np.pad(band, ((0, 0), (0, y % 2), (0, x % 2)), mode="edge")
+    if kind == "majority":
+        acc = band[:, 0::2].astype(np.uint8) + band[:, 1::2]
+        acc = acc[:, :, 0::2] + acc[:, :, 1::2]
+        return (acc >= 2).astype(np.uint8)
+    if np.issubdtype(band.dtype, np.integer):
+        wide = np.int64 if band.dtype.itemsize >= 4 else np.int32 if band.dtype.itemsize == 2 else np.uint16
+        acc = band[:, 0::2].astype(wide) + band[:, 1::2]
+        acc = acc[:, :, 0::2] + acc[:, :, 1::2]
+        acc += 2
+        acc //= 4
+        return acc.astype(band.dtype)
+    work = np.float64 if band.dtype == np.float64 else np.float32
+    acc = band[:, 0::2].astype(work) + band[:, 1::2]
+    return ((acc[:, :, 0::2] + acc[:, :, 1::2]) * 0.25).astype(band.dtype)
+
+
+class PyramidWriter:
+    """Writes bands of level 0 in order and feeds the reduced levels chunk row by chunk row.
+
+    Writes run on ``pool`` (at most ``max_pending`` at once, so memory stays bounded) while the
+    caller reads and reduces the next band; :meth:`drain` waits for them and raises their errors.
+    """
+
+    def __init__(self, arrays: list[zarr.Array], kind: str, pool: ThreadPoolExecutor, max_pending: int = 3) -> None:
+        self.arrays = arrays
+        self.kind = kind
+        self._pool = pool
+        self._max_pending = max_pending
+        self._futures: deque[Future[None]] = deque()
+        self._pending: list[list[np.ndarray]] = [[] for _ in arrays]
+        self._start: list[int] = [0] * len(arrays)
+
+    def write(self, z0: int, y0: int, band: np.ndarray) -> None:
+        """Write level-0 rows ``y0:y0+len`` of slices ``z0:z0+band.shape[0]``; bands of one
+        z-group must arrive top to bottom."""
+        self._submit(0, (slice(z0, z0 + band.shape[0]), slice(y0, y0 + band.shape[1])), band)
+        last = y0 + band.shape[1] == self.arrays[0].shape[1]
+        for level in range(1, len(self.arrays)):
+            band = reduce2(band, self.kind)
+            self._push(level, z0, band, last)
+
+    def _submit(self, level: int, where: tuple[slice, slice], data: np.ndarray) -> None:
+        while len(self._futures) >= self._max_pending:
+            self._futures.popleft().result()
+        self._futures.append(self._pool.submit(self.arrays[level].__setitem__, where, data))
+
+    def drain(self) -> None:
+        while self._futures:
+            self._futures.popleft().result()
+
+    def _push(self, level: int, z0: int, band: np.ndarray, last: bool) -> None:
+        pending = self._pending[level]
+        pending.append(band)
+        rows = sum(b.shape[1] for b in pending)
+        chunk_rows = self.arrays[level].chunks[1]
+        if rows < chunk_rows and not last:
+            return
+        data = np.concatenate(pending, axis=1) if len(pending) > 1 else pending[0]
+        n = rows if last else (rows // chunk_rows) * chunk_rows
+        start = self._start[level]
+        self._submit(level, (slice(z0, z0 + data.shape[0]), slice(start, start + n)), data[:, :n])
+        rest = data[:, n:]
+        self._pending[level] = [rest] if rest.shape[1] else []
+        self._start[level] = 0 if last else start + n
+
+
+def band_rows(chunk_rows: int, n_levels: int, height: int, row_block: int = 1) -> int:
+    """Rows per band: the least common multiple of the chunk rows, 2^(levels-1) (so every level
+    gets whole rows) and the source's row block (so no strip is decoded twice), at most ``height``."""
+    return min(math.lcm(chunk_rows, 2 ** max(0, n_levels - 1), max(1, row_block)), height)
+
+
+def _bands(shape: tuple[int, int, int], zstep: int, ystep: int) -> Iterator[tuple[int, int, int, int]]:
+    for z0 in range(0, shape[0], zstep):
+        for y0 in range(0, shape[1], ystep):
+            yield z0, min(z0 + zstep, shape[0]), y0, min(y0 + ystep, shape[1])
+
+
+def _resolve_voxel_size(config: IngestConfig, stack: Stack) -> tuple[tuple[float, float, float], str]:
+    if config.voxel_size is not None:
+        vs = tuple(float(v) for v in config.voxel_size)
+        if len(vs) != 3 or not all(math.isfinite(v) and v > 0 for v in vs):
+            raise BadInputError(f"--voxel-size {config.voxel_size}: expected three positive numbers Z Y X (nm)")
+        return vs, "option"  # type: ignore[return-value]
+    if stack.voxel_size is not None:
+        return stack.voxel_size, "metadata"
+    return (1.0, 1.0, 1.0), "default"
+
+
+def _check_config(config: IngestConfig) -> None:
+    if config.ngff not in ("0.4", "0.5"):
+        raise BadInputError(f"--ngff {config.ngff}: supported versions are 0.4 and 0.5")
+    if len(config.chunks) != 3 or any(int(c) < 1 for c in config.chunks):
+        raise BadInputError(f"--chunks {config.chunks}: expected three positive integers Z Y X")
+    if config.shards is not None:
+        if config.ngff == "0.4":
+            raise BadInputError("--shards needs --ngff 0.5 (zarr v3); NGFF 0.4 has no sharding")
+        if len(config.shards) != 3 or any(int(s) < int(c) or int(s) % int(c) for s, c in zip(config.shards, config.chunks)):
+            raise BadInputError(f"--shards {config.shards}: each must be a multiple of the chunk size {config.chunks}")
+
+
+def provenance(command: str, **fields: Any) -> dict[str, Any]:
+    """The ``emseg`` block of a store's attributes: what wrote it, when, from what."""
+    return {
+        "version": __version__,
+        "command": command,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **fields,
+    }
+
+
+def ingest_stack(
+    source: str | Path,
+    output: str | Path,
+    config: IngestConfig = IngestConfig(),
+    labels: str | Path | None = None,
+    progress: Reporter | None = None,
+) -> Path:
+    """Convert a TIFF stack, slice folder or 2D image (and optionally its labels) to OME-Zarr.
+
+    The image keeps its dtype; labels are binarised (value > 0 -> 1, uint8) into
+    ``labels/cells``. Writes atomically: on any failure nothing exists under ``output``.
+    Returns ``output``.
+    """
+    _check_config(config)
+    progress = reporter_or_null(progress)
+    output = Path(output)
+    with open_stack(source) as stack:
+        lab = open_stack(labels) if labels is not None else None
+        try:
+            if lab is not None and lab.shape != stack.shape:
+                raise BadInputError(
+                    f"labels {lab.path.name} have shape {lab.shape} (z, y, x) but the image {stack.path.name} "
+                    f"has {stack.shape}; they must match exactly"
+                )
+            voxel_size, vs_source = _resolve_voxel_size(config, stack)
+            return _write(stack, lab, output, config, voxel_size, vs_source, progress)
+        finally:
+            if lab is not None:
+                lab.close()
+
+
+def _write(
+    stack: Stack,
+    lab: Stack | None,
+    output: Path,
+    config: IngestConfig,
+    voxel_size: tuple[float, float, float],
+    vs_source: str,
+    progress: Reporter,
+) -> Path:
+    spec = LevelSpec(
+        shape=stack.shape,
+        dtype=str(stack.dtype),
+        chunks=tuple(int(c) for c in config.chunks),  # type: ignore[arg-type]
+        shards=None if config.shards is None else tuple(int(s) for s in config.shards),  # type: ignore[arg-type]
+        pyramid_min_size=config.pyramid_min_size,
+        clevel=config.clevel,
+    )
+    n_levels = len(pyramid_shapes(spec.shape, spec.pyramid_min_size))
+    unit = spec.shards or spec.chunks
+    zstep = min(unit[0], stack.shape[0])
+    ystep = band_rows(min(unit[1], stack.shape[1]), n_levels, stack.shape[1], stack.row_block)
+    prov = provenance(
+        "ingest",
+        source=stack.describe(),
+        labels=None if lab is None else lab.describe(),
+        voxel_size_from=vs_source,
+    )
+    with atomic_directory(output, config.overwrite) as tmp:
+        root = create_image_store(tmp, config.ngff, attrs={"emseg": prov})
+        image_arrays = create_multiscale(root, spec, voxel_size, config.ngff, stack.path.stem)
+        label_arrays = None if lab is None else create_label(root, "cells", spec, voxel_size, config.ngff)
+        seen_label_values: set[float] = set()
+        floating = np.issubdtype(stack.dtype, np.floating)
+        progress.start(f"ingest {stack.path.name}", total=stack.shape[0], unit="slices")
+        t0, done_bytes = time.perf_counter(), 0
+
+        def read(z0: int, z1: int, y0: int, y1: int) -> tuple[np.ndarray, np.ndarray | None]:
+            return stack.read(z0, z1, y0, y1), None if lab is None else lab.read(z0, z1, y0, y1)
+
+        bands = list(_bands(stack.shape, zstep, ystep))
+        with ThreadPoolExecutor(1, "emseg-read") as reader, ThreadPoolExecutor(2, "emseg-write") as writer:
+            image_writer = PyramidWriter(image_arrays, "mean", writer)
+            label_writer = None if label_arrays is None else PyramidWriter(label_arrays, "majority", writer)
+            future = reader.submit(read, *bands[0])
+            try:
+                for i, (z0, z1, y0, y1) in enumerate(bands):
+                    image, label = future.result()
+                    if i + 1 < len(bands):
+                        future = reader.submit(read, *bands[i + 1])
+                    if floating and not np.isfinite(image).all():
+                        raise BadInputError(
+                            f"{stack.path}: non-finite values (NaN or infinity) in slices {z0}-{z1 - 1}; fix the source first"
+                        )
+                    image_writer.write(z0, y0, image)
+                    if label is not None and label_writer is not None:
+                        if len(seen_label_values) <= 2:
+                            seen_label_values.update(np.unique(label).tolist()[:3])
+                        label_writer.write(z0, y0, (label > 0).astype(np.uint8))
+                    done_bytes += image.nbytes
+                    elapsed = max(time.perf_counter() - t0, 1e-9)
+                    progress.advance((z1 - z0) * (y1 - y0) / stack.shape[1], mb_per_s=done_bytes / elapsed / 1e6)
+                image_writer.drain()
+                if label_writer is not None:
+                    label_writer.drain()
+            finally:
+                future.cancel()
+        progress.finish()
+        if vs_source == "default":
+            log.warning("%s carries no voxel size; used 1 x 1 x 1 nm (set it with --voxel-size Z Y X)", stack.path.name)
+        if len(seen_label_values) > 2:
+            log.warning(
+                "labels %s have more than two values; binarised as value > 0 -> cell (1)", lab.path.name if lab else ""
+            )
+    return output

@@ -1,0 +1,493 @@
+"""Lazy readers for image stacks: multi-page TIFF / BigTIFF (ImageJ and OME-TIFF included),
+folders of TIFF or PNG slices, and single 2D images; TIFF and PNG export.
+
+A :class:`Stack` knows its shape, dtype and voxel size from headers alone and reads any band
+``[z0:z1, y0:y1, :]`` on demand, so ingesting never holds more than a band in memory. Every
+failure a user can cause (missing path, not an image, truncated file, mismatched slices) is a
+:class:`BadInputError` with one clear line.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import warnings
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from emseg.errors import BadInputError
+
+log = logging.getLogger(__name__)
+
+TIFF_SUFFIXES = {".tif", ".tiff", ".btf", ".tf8", ".tf2"}
+PNG_SUFFIXES = {".png"}
+IMAGE_SUFFIXES = TIFF_SUFFIXES | PNG_SUFFIXES
+#: A header may not make emseg allocate more than this for one slice (protects against hostile
+#: files that claim absurd sizes).
+MAX_SLICE_PIXELS = 2**34
+#: Luminance weights (ITU-R BT.601) for RGB -> grayscale.
+RGB_WEIGHTS = np.array([0.299, 0.587, 0.114])
+#: Nanometres per unit name found in TIFF / ImageJ / OME metadata.
+UNIT_NM = {
+    "nm": 1.0, "nanometer": 1.0, "nanometre": 1.0,
+    "um": 1e3, "µm": 1e3, "\u00b5m": 1e3, "micron": 1e3, "micrometer": 1e3, "micrometre": 1e3,
+    "mm": 1e6, "millimeter": 1e6, "cm": 1e7, "centimeter": 1e7, "m": 1e9, "meter": 1e9,
+    "a": 0.1, "å": 0.1, "angstrom": 0.1, "pm": 1e-3,
+}
+
+
+def natural_key(path: Path) -> list[Any]:
+    """Sort key putting ``2.png`` before ``10.png``."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", path.name)]
+
+
+class Stack:
+    """A lazily read (Z, Y, X) grayscale stack. Subclasses implement :meth:`_read`."""
+
+    path: Path
+    shape: tuple[int, int, int]
+    dtype: np.dtype
+    voxel_size: tuple[float, float, float] | None
+    rgb: bool
+    #: Rows the source decodes together (a TIFF strip or tile row); bands are aligned to it.
+    row_block: int = 1
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * self.dtype.itemsize
+
+    def read(self, z0: int, z1: int, y0: int = 0, y1: int | None = None) -> np.ndarray:
+        """Rows ``y0:y1`` of slices ``z0:z1``, all columns: (z1-z0, y1-y0, X) of ``self.dtype``.
+
+        RGB sources are converted to grayscale (BT.601 weights) in the source dtype.
+        """
+        y1 = self.shape[1] if y1 is None else y1
+        try:
+            data = self._read(z0, z1, y0, y1)
+        except BadInputError:
+            raise
+        except MemoryError:
+            raise
+        except Exception as exc:
+            raise BadInputError(
+                f"{self.path}: could not read slices {z0}-{z1 - 1} ({type(exc).__name__}: {exc}); "
+                "the file is truncated or corrupt"
+            ) from None
+        if self.rgb:
+            data = to_grayscale(data, self.dtype)
+        expected = (z1 - z0, y1 - y0, self.shape[2])
+        if data.shape != expected:
+            raise BadInputError(f"{self.path}: slices {z0}-{z1 - 1} have shape {data.shape[1:]}, expected {expected[1:]}")
+        return data
+
+    def _read(self, z0: int, z1: int, y0: int, y1: int) -> np.ndarray:  # pragma: no cover
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "Stack":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.path.name,
+            "path": str(self.path.resolve()),
+            "bytes": _source_bytes(self.path),
+            "shape": list(self.shape),
+            "dtype": str(self.dtype),
+        }
+
+
+def _source_bytes(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+    return path.stat().st_size
+
+
+def to_grayscale(data: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """(..., C) RGB(A) -> (...) grayscale in ``dtype`` (alpha ignored)."""
+    gray = data[..., :3].astype(np.float32) @ RGB_WEIGHTS.astype(np.float32)
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        gray = np.clip(np.rint(gray), info.min, info.max)
+    return gray.astype(dtype)
+
+
+def _check_size(path: Path, shape: Sequence[int], dtype: np.dtype) -> None:
+    pixels = math.prod(int(s) for s in shape[-2:])
+    if any(int(s) <= 0 for s in shape):
+        raise BadInputError(f"{path}: empty image (shape {tuple(shape)})")
+    if pixels > MAX_SLICE_PIXELS:
+        raise BadInputError(f"{path}: slice of {tuple(shape[-2:])} pixels is larger than emseg accepts")
+    if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating) or dtype == np.bool_):
+        raise BadInputError(f"{path}: unsupported pixel type {dtype}")
+
+
+class TiffStack(Stack):
+    """A multi-page TIFF/BigTIFF, ImageJ hyperstack or OME-TIFF (first series, full resolution).
+
+    Leading axes other than y, x and samples are flattened into z; a channel axis with more than
+    one channel is refused (pick a channel first).
+    """
+
+    def __init__(self, path: Path) -> None:
+        import tifffile
+        import zarr
+
+        self.path = path
+        try:
+            self._tif = tifffile.TiffFile(path)
+            series = self._tif.series[0]
+            axes, shape = series.axes, tuple(series.shape)
+            self.dtype = np.dtype(series.dtype)
+        except Exception as exc:
+            self.close()
+            raise BadInputError(f"{path}: not a readable TIFF ({type(exc).__name__}: {exc})") from None
+        self.rgb = False
+        if axes and axes[-1] == "S" and shape[-1] in (3, 4):
+            self.rgb = True
+            axes, shape = axes[:-1], shape[:-1]
+        elif axes and axes[-1] == "S" and shape[-1] == 1:
+            axes, shape = axes[:-1], shape[:-1]
+        if "C" in axes and shape[axes.index("C")] > 1:
+            self.close()
+            raise BadInputError(
+                f"{path}: {shape[axes.index('C')]} channels; emseg segments one channel (extract it first)"
+            )
+        if len(shape) < 2:
+            self.close()
+            raise BadInputError(f"{path}: not an image (shape {shape})")
+        _check_size(path, shape, self.dtype)
+        self._series_shape = shape
+        self.shape = (int(math.prod(shape[:-2])), int(shape[-2]), int(shape[-1]))
+        try:
+            self._z = zarr.open(series.aszarr(), mode="r")
+        except Exception as exc:
+            self.close()
+            raise BadInputError(f"{path}: not a readable TIFF ({type(exc).__name__}: {exc})") from None
+        self.voxel_size = tiff_voxel_size(self._tif)
+        # Uncompressed data stored in one contiguous block (ImageJ, tifffile, many scanners) is
+        # read with pread at exact offsets: no decoding and no strip larger than the band.
+        self._offset = series.dataoffset if series.dataoffset is not None and not series.is_multifile else None
+        self._file_dtype = np.dtype(series.dtype).newbyteorder(self._tif.byteorder)
+        self._fd = os.open(path, os.O_RDONLY) if self._offset is not None else None
+        if self._offset is not None:
+            samples = 1 if not self.rgb else int(series.shape[-1])
+            self._row_items = self.shape[2] * samples
+            end = self._offset + self.shape[0] * self.shape[1] * self._row_items * self._file_dtype.itemsize
+            if end > os.fstat(self._fd).st_size:
+                self.close()
+                raise BadInputError(f"{path}: file is truncated ({os.path.getsize(path)} bytes, header needs {end})")
+        #: Rows the source stores together: bands aligned to it never decode a strip twice.
+        self.row_block = 1 if self._offset is not None else int(self._z.chunks[len(self._series_shape) - 2])
+
+    def _read(self, z0: int, z1: int, y0: int, y1: int) -> np.ndarray:
+        if self._offset is not None:
+            return self._pread(z0, z1, y0, y1)
+        lead = self._series_shape[:-2]
+        if not lead:
+            data = np.asarray(self._z[y0:y1])[None]
+        elif len(lead) == 1:
+            data = np.asarray(self._z[z0:z1, y0:y1])
+        else:
+            planes = [np.asarray(self._z[np.unravel_index(z, lead) + (slice(y0, y1),)]) for z in range(z0, z1)]
+            data = np.stack(planes)
+        if data.ndim == 4 and not self.rgb:  # a single-sample axis
+            data = data[..., 0]
+        return data
+
+    def _pread(self, z0: int, z1: int, y0: int, y1: int) -> np.ndarray:
+        itemsize = self._file_dtype.itemsize
+        row_bytes = self._row_items * itemsize
+        plane_bytes = self.shape[1] * row_bytes
+        trailing = (self._row_items // self.shape[2],) if self.rgb else ()
+        if y0 == 0 and y1 == self.shape[1]:
+            planes = [(z0, z1)]
+        else:
+            planes = [(z, z + 1) for z in range(z0, z1)]
+        out = []
+        for a, b in planes:
+            start = self._offset + a * plane_bytes + y0 * row_bytes
+            nbytes = (b - a - 1) * plane_bytes + (y1 - y0) * row_bytes
+            buf = os.pread(self._fd, nbytes, start)
+            if len(buf) != nbytes:
+                raise BadInputError(f"{self.path}: file is truncated at slice {a}")
+            data = np.frombuffer(buf, dtype=self._file_dtype)
+            out.append(data.reshape((b - a, y1 - y0, self.shape[2]) + trailing))
+        data = out[0] if len(out) == 1 else np.concatenate(out)
+        return data.astype(self._file_dtype.newbyteorder("="), copy=not data.flags.writeable)
+
+    def close(self) -> None:
+        tif = getattr(self, "_tif", None)
+        if tif is not None:
+            tif.close()
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            os.close(fd)
+            self._fd = None
+
+
+class FolderStack(Stack):
+    """A folder of 2D TIFF or PNG slices, in natural order (``2.png`` before ``10.png``), or a
+    single 2D image file (one slice)."""
+
+    def __init__(self, files: list[Path], path: Path) -> None:
+        self.path = path
+        self.files = files
+        shapes: list[tuple[int, ...]] = []
+        dtypes: list[np.dtype] = []
+        for f in files:
+            shape, dtype = _header(f)
+            shapes.append(shape)
+            dtypes.append(dtype)
+        first, dtype0 = shapes[0], dtypes[0]
+        for f, shape, dtype in zip(files, shapes, dtypes):
+            if shape[:2] != first[:2]:
+                raise BadInputError(
+                    f"{path}: slices have different sizes ({files[0].name} is {first[1]}x{first[0]}, "
+                    f"{f.name} is {shape[1]}x{shape[0]})"
+                )
+            if dtype != dtype0:
+                raise BadInputError(f"{path}: slices have different pixel types ({dtype0} and {dtype} in {f.name})")
+        self.rgb = len(first) == 3 and first[2] in (3, 4)
+        if len(first) == 3 and first[2] not in (1, 3, 4):
+            raise BadInputError(f"{path}: {first[2]} channels per pixel; emseg segments one channel")
+        _check_size(path, first, dtype0)
+        self.dtype = dtype0
+        self.shape = (len(files), int(first[0]), int(first[1]))
+        self.voxel_size = None
+        if files[0].suffix.lower() in TIFF_SUFFIXES:
+            import tifffile
+
+            try:
+                with tifffile.TiffFile(files[0]) as tif:
+                    vs = tiff_voxel_size(tif)
+                self.voxel_size = None if vs is None else (1.0, vs[1], vs[2])
+                if vs is not None:
+                    log.info("slice folder: y/x voxel size from %s, z unknown", files[0].name)
+            except Exception:
+                self.voxel_size = None
+        self._cache: tuple[int, np.ndarray] | None = None
+
+    def _slice(self, z: int) -> np.ndarray:
+        if self._cache is not None and self._cache[0] == z:
+            return self._cache[1]
+        f = self.files[z]
+        data = _read_image(f)
+        if data.ndim == 3 and data.shape[2] == 1:
+            data = data[..., 0]
+        if data.shape[:2] != self.shape[1:]:
+            raise BadInputError(f"{f}: shape {data.shape[:2]} differs from the header's {self.shape[1:]}")
+        self._cache = (z, data)
+        return data
+
+    def _read(self, z0: int, z1: int, y0: int, y1: int) -> np.ndarray:
+        return np.stack([self._slice(z)[y0:y1] for z in range(z0, z1)])
+
+
+def _header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) of a 2D image file from its header, without decoding pixels."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix in TIFF_SUFFIXES:
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                series = tif.series[0]
+                shape = tuple(int(s) for s in series.shape)
+                axes = series.axes
+                dtype = np.dtype(series.dtype)
+            if len([s for s, a in zip(shape, axes) if a not in "YXS" and s > 1]) > 0:
+                raise BadInputError(f"{path}: a slice folder must hold 2D images; this file has shape {shape}")
+            keep = [s for s, a in zip(shape, axes) if a in "YXS"]
+            return tuple(keep), dtype
+        from PIL import Image
+
+        with Image.open(path) as img:
+            img.verify()
+        with Image.open(path) as img:
+            mode, (w, h) = img.mode, img.size
+        dtype, channels = _pil_mode(mode, path)
+        return ((h, w) if channels == 1 else (h, w, channels)), dtype
+    except BadInputError:
+        raise
+    except Exception as exc:
+        raise BadInputError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from None
+
+
+def _pil_mode(mode: str, path: Path) -> tuple[np.dtype, int]:
+    table = {
+        "1": (np.dtype(np.bool_), 1), "L": (np.dtype(np.uint8), 1), "P": (np.dtype(np.uint8), 3),
+        "I;16": (np.dtype(np.uint16), 1), "I;16B": (np.dtype(np.uint16), 1), "I;16L": (np.dtype(np.uint16), 1),
+        "I": (np.dtype(np.int32), 1), "F": (np.dtype(np.float32), 1),
+        "RGB": (np.dtype(np.uint8), 3), "RGBA": (np.dtype(np.uint8), 4), "LA": (np.dtype(np.uint8), 1),
+    }
+    if mode not in table:
+        raise BadInputError(f"{path}: unsupported PNG mode {mode}")
+    return table[mode]
+
+
+def _read_image(path: Path) -> np.ndarray:
+    """Decode a whole 2D image file: (Y, X) or (Y, X, C)."""
+    if path.suffix.lower() in TIFF_SUFFIXES:
+        import tifffile
+
+        data = tifffile.imread(path)
+        return np.squeeze(data) if data.ndim > 2 and data.shape[-1] not in (3, 4) else data
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            if img.mode == "P":
+                img = img.convert("RGB")
+            elif img.mode == "LA":
+                img = img.convert("L")
+            data = np.asarray(img)
+    return data
+
+
+def list_slices(folder: Path) -> list[Path]:
+    """Image files of a slice folder in natural order (hidden files skipped)."""
+    files = [
+        p for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
+    ]
+    return sorted(files, key=natural_key)
+
+
+def open_stack(source: str | Path) -> Stack:
+    """Open a TIFF/BigTIFF stack, a slice folder or a single 2D image lazily.
+
+    Raises :class:`BadInputError` for a missing path, an empty folder, a file that is not an
+    image, slices of different sizes, more than one channel, or absurd header sizes.
+    """
+    path = Path(source)
+    if not path.exists():
+        raise BadInputError(f"{path}: no such file or directory")
+    if path.is_dir():
+        files = list_slices(path)
+        if not files:
+            raise BadInputError(f"{path}: folder holds no .tif, .tiff or .png slices")
+        suffixes = {f.suffix.lower() in TIFF_SUFFIXES for f in files}
+        if len(suffixes) > 1:
+            raise BadInputError(f"{path}: folder mixes TIFF and PNG slices; keep one format")
+        return FolderStack(files, path)
+    suffix = path.suffix.lower()
+    if suffix in PNG_SUFFIXES:
+        return FolderStack([path], path)
+    if suffix in TIFF_SUFFIXES or _looks_like_tiff(path):
+        return TiffStack(path)
+    raise BadInputError(f"{path}: not a TIFF or PNG image (expected .tif, .tiff or .png, or a folder of them)")
+
+
+def _looks_like_tiff(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        return False
+    return head in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+# --- voxel size from TIFF metadata -------------------------------------------------------------
+
+
+def tiff_voxel_size(tif: Any) -> tuple[float, float, float] | None:
+    """(z, y, x) voxel size in nm from OME-XML, ImageJ metadata or a centimetre resolution tag;
+    None when the file carries none (inch-based resolutions are screen settings, not voxels)."""
+    try:
+        if tif.is_ome and tif.ome_metadata:
+            vs = _ome_voxel_size(tif.ome_metadata)
+            if vs is not None:
+                return vs
+        page = tif.pages[0]
+        xy = _resolution_nm(page, tif.imagej_metadata if tif.is_imagej else None)
+        if xy is None:
+            return None
+        z = 1.0
+        ij = tif.imagej_metadata if tif.is_imagej else None
+        if ij and "spacing" in ij:
+            unit_nm = UNIT_NM.get(str(ij.get("unit", "micron")).strip().lower().replace("\\u00b5", "µ"), None)
+            if unit_nm is not None:
+                z = float(ij["spacing"]) * unit_nm
+        return (z, xy[0], xy[1])
+    except Exception:  # metadata is a courtesy: never fail an ingest on it
+        log.debug("could not parse TIFF resolution metadata", exc_info=True)
+        return None
+
+
+def _resolution_nm(page: Any, imagej: dict | None) -> tuple[float, float] | None:
+    xres, yres = page.tags.get("XResolution"), page.tags.get("YResolution")
+    if xres is None or yres is None:
+        return None
+    xr = xres.value[0] / xres.value[1] if xres.value[1] else 0.0
+    yr = yres.value[0] / yres.value[1] if yres.value[1] else 0.0
+    if xr <= 0 or yr <= 0:
+        return None
+    if imagej and "unit" in imagej:
+        unit = str(imagej["unit"]).strip().lower()
+        unit_nm = UNIT_NM.get(unit) or UNIT_NM.get(unit.replace("\\u00b5", "µ"))
+        if unit_nm is None:
+            return None
+        return (unit_nm / yr, unit_nm / xr)
+    unit_tag = page.tags.get("ResolutionUnit")
+    if unit_tag is not None and int(unit_tag.value) == 3:  # centimetre
+        return (1e7 / yr, 1e7 / xr)
+    return None
+
+
+def _ome_voxel_size(xml: str) -> tuple[float, float, float] | None:
+    root = ET.fromstring(xml)
+    pixels = next((el for el in root.iter() if el.tag.endswith("Pixels")), None)
+    if pixels is None:
+        return None
+    out = []
+    for axis in ("Z", "Y", "X"):
+        value = pixels.get(f"PhysicalSize{axis}")
+        unit = pixels.get(f"PhysicalSize{axis}Unit", "µm")
+        factor = UNIT_NM.get(unit.strip().lower())
+        if value is None or factor is None:
+            if axis == "Z":
+                out.append(1.0)
+                continue
+            return None
+        out.append(float(value) * factor)
+    return (out[0], out[1], out[2])
+
+
+# --- export ----------------------------------------------------------------------------------
+
+
+def write_tiff(path: Path, slices: Any, shape: Sequence[int], dtype: np.dtype, voxel_size: Sequence[float]) -> None:
+    """Write an iterable of (Y, X) slices as one compressed BigTIFF (ImageJ-readable resolution)."""
+    import tifffile
+
+    with tifffile.TiffWriter(path, bigtiff=True) as tw:
+        for z, plane in enumerate(slices):
+            tw.write(
+                np.asarray(plane, dtype=dtype),
+                compression="zlib",
+                predictor=True,
+                resolution=(1e7 / voxel_size[2], 1e7 / voxel_size[1]),
+                resolutionunit="CENTIMETER",
+                metadata=None,
+                contiguous=False,
+            )
+
+
+def write_png(path: Path, plane: np.ndarray) -> None:
+    """Write one (Y, X) uint8 or uint16 slice as PNG."""
+    from PIL import Image
+
+    Image.fromarray(np.ascontiguousarray(plane)).save(path)

@@ -1,0 +1,44 @@
+"""README's two commands are what CI runs, and the CLI it describes exists."""
+
+from __future__ import annotations
+
+import re
+
+from .conftest import REPO, run_emseg
+
+
+def _bash_blocks(text: str) -> list[str]:
+    return [b.strip() for b in re.findall(r"```bash\n(.*?)```", text, flags=re.S)]
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    readme = (REPO / "README.md").read_text()
+    ci = (REPO / ".ci" / "run").read_text()
+    blocks = _bash_blocks(readme.split("## Two commands", 1)[1].split("\n## ", 1)[0])
+    assert len(blocks) == 2, "README must give exactly two set-up-and-run commands"
+    run_cmd, test_cmd = blocks
+    assert "emseg demo" in run_cmd and "pip install -e ." in run_cmd
+    assert "pytest" in test_cmd
+    ci_lines = [line for line in ci.splitlines() if line and not line.startswith(("#", "set ", "cd "))]
+    assert ci_lines == [test_cmd]
+
+
+def test_every_command_has_help():
+    from emseg.cli import app
+    import typer.main
+
+    names = sorted(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
+    assert {"ingest", "info", "show", "demo"} <= set(names)
+    readme = (REPO / "README.md").read_text()
+    for name in names:
+        assert f"emseg {name}" in readme, f"README does not show `emseg {name}`"
+    proc = run_emseg(*[a for n in names[:1] for a in (n, "--help")])
+    assert proc.returncode == 0 and "Usage" in proc.stdout
+
+
+def test_version_matches_package_metadata():
+    from importlib.metadata import version
+
+    import emseg
+
+    assert version("emseg") == emseg.__version__
