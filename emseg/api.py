@@ -142,3 +142,103 @@ def demo(
     from emseg.demo import run_demo
 
     return run_demo(data=data, output=output, progress=progress)
+
+
+def train(
+    data: str | Path,
+    output: str | Path,
+    *,
+    epochs: int | None = None,
+    steps_per_epoch: int | None = None,
+    batch_size: int | None = None,
+    crop: int | None = None,
+    lr: float | None = None,
+    arch: str | None = None,
+    depth: int | None = None,
+    base_channels: int | None = None,
+    encoder_weights: str | None = None,
+    loss: str | None = None,
+    val_slices: Sequence[int] | str | None = None,
+    seed: int | None = None,
+    time_limit: float | None = None,
+    device: str = "auto",
+    compile: bool = False,
+    resume: bool = False,
+    overwrite: bool = False,
+    config: Any = None,
+    progress: Reporter | None = None,
+) -> dict[str, Any]:
+    """Train a U-Net on ``data`` (OME-Zarr with labels/cells) into the run directory ``output``.
+
+    Options left at None take their defaults from :class:`emseg.config.TrainConfig` (or from
+    ``config`` when given, e.g. to set augmentation). Returns a summary with the last
+    validation scores and the metrics rows.
+    """
+    import dataclasses
+
+    from emseg.config import ModelConfig, TrainConfig
+    from emseg.training.data import parse_slices
+    from emseg.training.loop import fit
+
+    base = config if config is not None else TrainConfig()
+    model_changes = {k: v for k, v in dict(arch=arch, depth=depth, base_channels=base_channels,
+                                           encoder_weights=encoder_weights).items() if v is not None}
+    if isinstance(val_slices, str):
+        val_slices = parse_slices(val_slices)
+    changes = {k: v for k, v in dict(
+        epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size, crop=crop, lr=lr, loss=loss,
+        val_slices=None if val_slices is None else tuple(int(v) for v in val_slices), seed=seed, time_limit=time_limit,
+    ).items() if v is not None}
+    for name in ("epochs", "steps_per_epoch", "batch_size", "crop"):
+        if name in changes and int(changes[name]) < 1:
+            raise BadInputError(f"--{name.replace('_', '-')} {changes[name]}: must be at least 1")
+    model_config = dataclasses.replace(base.model if isinstance(base.model, ModelConfig) else ModelConfig(), **model_changes)
+    cfg = dataclasses.replace(base, model=model_config, device=device, compile=compile or base.compile, **changes)
+    return fit(data, output, cfg, resume=resume, overwrite=overwrite, progress=progress)
+
+
+def load_model(path: str | Path, device: str = "cpu") -> Any:
+    """The trained network of a run directory or checkpoint, as an eval-mode torch module.
+
+    The module carries ``emseg_meta`` (config, normalisation ``mean``/``std``, ``halo``,
+    ``divisor``): feed it ``(x - mean) / std`` of shape (B, 1, H, W) with H, W multiples of
+    ``divisor``; it returns logits of P(cell).
+    """
+    from emseg.inference.model import load_trained
+
+    return load_trained(path, device)[0]
+
+
+def augment_preview(
+    data: str | Path, output: str | Path, *, slice: int = 0, crop: int = 256, samples: int = 6, seed: int = 0
+) -> Path:
+    """Save a PNG: a crop of a slice with its mask, then ``samples`` augmented image/mask pairs."""
+    import torch
+
+    from emseg.config import AugmentConfig
+    from emseg.training.augment import augment_batch, context_size, identity_config
+    from emseg.training.data import CropSampler, load_slices, normalization, open_training_store
+    from emseg.viz import overlay, panel_rows
+
+    image = open_training_store(str(data))
+    if not 0 <= slice < image.shape[0]:
+        raise BadInputError(f"--slice {slice}: {data} has slices 0-{image.shape[0] - 1}")
+    if crop < 16 or samples < 1:
+        raise BadInputError("--crop must be at least 16 and --samples at least 1")
+    annotated = load_slices(image, [slice], 10.0, 5.0)
+    mean, std = normalization(annotated.raw)
+    sampler = CropSampler(annotated, mean, std, torch.device("cpu"))
+    config = AugmentConfig()
+    ctx = context_size(crop, config)
+    gen = torch.Generator().manual_seed(seed)
+    img, lab, w = sampler.sample(1, ctx, crop, gen)
+    rows = []
+    plain = augment_batch(img, lab, w, crop, identity_config(), gen)
+    rows.append({"image": plain[0][0, 0].numpy(), "mask": plain[1][0, 0].numpy() > 0.5,
+                 "weight map": plain[2][0, 0].numpy(), "overlay": overlay(plain[0][0, 0].numpy(), plain[1][0, 0].numpy() < 0.5)})
+    batch = augment_batch(img.repeat(samples, 1, 1, 1), lab.repeat(samples, 1, 1, 1), w.repeat(samples, 1, 1, 1),
+                          crop, config, gen)
+    for i in range(samples):
+        a, m, ww = (t[i, 0].numpy() for t in batch)
+        rows.append({f"augmented {i + 1}": a, "mask": m > 0.5, "weight map": ww, "overlay": overlay(a, m < 0.5)})
+    return panel_rows(rows, Path(output))

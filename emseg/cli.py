@@ -232,6 +232,73 @@ def show_cmd(
     stderr.print(f"wrote {out}")
 
 
+DEVICE = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
+
+
+@command("train")
+def train_cmd(
+    data: Path = typer.Argument(..., help="OME-Zarr store with labels/cells (from emseg ingest --labels)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Run directory for checkpoints, metrics and curves."),
+    epochs: int = typer.Option(50, "--epochs", help="Epochs."),
+    steps_per_epoch: int = typer.Option(100, "--steps-per-epoch", help="Optimizer steps per epoch."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Crops per step (per process under torchrun)."),
+    crop: int = typer.Option(384, "--crop", help="Crop side in pixels (a multiple of 2**depth)."),
+    lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate (AdamW, warm-up then cosine decay)."),
+    arch: str = typer.Option("unet", "--arch", help="unet, or smp:ENCODER for a segmentation-models-pytorch U-Net."),
+    depth: int = typer.Option(4, "--depth", help="U-Net depth (levels of down-sampling)."),
+    base_channels: int = typer.Option(64, "--base-channels", help="U-Net channels at the first level."),
+    encoder_weights: Optional[str] = typer.Option(
+        None, "--encoder-weights", help="smp encoder weights, e.g. imagenet (downloads; needs internet)."
+    ),
+    loss: str = typer.Option("weighted-bce", "--loss", help="weighted-bce (U-Net weight map), bce, dice or bce+dice."),
+    val_slices: Optional[str] = typer.Option(None, "--val-slices", help="Held-out slices, A:B or a,b,c (default: last 10 %)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same run on the CPU)."),
+    time_limit: Optional[float] = typer.Option(None, "--time-limit", help="Stop cleanly after this many seconds."),
+    device: str = DEVICE,
+    compile_: bool = typer.Option(False, "--compile", help="torch.compile the network (CUDA)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in OUTPUT from its last checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start afresh in an existing run directory."),
+    quiet: bool = QUIET,
+) -> None:
+    """Train a U-Net on annotated slices: weight-map loss, elastic augmentation, checkpoints, curves."""
+    from emseg import api
+
+    with RichReporter(not quiet) as progress:
+        summary = api.train(
+            data, output, epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size, crop=crop, lr=lr,
+            arch=arch, depth=depth, base_channels=base_channels, encoder_weights=encoder_weights, loss=loss,
+            val_slices=val_slices, seed=seed, time_limit=time_limit, device=device, compile=compile_,
+            resume=resume, overwrite=overwrite, progress=progress,
+        )
+    if summary.get("rows") is None:
+        return
+    table = Table(title=f"training run {output}")
+    for col in ("epoch", "train_loss", "val_loss", "val_accuracy", "val_iou", "v_rand", "v_info", "seconds"):
+        table.add_column(col.replace("_", " "), justify="right")
+    for row in summary["rows"][-5:]:
+        table.add_row(*[_fmt(row.get(c)) if row.get(c) is not None else "" for c in
+                        ("epoch", "train_loss", "val_loss", "val_accuracy", "val_iou", "v_rand", "v_info", "seconds")])
+    if not quiet:
+        stderr.print(table)
+    stdout.print(f"checkpoints, metrics.csv and curves.png in {output}")
+
+
+@command("augment-preview")
+def augment_preview_cmd(
+    data: Path = typer.Argument(..., help="OME-Zarr store with labels/cells."),
+    output: Path = typer.Option(Path("augment.png"), "--output", "-o", help="PNG to write."),
+    slice_: int = typer.Option(0, "--slice", "-z", help="Slice to augment."),
+    crop: int = typer.Option(256, "--crop", help="Crop side in pixels."),
+    samples: int = typer.Option(6, "--samples", "-n", help="Augmented pairs to draw."),
+    seed: int = typer.Option(0, "--seed", help="Random seed."),
+) -> None:
+    """Draw an image, its mask and several augmented pairs (a check of the augmentation)."""
+    from emseg import api
+
+    out = api.augment_preview(data, output, slice=slice_, crop=crop, samples=samples, seed=seed)
+    stderr.print(f"wrote {out}")
+
+
 @command("demo")
 def demo_cmd(
     data: Optional[Path] = typer.Option(

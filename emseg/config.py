@@ -86,6 +86,47 @@ class ModelConfig:
     out_channels: int = 1
 
 
+LOSSES = ("weighted-bce", "bce", "dice", "bce+dice")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything ``emseg train`` needs besides the data; saved whole in every checkpoint."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    epochs: int = 50
+    steps_per_epoch: int = 100
+    batch_size: int = 16
+    #: Side of the square training crops (a multiple of the model's divisor).
+    crop: int = 384
+    #: Peak learning rate of AdamW (after linear warm-up, then cosine decay to lr * min_lr_ratio).
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.01
+    warmup_steps: int = 200
+    weight_decay: float = 1e-4
+    #: "weighted-bce" (U-Net weight map), "bce", "dice" or "bce+dice".
+    loss: str = "weighted-bce"
+    #: U-Net weight map: border weight w0 and width sigma (pixels).
+    w0: float = 10.0
+    sigma: float = 5.0
+    #: Held-out slices for validation; None = the last 10 % (at least one).
+    val_slices: tuple[int, ...] | None = None
+    seed: int = 0
+    #: Stop cleanly at the first step past this many seconds (then validate and save).
+    time_limit: float | None = None
+    device: str = "auto"
+    #: bf16 autocast on CUDA.
+    amp: bool = True
+    channels_last: bool = True
+    compile: bool = False
+    #: Validation tiles (full held-out slices, through the predict engine).
+    val_tile: int = 512
+    val_overlap: int = 64
+    #: Validate every this many epochs (and always after the last).
+    val_every: int = 1
+
+
 def to_dict(config: Any) -> dict[str, Any]:
     """A config as a JSON-ready dict (tuples become lists)."""
     return dataclasses.asdict(config)
@@ -119,4 +160,4 @@ def _default_of(f: dataclasses.Field) -> Any:
     return None
 
 
-__all__ = ["IngestConfig", "AugmentConfig", "ModelConfig", "ISBI_VOXEL_SIZE_NM", "to_dict", "from_dict", "field"]
+__all__ = ["IngestConfig", "AugmentConfig", "ModelConfig", "TrainConfig", "LOSSES", "ISBI_VOXEL_SIZE_NM", "to_dict", "from_dict", "field"]

@@ -64,3 +64,28 @@ def cli():
         return runner.invoke(app, [str(a) for a in args])
 
     return invoke
+
+
+@pytest.fixture(scope="session")
+def isbi_zarr(tmp_path_factory) -> Path:
+    """The ISBI training stack ingested once per session (synthetic EM-like data when absent)."""
+    from emseg.io.ingest import ingest_stack
+    from emseg.config import IngestConfig
+
+    out = tmp_path_factory.mktemp("isbi") / "isbi.zarr"
+    d = isbi_dir()
+    if d is not None:
+        return ingest_stack(d / "train-volume.tif", out, IngestConfig(voxel_size=(50, 4, 4)), labels=d / "train-labels.tif")
+    import tifffile
+
+    from emseg.synthetic import synthetic_stack
+
+    raw, labels = synthetic_stack((30, 256, 256), seed=0)
+    folder = out.parent
+    tifffile.imwrite(folder / "raw.tif", raw, photometric="minisblack")
+    tifffile.imwrite(folder / "lab.tif", labels, photometric="minisblack")
+    return ingest_stack(folder / "raw.tif", out, IngestConfig(voxel_size=(50, 4, 4)), labels=folder / "lab.tif")
+
+
+#: A training configuration small enough for a 2-core CPU test.
+TINY = dict(depth=2, base_channels=8, crop=64, batch_size=4, steps_per_epoch=10, epochs=2, lr=3e-3, device="cpu")

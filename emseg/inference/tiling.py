@@ -1,0 +1,183 @@
+"""Tile grids, halos, padding and blending windows. Pure numpy, no torch.
+
+Coordinates are global pixel coordinates of a slice ``[0, H) x [0, W)``. A *block* is the part of
+the output one task computes; its tiles cover the block extended by ``context`` pixels on each
+side (real neighbouring pixels where they exist, mirror-reflected pixels beyond the slice's true
+edges only), so pixels at block borders have as much context as pixels inside it.
+
+Tile origins are multiples of ``align`` (the model's size divisor) in global coordinates, so every
+tile sees the same pooling phase as one whole-slice pass; with ``blend="crop"`` and
+``overlap >= 2 * halo`` the tiled result therefore equals the whole-slice pass exactly (up to
+floating-point summation order), whatever the blocks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from emseg.errors import BadInputError
+
+BLENDS = ("gaussian", "linear", "crop")
+#: Smallest blending weight relative to the largest (keeps the normalisation finite everywhere).
+MIN_WEIGHT = 1e-3
+
+
+def check_tiling(tile: int, overlap: int, divisor: int, blend: str = "gaussian") -> None:
+    """Raise :class:`BadInputError` for a tile the model cannot take or overlap >= tile."""
+    if blend not in BLENDS:
+        raise BadInputError(f"--blend {blend}: expected one of {', '.join(BLENDS)}")
+    if tile < divisor or tile % divisor:
+        raise BadInputError(f"--tile {tile}: the model needs a multiple of {divisor}")
+    if overlap < 0 or overlap >= tile:
+        raise BadInputError(f"--overlap {overlap}: must be at least 0 and smaller than the tile ({tile})")
+
+
+def reflect_index(index: np.ndarray, n: int) -> np.ndarray:
+    """Map any integer coordinates into ``[0, n)`` by mirror reflection about the edge pixels
+    (numpy's ``mode="reflect"``: -1 -> 1, n -> n - 2), repeated for coordinates far outside."""
+    index = np.asarray(index, dtype=np.int64)
+    if n == 1:
+        return np.zeros_like(index)
+    period = 2 * (n - 1)
+    m = np.mod(index, period)
+    return np.where(m >= n, period - m, m)
+
+
+def read_reflected(
+    read: Callable[[slice, slice], np.ndarray], shape: tuple[int, int], y0: int, y1: int, x0: int, x1: int
+) -> np.ndarray:
+    """Rows ``y0:y1`` and columns ``x0:x1`` of a (H, W) plane, reflected beyond its edges.
+
+    ``read(rows, cols)`` returns the plane's pixels for two in-range slices; only the bounding box
+    of the reflected coordinates is read.
+    """
+    ys = reflect_index(np.arange(y0, y1), shape[0])
+    xs = reflect_index(np.arange(x0, x1), shape[1])
+    ylo, yhi, xlo, xhi = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+    data = np.asarray(read(slice(ylo, yhi), slice(xlo, xhi)))
+    if ylo == y0 and yhi == y1 and xlo == x0 and xhi == x1:
+        return data
+    return data[np.ix_(ys - ylo, xs - xlo)] if data.ndim == 2 else data[..., ys - ylo, :][..., xs - xlo]
+
+
+def axis_origins(b0: int, b1: int, tile: int, overlap: int, align: int, context: int) -> np.ndarray:
+    """Tile origins along one axis covering ``[b0 - context, b1 + context)``.
+
+    The covered domain is widened to multiples of ``align``; origins are multiples of ``align``,
+    the first tile starts at the domain's start and the last ends at its end, and neighbouring
+    tiles overlap by at least ``overlap``. A domain shorter than a tile gets one tile.
+    """
+    if tile % align:
+        raise ValueError("tile must be a multiple of align")
+    d0 = ((b0 - context) // align) * align
+    d1 = -(-(b1 + context) // align) * align
+    span = d1 - d0 - tile
+    if span <= 0:
+        return np.array([d0], dtype=np.int64)
+    units = span // align
+    max_gap = max(1, (tile - overlap) // align)
+    n = math.ceil(units / max_gap) + 1
+    return d0 + align * np.round(np.linspace(0, units, n)).astype(np.int64)
+
+
+def window_1d(kind: str, tile: int, overlap: int) -> np.ndarray:
+    """(tile,) float64 blending profile: a Gaussian with sigma = tile / 8, or a trapezoid ramping
+    linearly over ``overlap`` pixels at each end; both clamped below at ``MIN_WEIGHT``."""
+    i = np.arange(tile, dtype=np.float64)
+    if kind == "gaussian":
+        sigma = tile / 8
+        w = np.exp(-((i - (tile - 1) / 2) ** 2) / (2 * sigma**2))
+    elif kind == "linear":
+        ramp = max(overlap, 1)
+        w = np.minimum(1.0, np.minimum(i + 1, tile - i) / (ramp + 1))
+    else:
+        raise ValueError(f"no 1D window for {kind!r}")
+    return np.maximum(w / w.max(), MIN_WEIGHT)
+
+
+def crop_windows_1d(origins: np.ndarray, tile: int) -> np.ndarray:
+    """(n, tile) 0/1 windows: each position belongs to the tile whose centre is nearest (ties to
+    the later tile), so every covered position is owned by exactly one tile."""
+    n = len(origins)
+    windows = np.zeros((n, tile))
+    bounds = [-np.inf] + [(origins[i] + origins[i + 1] + tile) / 2 for i in range(n - 1)] + [np.inf]
+    for i, o in enumerate(origins):
+        pos = o + np.arange(tile) + 0.5
+        windows[i] = (pos >= bounds[i]) & (pos < bounds[i + 1])
+    return windows
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """The tiles of one 2D block: origins per axis, 1D weights per tile, and the block's extent."""
+
+    block: tuple[int, int, int, int]  # y0, y1, x0, x1 of the output
+    tile: int
+    y_origins: np.ndarray
+    x_origins: np.ndarray
+    y_windows: np.ndarray  # (n_y, tile)
+    x_windows: np.ndarray  # (n_x, tile)
+
+    @property
+    def n_tiles(self) -> int:
+        return len(self.y_origins) * len(self.x_origins)
+
+    @property
+    def domain(self) -> tuple[int, int, int, int]:
+        """y0, y1, x0, x1 covered by the tiles (the input region to read)."""
+        t = self.tile
+        return (int(self.y_origins[0]), int(self.y_origins[-1]) + t, int(self.x_origins[0]), int(self.x_origins[-1]) + t)
+
+    def tiles(self) -> list[tuple[int, int, int, int]]:
+        """(iy, ix, y, x): index along each axis and global origin of every tile, row by row."""
+        return [(iy, ix, int(y), int(x)) for iy, y in enumerate(self.y_origins) for ix, x in enumerate(self.x_origins)]
+
+
+def plan_block(
+    y: tuple[int, int], x: tuple[int, int], tile: int, overlap: int, align: int, blend: str = "gaussian"
+) -> TilePlan:
+    """Tiles for the output block ``y[0]:y[1], x[0]:x[1]`` with ``overlap // 2`` pixels of context
+    around it (rounded up to ``align``)."""
+    context = -(-(overlap // 2) // align) * align if overlap else 0
+    ys = axis_origins(y[0], y[1], tile, overlap, align, context)
+    xs = axis_origins(x[0], x[1], tile, overlap, align, context)
+    if blend == "crop":
+        wy, wx = crop_windows_1d(ys, tile), crop_windows_1d(xs, tile)
+    else:
+        w = window_1d(blend, tile, overlap)
+        wy, wx = np.broadcast_to(w, (len(ys), tile)), np.broadcast_to(w, (len(xs), tile))
+    return TilePlan((y[0], y[1], x[0], x[1]), tile, ys, xs, np.asarray(wy), np.asarray(wx))
+
+
+class Blender:
+    """Accumulates weighted tile predictions of one block in float32 and normalises them."""
+
+    def __init__(self, plan: TilePlan, channels: int = 1) -> None:
+        self.plan = plan
+        dy0, dy1, dx0, dx1 = plan.domain
+        self._origin = (dy0, dx0)
+        self.acc = np.zeros((channels, dy1 - dy0, dx1 - dx0), np.float32)
+        self.weight = np.zeros((dy1 - dy0, dx1 - dx0), np.float32)
+
+    def add(self, iy: int, ix: int, y: int, x: int, prediction: np.ndarray) -> None:
+        """Add one tile's (C, tile, tile) or (tile, tile) prediction at global origin (y, x)."""
+        w = np.outer(self.plan.y_windows[iy], self.plan.x_windows[ix]).astype(np.float32)
+        t = self.plan.tile
+        oy, ox = y - self._origin[0], x - self._origin[1]
+        pred = prediction if prediction.ndim == 3 else prediction[None]
+        self.acc[:, oy : oy + t, ox : ox + t] += pred * w
+        self.weight[oy : oy + t, ox : ox + t] += w
+
+    def result(self) -> np.ndarray:
+        """(C, block_h, block_w) float32 weighted mean over the tiles, cropped to the block."""
+        y0, y1, x0, x1 = self.plan.block
+        oy, ox = y0 - self._origin[0], x0 - self._origin[1]
+        acc = self.acc[:, oy : oy + y1 - y0, ox : ox + x1 - x0]
+        weight = self.weight[oy : oy + y1 - y0, ox : ox + x1 - x0]
+        if not (weight > 0).all():  # a bug, not a user error
+            raise AssertionError("tiling left pixels uncovered")
+        return acc / weight

@@ -1,0 +1,1 @@
+"""Networks: the custom U-Net, the segmentation-models-pytorch adapter, and checkpoints."""

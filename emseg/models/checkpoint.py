@@ -1,0 +1,117 @@
+"""Checkpoints: safetensors weights with the JSON config in their header. Never pickle.
+
+A checkpoint file ``NAME.safetensors`` holds the model's tensors and, in its metadata, the
+whole run config as JSON (``emseg`` key): the file alone rebuilds its model and its intensity
+normalisation. A run directory holds ``best.safetensors``, ``last.safetensors``,
+``optimizer.safetensors`` (for ``--resume``) and a human-readable ``config.json``.
+
+Loading reads safetensors and JSON only: a file that is anything else (a pickle, say) is
+refused before a byte of it is interpreted.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from emseg.errors import BadInputError
+from emseg.io.atomic import write_bytes_atomic
+
+META_KEY = "emseg"
+SAFETENSORS_SUFFIX = ".safetensors"
+
+
+def save_checkpoint(path: Path, model: nn.Module, meta: dict[str, Any]) -> Path:
+    """Write the model's state (contiguous CPU copies) and ``meta`` atomically to ``path``."""
+    from safetensors.torch import save
+
+    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
+    model = getattr(model, "module", model)  # DistributedDataParallel wrapper
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    data = save(tensors, metadata={META_KEY: json.dumps(meta)})
+    write_bytes_atomic(path, data)
+    return path
+
+
+def _is_safetensors(path: Path) -> bool:
+    """A safetensors file starts with an 8-byte little-endian header length and a JSON object."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(9)
+            size = path.stat().st_size
+    except OSError:
+        return False
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    n = int.from_bytes(head[:8], "little")
+    return 2 <= n <= size - 8
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run directory's ``best.safetensors`` (else ``last.safetensors``), or the file itself."""
+    path = Path(path)
+    if not path.exists():
+        raise BadInputError(f"{path}: no such model (give a run directory or a .safetensors checkpoint)")
+    if path.is_dir():
+        for name in ("best.safetensors", "last.safetensors"):
+            if (path / name).is_file():
+                return path / name
+        raise BadInputError(f"{path}: run directory holds no best.safetensors or last.safetensors")
+    return path
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors on the CPU, meta dict) of a checkpoint, without unpickling anything."""
+    path = resolve_checkpoint(path)
+    if not _is_safetensors(path):
+        raise BadInputError(f"{path}: not a safetensors checkpoint (emseg never loads pickles)")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            header = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as exc:
+        raise BadInputError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc})") from None
+    if META_KEY not in header:
+        raise BadInputError(f"{path}: not an emseg checkpoint (no emseg config in its header)")
+    try:
+        meta = json.loads(header[META_KEY])
+    except ValueError as exc:
+        raise BadInputError(f"{path}: corrupt config in checkpoint header ({exc})") from None
+    return tensors, meta
+
+
+def save_optimizer(path: Path, optimizer: torch.optim.Optimizer, extra: dict[str, Any]) -> Path:
+    """Optimizer state as safetensors (tensors) + JSON (param groups, scalars, ``extra``)."""
+    from safetensors.torch import save
+
+    state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, entry in state["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{key}"] = value.detach().to("cpu").contiguous()
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    meta = {"param_groups": state["param_groups"], "scalars": scalars, "extra": extra}
+    write_bytes_atomic(path, save(tensors, metadata={META_KEY: json.dumps(meta)}))
+    return path
+
+
+def load_optimizer(path: Path, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore an optimizer saved by :func:`save_optimizer`; returns its ``extra`` dict."""
+    tensors, meta = read_checkpoint(path)
+    state: dict[int, dict[str, Any]] = {}
+    for name, tensor in tensors.items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = tensor
+    for index, values in meta["scalars"].items():
+        state.setdefault(int(index), {}).update(values)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return meta.get("extra", {})

@@ -1,0 +1,47 @@
+"""segmentation-models-pytorch U-Nets (``--arch smp:ENCODER``), imported lazily.
+
+``encoder_weights=None`` by default so nothing is downloaded; ``"imagenet"`` needs internet.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from emseg.errors import BadInputError
+
+
+class SmpUNet(nn.Module):
+    """An ``smp.Unet`` with one input channel and one logit, exposing ``divisor`` and ``halo``."""
+
+    def __init__(self, encoder: str, encoder_weights: str | None = None, in_channels: int = 1, out_channels: int = 1) -> None:
+        super().__init__()
+        try:
+            import segmentation_models_pytorch as smp
+        except ImportError as exc:  # pragma: no cover - a declared dependency
+            raise BadInputError(f"--arch smp:{encoder} needs segmentation-models-pytorch ({exc})") from None
+        try:
+            self.net = smp.Unet(
+                encoder_name=encoder, encoder_weights=encoder_weights, in_channels=in_channels, classes=out_channels
+            )
+        except (KeyError, ValueError) as exc:
+            raise BadInputError(f"--arch smp:{encoder}: {exc}") from None
+        except Exception as exc:  # download failures and the like
+            raise BadInputError(f"--arch smp:{encoder} with weights {encoder_weights!r}: {exc}") from None
+        self.encoder_name = encoder
+        self._halo: int | None = None
+
+    @property
+    def divisor(self) -> int:
+        return 2 ** len(self.net.encoder._out_channels[1:]) if hasattr(self.net.encoder, "_out_channels") else 32
+
+    @property
+    def halo(self) -> int:
+        if self._halo is None:
+            from emseg.models.halo import measure_halo
+
+            self._halo = measure_halo(self, self.divisor)
+        return self._halo
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)

@@ -1,0 +1,1 @@
+"""Training: weight maps, augmentation, losses and the training loop."""

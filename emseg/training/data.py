@@ -1,0 +1,133 @@
+"""Training data: annotated slices from an OME-Zarr store, split by slice, held on the device.
+
+The raw slices, their binary labels and their U-Net weight maps live on the training device
+(on a GPU, cropping then costs no host work); random crops are gathered with mirror reflection
+at the slice edges, so a slice smaller than the crop's context still works.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from emseg.errors import BadInputError
+from emseg.io.zarr import OmeImage, open_ome
+from emseg.training.weights import unet_weight_map
+
+log = logging.getLogger(__name__)
+
+
+def split_slices(n: int, val_slices: Sequence[int] | None) -> tuple[list[int], list[int]]:
+    """(train, validation) slice indices: ``val_slices`` or the last 10 % (at least one)."""
+    if val_slices is None:
+        n_val = max(1, math.ceil(0.1 * n)) if n > 1 else 0
+        val = list(range(n - n_val, n))
+    else:
+        val = sorted(set(int(v) for v in val_slices))
+        bad = [v for v in val if not 0 <= v < n]
+        if bad:
+            raise BadInputError(f"--val-slices {bad}: the data has slices 0-{n - 1}")
+    train = [z for z in range(n) if z not in set(val)]
+    if not train:
+        raise BadInputError(f"--val-slices leaves no slice to train on (the data has {n})")
+    return train, val
+
+
+def parse_slices(text: str) -> tuple[int, ...]:
+    """'27:30' or '27,28,29' or '27' -> (27, 28, 29)."""
+    try:
+        if ":" in text:
+            a, b = text.split(":", 1)
+            return tuple(range(int(a), int(b)))
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise BadInputError(f"--val-slices {text!r}: expected A:B or a comma-separated list") from None
+
+
+@dataclass
+class Annotated:
+    """Slices of a store with their labels and weight maps, in host memory."""
+
+    raw: np.ndarray  # (N, H, W) source dtype
+    labels: np.ndarray  # (N, H, W) uint8 {0, 1}
+    weights: np.ndarray  # (N, H, W) float32
+    indices: list[int]
+
+
+def open_training_store(path: str) -> OmeImage:
+    image = open_ome(path)
+    if "cells" not in image.labels:
+        raise BadInputError(f"{path}: has no labels/cells; ingest it with --labels to train on it")
+    if image.labels["cells"].shape != image.shape:
+        raise BadInputError(f"{path}: labels/cells shape {image.labels['cells'].shape} differs from the image {image.shape}")
+    return image
+
+
+def load_slices(image: OmeImage, indices: Sequence[int], w0: float, sigma: float) -> Annotated:
+    """Read slices (level 0) with their labels and compute their weight maps once."""
+    raw = np.stack([np.asarray(image.array[z]) for z in indices]) if indices else np.zeros((0, *image.shape[1:]))
+    labels = np.stack([np.asarray(image.labels["cells"].array[z]) for z in indices]).astype(np.uint8)
+    weights = np.stack([unet_weight_map(lab, w0=w0, sigma=sigma) for lab in labels])
+    return Annotated(raw=raw, labels=(labels > 0).astype(np.uint8), weights=weights, indices=list(indices))
+
+
+def normalization(raw: np.ndarray) -> tuple[float, float]:
+    """Mean and standard deviation of the training slices' intensities (std at least 1e-6)."""
+    values = raw.astype(np.float64)
+    return float(values.mean()), float(max(values.std(), 1e-6))
+
+
+def _reflect(index: torch.Tensor, n: int) -> torch.Tensor:
+    if n == 1:
+        return torch.zeros_like(index)
+    period = 2 * (n - 1)
+    m = torch.remainder(index, period)
+    return torch.where(m >= n, period - m, m)
+
+
+class CropSampler:
+    """Random context patches of training slices, on the device.
+
+    ``sample`` returns (B, 1, S, S) normalised images, labels and weights; each patch is centred
+    so that its central ``crop`` x ``crop`` lies inside the slice when the slice is large enough.
+    """
+
+    def __init__(self, data: Annotated, mean: float, std: float, device: torch.device) -> None:
+        self.device = device
+        self.mean, self.std = mean, std
+        weight_dtype = torch.float16 if device.type == "cuda" else torch.float32
+        self.raw = torch.from_numpy(np.ascontiguousarray(data.raw)).to(device)
+        self.labels = torch.from_numpy(data.labels).to(device)
+        self.weights = torch.from_numpy(data.weights).to(device=device, dtype=weight_dtype)
+        self.n, self.h, self.w = data.raw.shape
+        area = np.full(self.n, self.h * self.w, dtype=np.float64)
+        self._p = torch.as_tensor(area / area.sum())
+
+    def sample(self, batch: int, size: int, crop: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``generator`` is a CPU generator (positions are drawn on the host, data stays put)."""
+        slices = torch.multinomial(self._p, batch, replacement=True, generator=generator)
+        u = torch.rand(batch, 2, generator=generator, dtype=torch.float64)
+        images, labels, weights = [], [], []
+        for i in range(batch):
+            cy = self._center(float(u[i, 0]), self.h, crop)
+            cx = self._center(float(u[i, 1]), self.w, crop)
+            rows = _reflect(torch.arange(cy - size // 2, cy - size // 2 + size, device=self.device), self.h)
+            cols = _reflect(torch.arange(cx - size // 2, cx - size // 2 + size, device=self.device), self.w)
+            z = int(slices[i])
+            images.append(self.raw[z][rows][:, cols])
+            labels.append(self.labels[z][rows][:, cols])
+            weights.append(self.weights[z][rows][:, cols])
+        image = (torch.stack(images).float() - self.mean) / self.std
+        return image[:, None], torch.stack(labels)[:, None].float(), torch.stack(weights)[:, None].float()
+
+    @staticmethod
+    def _center(u: float, n: int, crop: int) -> int:
+        lo, hi = crop // 2, n - (crop - crop // 2)
+        if hi < lo:
+            return n // 2
+        return lo + int(u * (hi - lo + 1)) if hi > lo else lo
