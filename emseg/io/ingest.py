@@ -62,7 +62,7 @@ class PyramidWriter:
     caller reads and reduces the next band; :meth:`drain` waits for them and raises their errors.
     """
 
-    def __init__(self, arrays: list[zarr.Array], kind: str, pool: ThreadPoolExecutor, max_pending: int = 3) -> None:
+    def __init__(self, arrays: list[zarr.Array], kind: str, pool: ThreadPoolExecutor, max_pending: int = 1) -> None:
         self.arrays = arrays
         self.kind = kind
         self._pool = pool
