@@ -242,3 +242,70 @@ def augment_preview(
         a, m, ww = (t[i, 0].numpy() for t in batch)
         rows.append({f"augmented {i + 1}": a, "mask": m > 0.5, "weight map": ww, "overlay": overlay(a, m < 0.5)})
     return panel_rows(rows, Path(output))
+
+
+def predict(
+    model: str | Path,
+    data: str | Path,
+    output: str | Path,
+    *,
+    tile: int = 512,
+    overlap: int = 64,
+    batch_size: int = 8,
+    blend: str = "gaussian",
+    tta: bool = False,
+    threshold: float = 0.5,
+    dtype: str = "uint8",
+    slices: Sequence[int] | str | None = None,
+    device: str = "auto",
+    workers: int | None = None,
+    scheduler: str | None = None,
+    compile: bool = False,
+    overwrite: bool = False,
+    resume: bool = False,
+    config: Any = None,
+    progress: Reporter | None = None,
+) -> Path:
+    """Segment ``data`` (OME-Zarr) with a trained ``model`` (run directory or checkpoint) into an
+    OME-Zarr ``output`` holding ``probabilities`` (P(cell)) and ``labels/membranes``.
+
+    Tiles of ``tile``² pixels overlap by ``overlap`` and are blended (gaussian, linear or crop);
+    ``slices`` is (start, stop) or "A:B". ``workers`` starts a local dask.distributed cluster,
+    ``scheduler`` connects to one; otherwise dask's threads run the blocks. ``config`` (a
+    :class:`emseg.config.PredictConfig`) sets the rest, e.g. the block size.
+    """
+    import dataclasses
+
+    from emseg.config import PredictConfig
+    from emseg.inference.graph import predict_store
+
+    if isinstance(slices, str):
+        try:
+            a, b = slices.split(":", 1)
+            slices = (int(a), int(b))
+        except ValueError:
+            raise BadInputError(f"--slices {slices!r}: expected A:B") from None
+    base = config if config is not None else PredictConfig()
+    cfg = dataclasses.replace(
+        base, tile=tile, overlap=overlap, batch_size=batch_size, blend=blend, tta=tta, threshold=threshold,
+        dtype=dtype, slices=None if slices is None else (int(slices[0]), int(slices[1])), device=device,
+        workers=workers, scheduler=scheduler, compile=compile, overwrite=overwrite, resume=resume,
+    )
+    return predict_store(model, data, output, cfg, progress=progress)
+
+
+def export(
+    source: str | Path,
+    output: str | Path,
+    *,
+    format: str | None = None,
+    labels: str | None = None,
+    level: int = 0,
+    overwrite: bool = False,
+    progress: Reporter | None = None,
+) -> Path:
+    """Export a store (e.g. a prediction) to a compressed BigTIFF (``OUT.tif``) or, with
+    ``format="png"``, a folder of PNG slices; ``labels="membranes"`` exports a label mask."""
+    from emseg.io.export import export_store
+
+    return export_store(source, output, fmt=format, label=labels, level=level, overwrite=overwrite, progress=progress)

@@ -283,6 +283,62 @@ def train_cmd(
     stdout.print(f"checkpoints, metrics.csv and curves.png in {output}")
 
 
+@command("predict")
+def predict_cmd(
+    model: Path = typer.Argument(..., help="Run directory or .safetensors checkpoint from emseg train."),
+    data: Path = typer.Argument(..., help="OME-Zarr store to segment."),
+    output: Path = typer.Option(..., "--output", "-o", help="Output OME-Zarr (probabilities + labels/membranes)."),
+    tile: int = typer.Option(512, "--tile", help="Tile side in pixels (a multiple of the model's divisor)."),
+    overlap: int = typer.Option(64, "--overlap", help="Overlap of neighbouring tiles in pixels."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Tiles per forward pass (halved on GPU out-of-memory)."),
+    blend: str = typer.Option("gaussian", "--blend", help="gaussian, linear or crop."),
+    tta: bool = typer.Option(False, "--tta", help="Average the 8 rotations and flips."),
+    threshold: float = typer.Option(0.5, "--threshold", help="Membrane where P(cell) < threshold."),
+    dtype: str = typer.Option("uint8", "--dtype", help="Stored probabilities: uint8 (0-255), float16 or float32."),
+    slices: Optional[str] = typer.Option(None, "--slices", help="Predict slices A:B only."),
+    device: str = DEVICE,
+    workers: Optional[int] = typer.Option(None, "--workers", help="Start a local dask.distributed cluster of N processes."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Use the dask.distributed scheduler at this address."),
+    compile_: bool = typer.Option(False, "--compile", help="torch.compile the network (CUDA)."),
+    block: int = typer.Option(4096, "--block", help="Pixels per side of one task's block (whole chunks)."),
+    overwrite: bool = OVERWRITE,
+    resume: bool = typer.Option(False, "--resume", help="Finish an interrupted prediction (only unfinished blocks)."),
+    quiet: bool = QUIET,
+) -> None:
+    """Segment a stack of any size: overlapping tiles, blended without seams, via dask."""
+    from emseg import api
+    from emseg.config import PredictConfig
+
+    with RichReporter(not quiet) as progress:
+        out = api.predict(
+            model, data, output, tile=tile, overlap=overlap, batch_size=batch_size, blend=blend, tta=tta,
+            threshold=threshold, dtype=dtype, slices=slices, device=device, workers=workers, scheduler=scheduler,
+            compile=compile_, overwrite=overwrite, resume=resume, config=PredictConfig(block=block), progress=progress,
+        )
+    if not quiet:
+        stderr.print(f"wrote {out}")
+
+
+@command("export")
+def export_cmd(
+    source: Path = typer.Argument(..., help="An OME-Zarr store (e.g. from emseg predict)."),
+    output: Path = typer.Option(..., "--output", "-o", help="OUT.tif, or a folder with --format png."),
+    format_: Optional[str] = typer.Option(None, "--format", help="tif (default for .tif) or png (a folder of slices)."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="Export labels/NAME (e.g. membranes) as 0/255."),
+    level: int = typer.Option(0, "--level", help="Pyramid level."),
+    overwrite: bool = OVERWRITE,
+    quiet: bool = QUIET,
+) -> None:
+    """Export a store to a compressed BigTIFF or PNG slices (ImageJ/Fiji, napari, submissions)."""
+    from emseg import api
+
+    with RichReporter(not quiet) as progress:
+        out = api.export(source, output, format=format_, labels=labels, level=level, overwrite=overwrite,
+                         progress=progress)
+    if not quiet:
+        stderr.print(f"wrote {out}")
+
+
 @command("augment-preview")
 def augment_preview_cmd(
     data: Path = typer.Argument(..., help="OME-Zarr store with labels/cells."),

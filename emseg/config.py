@@ -127,6 +127,38 @@ class TrainConfig:
     val_every: int = 1
 
 
+@dataclass(frozen=True)
+class PredictConfig:
+    """How ``emseg predict`` tiles, blends, batches and schedules."""
+
+    tile: int = 512
+    overlap: int = 64
+    batch_size: int = 8
+    #: "gaussian" (sigma = tile / 8), "linear" (ramps over the overlap) or "crop" (centres only).
+    blend: str = "gaussian"
+    #: Average the 8 rotations and flips.
+    tta: bool = False
+    #: Membranes are where P(cell) < threshold.
+    threshold: float = 0.5
+    #: Stored probabilities: "uint8" (0-255), "float16" or "float32".
+    dtype: str = "uint8"
+    #: Slices [start, stop) of the input to predict; None = all.
+    slices: tuple[int, int] | None = None
+    device: str = "auto"
+    #: Block side (pixels) a task computes, rounded to whole output chunks; an axis at most
+    #: 1.5 times this is one block.
+    block: int = 4096
+    #: Block tasks run at once per process (they overlap reading and writing with inference).
+    threads: int = 3
+    #: Start a local dask.distributed cluster of this many processes.
+    workers: int | None = None
+    #: Address of an existing dask.distributed scheduler (tcp://HOST:PORT).
+    scheduler: str | None = None
+    compile: bool = False
+    overwrite: bool = False
+    resume: bool = False
+
+
 def to_dict(config: Any) -> dict[str, Any]:
     """A config as a JSON-ready dict (tuples become lists)."""
     return dataclasses.asdict(config)
@@ -160,4 +192,4 @@ def _default_of(f: dataclasses.Field) -> Any:
     return None
 
 
-__all__ = ["IngestConfig", "AugmentConfig", "ModelConfig", "TrainConfig", "LOSSES", "ISBI_VOXEL_SIZE_NM", "to_dict", "from_dict", "field"]
+__all__ = ["IngestConfig", "AugmentConfig", "ModelConfig", "TrainConfig", "PredictConfig", "LOSSES", "ISBI_VOXEL_SIZE_NM", "to_dict", "from_dict", "field"]

@@ -247,7 +247,11 @@ class Engine:
         for block, (_, _, y, x) in batch:
             oy, ox = y - block.plan.domain[0], x - block.plan.domain[2]
             tiles.append(block.region[oy : oy + t, ox : ox + t])
-        prob = self._forward_safe(torch.stack(tiles))
+        batch_tiles = torch.stack(tiles)
+        if len(tiles) < self.batch_size:  # a fixed batch shape: results never depend on the batch's fill
+            pad = batch_tiles.new_zeros((self.batch_size - len(tiles), t, t))
+            batch_tiles = torch.cat([batch_tiles, pad])
+        prob = self._forward_safe(batch_tiles)[: len(tiles)]
         for (block, (iy, ix, y, x)), p in zip(batch, prob):
             w = block.wy[iy, :, None] * block.wx[ix, None, :]
             oy, ox = y - block.plan.domain[0], x - block.plan.domain[2]

@@ -34,6 +34,11 @@ def check_tiling(tile: int, overlap: int, divisor: int, blend: str = "gaussian")
         raise BadInputError(f"--tile {tile}: the model needs a multiple of {divisor}")
     if overlap < 0 or overlap >= tile:
         raise BadInputError(f"--overlap {overlap}: must be at least 0 and smaller than the tile ({tile})")
+    if overlap > tile - divisor:
+        raise BadInputError(
+            f"--overlap {overlap}: tiles start on multiples of {divisor} (the model's size divisor), so the "
+            f"overlap can be at most {tile - divisor} for --tile {tile}"
+        )
 
 
 def reflect_index(index: np.ndarray, n: int) -> np.ndarray:

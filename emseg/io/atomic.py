@@ -72,6 +72,8 @@ def check_output(final: Path, overwrite: bool, *, kind: str = "store") -> None:
     if final.exists():
         if not overwrite:
             raise BadInputError(f"{final}: already exists (use --overwrite to replace it)")
+        if kind == "file" and final.is_dir() and any(p.suffix.lower() != ".png" for p in final.iterdir()):
+            raise BadInputError(f"{final}: is a folder holding other files than PNG slices; refusing to replace it")
         if kind == "store" and not is_emseg_store(final):
             raise BadInputError(f"{final}: exists and was not written by emseg; refusing to overwrite it")
     parent = final.parent

@@ -94,7 +94,7 @@ def fit(data: str | Path, run_dir: str | Path, config: TrainConfig, *, resume: b
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     loss_fn = make_loss(config.loss)
     meta = run.meta(config, {
-        "normalization": {"mean": mean, "std": std}, "halo": int(model.halo), "divisor": int(model.divisor),
+        "normalization": {"mean": mean, "std": std}, "halo": int(model.halo) if config.model.arch == "unet" else None, "divisor": int(model.divisor),
         "parameters": sum(p.numel() for p in model.parameters()), "train_slices": train_idx, "val_slices": val_idx,
         "data": {"path": str(Path(data).resolve()), "shape": list(image.shape), "voxel_size_nm": list(image.voxel_size)},
     })

@@ -1,0 +1,78 @@
+"""Export an OME-Zarr image (or one of its labels) to a BigTIFF stack or a folder of PNG slices,
+slice by slice, so memory stays at one slice whatever the stack's size."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from emseg.errors import BadInputError
+from emseg.io.atomic import check_output
+from emseg.io.tiff import write_png, write_tiff
+from emseg.io.zarr import open_ome
+from emseg.progress import Reporter, reporter_or_null
+
+FORMATS = ("tif", "png")
+
+
+def export_store(
+    source: str | Path,
+    output: str | Path,
+    *,
+    fmt: str | None = None,
+    label: str | None = None,
+    level: int = 0,
+    overwrite: bool = False,
+    progress: Reporter | None = None,
+) -> Path:
+    """Write level ``level`` of ``source`` (or of ``labels/<label>``) as a compressed BigTIFF
+    (``fmt="tif"``, the default for .tif/.tiff outputs) or as one PNG per slice in a folder
+    (``fmt="png"``). Binary label masks are written as 0/255 so they are visible."""
+    output = Path(output)
+    fmt = fmt or ("tif" if output.suffix.lower() in (".tif", ".tiff") else None)
+    if fmt not in FORMATS:
+        raise BadInputError(f"--format {fmt}: give tif (an OUT.tif file) or png (a folder)")
+    image = open_ome(source)
+    if label is not None:
+        if label not in image.labels:
+            raise BadInputError(f"--labels {label}: {source} has labels {sorted(image.labels) or 'none'}")
+        image = image.labels[label]
+    if not 0 <= level < len(image.levels):
+        raise BadInputError(f"--level {level}: {source} has levels 0-{len(image.levels) - 1}")
+    array = image.levels[level]
+    if fmt == "png" and array.dtype not in (np.uint8, np.uint16):
+        raise BadInputError(f"PNG holds 8- or 16-bit integers; {array.dtype} data needs --format tif")
+    scale = 255 if label is not None else 1
+    check_output(output, overwrite, kind="file")
+    progress = reporter_or_null(progress)
+    progress.start(f"export {output.name}", total=array.shape[0], unit="slices")
+
+    def planes():
+        for z in range(array.shape[0]):
+            plane = np.asarray(array[z])
+            yield plane * np.uint8(scale) if scale != 1 else plane
+            progress.advance(1)
+
+    voxel = tuple(v * (2**level if i else 1) for i, v in enumerate(image.voxel_size))
+    tmp = output.parent / f".{output.name}.partial"
+    try:
+        if fmt == "tif":
+            write_tiff(tmp, planes(), array.shape, array.dtype, voxel)
+        else:
+            tmp.mkdir(parents=True, exist_ok=True)
+            width = max(4, len(str(array.shape[0] - 1)))
+            for z, plane in enumerate(planes()):
+                write_png(tmp / f"slice_{z:0{width}d}.png", plane)
+        if output.exists():
+            import shutil
+
+            shutil.rmtree(output) if output.is_dir() else output.unlink()
+        tmp.rename(output)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        raise
+    progress.finish()
+    return output
