@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 
 def make_store(data: Path | None, work: Path) -> Path:
     from emseg import api
-    from emseg.demo import find_isbi, write_synthetic
+    from emseg.quickstart import find_isbi, write_synthetic
 
     folder = find_isbi(data) if data is not None and data.exists() else find_isbi(None)
     if folder is None:
@@ -35,7 +35,7 @@ def make_store(data: Path | None, work: Path) -> Path:
 
 
 def speed(args: argparse.Namespace, store: Path) -> dict:
-    from emseg.config import AugmentConfig, ModelConfig, TrainConfig
+    from emseg.config import ModelConfig, TrainConfig
     from emseg.device import autocast_dtype, device_name, resolve_device, synchronize
     from emseg.models.build import build_model
     from emseg.training.augment import augment_batch, context_size

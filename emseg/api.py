@@ -135,13 +135,16 @@ def demo(
     *,
     data: str | Path | None = None,
     output: str | Path = "emseg-demo",
+    device: str = "auto",
+    minutes: float | None = None,
     progress: Reporter | None = None,
 ) -> Any:
-    """Run the whole flow on the ISBI 2012 stacks (``data`` or found nearby) or, offline, on a
-    synthetic EM-like stack; returns a :class:`emseg.demo.DemoResult`."""
-    from emseg.demo import run_demo
+    """Ingest, train (``minutes`` of it: 3 on a CPU, 4 on a GPU by default), predict, evaluate and
+    draw, on the ISBI 2012 stacks (``data`` or found nearby) or, offline, a synthetic EM-like stack;
+    returns a :class:`emseg.quickstart.DemoResult` with the paths and the validation scores."""
+    from emseg.quickstart import run_demo
 
-    return run_demo(data=data, output=output, progress=progress)
+    return run_demo(data=data, output=output, device=device, minutes=minutes, progress=progress)
 
 
 def train(
@@ -309,3 +312,65 @@ def export(
     from emseg.io.export import export_store
 
     return export_store(source, output, fmt=format, label=labels, level=level, overwrite=overwrite, progress=progress)
+
+
+def evaluate(
+    pred: str | Path,
+    data: str | Path,
+    *,
+    slices: Sequence[int] | str | None = None,
+    json: str | Path | None = None,
+) -> dict[str, Any]:
+    """Score ``pred`` (an ``emseg predict`` store, or a TIFF stack of P(cell), uint8 or float 0-1)
+    against ``data``'s labels/cells: pixel error, IoU, Dice, and the ISBI 2012 foreground-restricted
+    V_rand and V_info (best over thresholds 0.0-1.0, with their split and merge parts).
+    ``slices`` ("A:B" or (A, B)) picks data slices; ``json`` also writes the scores there."""
+    import json as _json
+
+    from emseg.scoring import evaluate_prediction
+    from emseg.io.atomic import write_json_atomic
+
+    if isinstance(slices, str):
+        try:
+            a, b = slices.split(":", 1)
+            slices = (int(a), int(b))
+        except ValueError:
+            raise BadInputError(f"--slices {slices!r}: expected A:B") from None
+    scores = evaluate_prediction(pred, data, None if slices is None else (int(slices[0]), int(slices[1])))
+    result = scores.to_dict()
+    if json is not None:
+        write_json_atomic(Path(json), _json.loads(_json.dumps(result)))
+    return result
+
+
+def bench(
+    *,
+    device: str = "auto",
+    model: str | Path | None = None,
+    compile: bool = False,
+    monai: bool = True,
+    quick: bool = False,
+    json: str | Path | None = None,
+) -> dict[str, Any]:
+    """Time the forward pass (per precision and layout), end-to-end predict (against MONAI's
+    sliding window when installed) and training steps on ``device``; smaller sizes on the CPU.
+    ``model`` is a run directory (default: an untrained default U-Net, and a small one on the CPU);
+    ``quick`` uses tiny sizes (a check that everything runs, not a measurement)."""
+    import json as _json
+
+    from emseg.benchmark import run_bench
+    from emseg.device import resolve_device
+    from emseg.io.atomic import write_json_atomic
+
+    result = run_bench(resolve_device(device), model, compile=compile, skip_monai=not monai, quick=quick)
+    if json is not None:
+        write_json_atomic(Path(json), _json.loads(_json.dumps(result, default=str)))
+    return result
+
+
+def export_model(run: str | Path, output: str | Path, *, overwrite: bool = False) -> Path:
+    """Export a trained model to ``output``: TorchScript, ONNX, the normalisation and halo as JSON,
+    and a bioimage.io package (rdf.yaml with test tensors) for ilastik, deepImageJ and QuPath."""
+    from emseg.models.export import export_model as _export
+
+    return _export(run, output, overwrite=overwrite)

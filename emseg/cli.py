@@ -300,7 +300,7 @@ def predict_cmd(
     workers: Optional[int] = typer.Option(None, "--workers", help="Start a local dask.distributed cluster of N processes."),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Use the dask.distributed scheduler at this address."),
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the network (CUDA)."),
-    block: int = typer.Option(4096, "--block", help="Pixels per side of one task's block (whole chunks)."),
+    block: int = typer.Option(8192, "--block", help="Pixels per side of one task's block (whole chunks)."),
     overwrite: bool = OVERWRITE,
     resume: bool = typer.Option(False, "--resume", help="Finish an interrupted prediction (only unfinished blocks)."),
     quiet: bool = QUIET,
@@ -317,6 +317,68 @@ def predict_cmd(
         )
     if not quiet:
         stderr.print(f"wrote {out}")
+
+
+@command("evaluate")
+def evaluate_cmd(
+    pred: Path = typer.Argument(..., help="Prediction store from emseg predict, or a TIFF stack of P(cell)."),
+    data: Path = typer.Argument(..., help="OME-Zarr store with labels/cells (the ground truth)."),
+    slices: Optional[str] = typer.Option(None, "--slices", help="Evaluate data slices A:B only."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the scores as JSON."),
+) -> None:
+    """Score a segmentation: pixel error, IoU, Dice, ISBI 2012 V_rand and V_info."""
+    from emseg import api
+
+    r = api.evaluate(pred, data, slices=slices, json=json_out)
+    table = Table(title=f"{pred} against {data} ({r['n_slices']} slices)")
+    table.add_column("metric", style="bold")
+    table.add_column("value", justify="right")
+    table.add_column("note")
+    table.add_row("V_rand", f"{r['v_rand']:.4f}", f"best at threshold {r['v_rand_threshold']:.1f}; "
+                  f"split {r['v_rand_split']:.4f}, merge {r['v_rand_merge']:.4f}")
+    table.add_row("V_info", f"{r['v_info']:.4f}", f"best at threshold {r['v_info_threshold']:.1f}; "
+                  f"split {r['v_info_split']:.4f}, merge {r['v_info_merge']:.4f}")
+    table.add_row("pixel error", f"{r['pixel_error']:.4f}", "at P(cell) > 0.5")
+    table.add_row("pixel accuracy", f"{r['pixel_accuracy']:.4f}", "")
+    table.add_row("IoU (cells)", f"{r['iou']:.4f}", "")
+    table.add_row("Dice (cells)", f"{r['dice']:.4f}", "")
+    stdout.print(table)
+
+
+@command("bench")
+def bench_cmd(
+    device: str = DEVICE,
+    model: Optional[Path] = typer.Option(None, "--model", help="Run directory to time (default: the default U-Net)."),
+    compile_: bool = typer.Option(False, "--compile", help="Also time torch.compile."),
+    no_monai: bool = typer.Option(False, "--no-monai", help="Skip the MONAI sliding-window comparison."),
+    quick: bool = typer.Option(False, "--quick", help="Tiny sizes: checks that everything runs, in seconds."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write every figure as JSON."),
+) -> None:
+    """Time the forward pass, end-to-end predict (vs MONAI) and training on this machine."""
+    from emseg import api
+
+    with stderr.status("benchmarking (a few minutes)..."):
+        r = api.bench(device=device, model=model, compile=compile_, monai=not no_monai, quick=quick, json=json_out)
+    table = Table(title=f"emseg bench on {r['device']} (torch {r['torch']})")
+    for col in ("measure", "setting", "MPix/s", "TFLOP/s", "of peak", "note"):
+        table.add_column(col, justify="right" if col in ("MPix/s", "TFLOP/s", "of peak") else "left")
+    for row in r["forward"]["rows"]:
+        if "error" in row:
+            table.add_row("forward", row["variant"], "", "", "", row["error"])
+            continue
+        peak = "" if row["fraction_of_peak"] is None else f"{row['fraction_of_peak']:.0%}"
+        table.add_row("forward", f"{row['variant']}, {row['batch']} x {row['tile']}²", f"{row['mpix_per_s']:.1f}",
+                      f"{row['tflop_per_s']:.2f}", peak, f"{row['gflop_per_tile']:.1f} GFLOP/tile")
+    p = r["predict"]
+    shape = " x ".join(map(str, p["emseg"]["stack"]))
+    table.add_row("predict", f"emseg, zarr to zarr, {shape}", f"{p['emseg']['mpix_per_s']:.2f}", "", "", p["model"])
+    if isinstance(p.get("monai_in_memory"), dict):
+        table.add_row("predict", "MONAI sliding window, in memory", f"{p['monai_in_memory']['mpix_per_s']:.2f}", "", "",
+                      f"emseg / MONAI = {p['ratio']:.2f}")
+    t = r["train"]
+    table.add_row("train", f"{t['batch']} x {t['crop']}² + augmentation", f"{t['mpix_per_s']:.2f}", "", "",
+                  f"{t['steps_per_s']:.2f} steps/s, augmentation {t['augmentation_share']:.0%} of a step")
+    stdout.print(table)
 
 
 @command("export")
@@ -337,6 +399,19 @@ def export_cmd(
                          progress=progress)
     if not quiet:
         stderr.print(f"wrote {out}")
+
+
+@command("export-model")
+def export_model_cmd(
+    run: Path = typer.Argument(..., help="Run directory or checkpoint from emseg train."),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder to write (TorchScript, ONNX, bioimage.io)."),
+    overwrite: bool = OVERWRITE,
+) -> None:
+    """Export a trained model: TorchScript, ONNX and a bioimage.io package."""
+    from emseg import api
+
+    out = api.export_model(run, output, overwrite=overwrite)
+    stderr.print(f"wrote {out} (model.pt, model.onnx, emseg-model.json, rdf.yaml)")
 
 
 @command("augment-preview")
@@ -361,20 +436,26 @@ def demo_cmd(
         None, "--data", help="Folder with the ISBI 2012 stacks (default: found nearby, else synthetic data)."
     ),
     output: Path = typer.Option(Path("emseg-demo"), "--output", "-o", help="Folder for everything the demo writes."),
+    device: str = DEVICE,
+    minutes: Optional[float] = typer.Option(None, "--minutes", help="Training time (default 3 on a CPU, 4 on a GPU)."),
     quiet: bool = QUIET,
 ) -> None:
-    """Run the whole flow end to end on ISBI 2012 or, offline, a synthetic EM-like stack."""
+    """Run the whole flow end to end: ingest, train, predict, evaluate, pictures."""
     from emseg import api
 
     with RichReporter(not quiet) as progress:
-        result = api.demo(data=data, output=output, progress=progress)
-    stdout.print(f"[bold]data:[/] {result.data}")
+        result = api.demo(data=data, output=output, device=device, minutes=minutes, progress=progress)
+    s = result.scores
+    table = Table(title=f"emseg demo on {result.data}, {result.device}", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("where / value")
+    table.add_row("trained", f"{s['epochs']} epochs, {s['steps']} steps")
+    table.add_row("V_rand (validation)", f"{s['v_rand']:.4f} at threshold {s['v_rand_threshold']:.1f}")
+    table.add_row("V_info (validation)", f"{s['v_info']:.4f} at threshold {s['v_info_threshold']:.1f}")
+    table.add_row("pixel accuracy", f"{s['pixel_accuracy']:.4f}")
     for name, path in result.outputs.items():
-        stdout.print(f"[bold]{name}:[/] {path}")
-    info = result.scores.get("train_info")
-    if info:
-        stdout.print(f"[bold]training stack:[/] {' x '.join(map(str, info['shape']))} {info['dtype']}, "
-                     f"cell fraction {info['labels']['cells']['foreground_fraction']:.3f}")
+        table.add_row(name.replace("_", " "), path)
+    stdout.print(table)
 
 
 def _terminate(signum: int, frame: Any) -> None:

@@ -146,8 +146,8 @@ class PredictConfig:
     slices: tuple[int, int] | None = None
     device: str = "auto"
     #: Block side (pixels) a task computes, rounded to whole output chunks; an axis at most
-    #: 1.5 times this is one block.
-    block: int = 4096
+    #: 1.5 times this is one block. Larger blocks mean fewer tiles cut at block borders.
+    block: int = 8192
     #: Block tasks run at once per process (they overlap reading and writing with inference).
     threads: int = 3
     #: Start a local dask.distributed cluster of this many processes.

@@ -42,3 +42,17 @@ def test_version_matches_package_metadata():
     import emseg
 
     assert version("emseg") == emseg.__version__
+
+
+def test_every_api_name_is_a_function_even_after_importing_all_modules():
+    import importlib
+    import pkgutil
+
+    import emseg
+
+    for mod in pkgutil.walk_packages(emseg.__path__, "emseg."):
+        if mod.name != "emseg.__main__":
+            importlib.import_module(mod.name)
+    for name in emseg.__all__:
+        if name != "__version__":
+            assert callable(getattr(emseg, name)) and not isinstance(getattr(emseg, name), type(emseg)), name

@@ -4,7 +4,7 @@ One :class:`Engine` per process owns the model. Block tasks (threads) :meth:`~En
 block's input region with its :class:`~emseg.inference.tiling.TilePlan`; a server thread uploads
 the region once (pinned memory, non-blocking copy), cuts its tiles on the device, packs tiles of
 several blocks into batches of ``batch_size``, runs them (inference mode; bf16 autocast and
-channels_last on CUDA), and accumulates the weighted probabilities into the block's buffer on the
+channels_last), and accumulates the weighted probabilities into the block's buffer on the
 device. When a block's last tile is in, it is normalised, converted to the output dtype and the
 membrane mask, and copied back asynchronously; a completion thread hands it to the waiting task.
 Reading, decompression and writing in the block tasks thus overlap the device's work.
@@ -66,8 +66,7 @@ class _Block:
     wy: torch.Tensor  # (n_y, tile) float32 weights
     wx: torch.Tensor  # (n_x, tile)
     future: Future
-    acc: torch.Tensor | None = None
-    weight: torch.Tensor | None = None
+    acc: torch.Tensor | None = None  # allocated when the block's first tile is run
     pending: deque = field(default_factory=deque)  # tiles not yet batched
     remaining: int = 0
 
@@ -84,7 +83,7 @@ class Engine:
         self.settings = settings
         self.mean, self.std = float(mean), float(std)
         self.model = model.to(device).eval()
-        self._channels_last = settings.channels_last and is_cuda(device)
+        self._channels_last = settings.channels_last  # faster on CUDA and on oneDNN CPUs alike
         if self._channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self._amp = autocast_dtype(device) if settings.autocast else None
@@ -234,9 +233,6 @@ class Engine:
         block.region = block.region.to(self.device, non_blocking=True)
         block.wy = block.wy.to(self.device, non_blocking=True)
         block.wx = block.wx.to(self.device, non_blocking=True)
-        dy0, dy1, dx0, dx1 = block.plan.domain
-        block.acc = torch.zeros((dy1 - dy0, dx1 - dx0), dtype=torch.float32, device=self.device)
-        block.weight = torch.zeros_like(block.acc)
         block.pending = deque(block.plan.tiles())
         block.remaining = len(block.pending)
         active.append(block)
@@ -248,31 +244,45 @@ class Engine:
             oy, ox = y - block.plan.domain[0], x - block.plan.domain[2]
             tiles.append(block.region[oy : oy + t, ox : ox + t])
         batch_tiles = torch.stack(tiles)
-        if len(tiles) < self.batch_size:  # a fixed batch shape: results never depend on the batch's fill
+        if len(tiles) < self.batch_size and is_cuda(self.device):  # a fixed shape for cudnn and compile
             pad = batch_tiles.new_zeros((self.batch_size - len(tiles), t, t))
             batch_tiles = torch.cat([batch_tiles, pad])
         prob = self._forward_safe(batch_tiles)[: len(tiles)]
         for (block, (iy, ix, y, x)), p in zip(batch, prob):
+            if block.acc is None:
+                dy0, dy1, dx0, dx1 = block.plan.domain
+                block.acc = torch.zeros((dy1 - dy0, dx1 - dx0), dtype=torch.float32, device=self.device)
             w = block.wy[iy, :, None] * block.wx[ix, None, :]
             oy, ox = y - block.plan.domain[0], x - block.plan.domain[2]
-            assert block.acc is not None and block.weight is not None
             block.acc[oy : oy + t, ox : ox + t].addcmul_(p, w)
-            block.weight[oy : oy + t, ox : ox + t].add_(w)
             block.remaining -= 1
             if block.remaining == 0:
                 self._complete(block)
 
+    @staticmethod
+    def _weight_1d(windows: torch.Tensor, origins: Sequence[int], start: int, length: int, tile: int) -> torch.Tensor:
+        """Sum of the tiles' 1D windows along one axis: the tile grid is a Cartesian product of
+        the axes' origins, so the 2D weight sum is the outer product of the two 1D sums."""
+        total = torch.zeros(length, dtype=torch.float32, device=windows.device)
+        for window, origin in zip(windows, origins):
+            total[int(origin) - start : int(origin) - start + tile] += window
+        return total
+
     def _complete(self, block: _Block) -> None:
-        y0, y1, x0, x1 = block.plan.block
-        oy, ox = y0 - block.plan.domain[0], x0 - block.plan.domain[2]
-        assert block.acc is not None and block.weight is not None
-        prob = block.acc[oy : oy + y1 - y0, ox : ox + x1 - x0] / block.weight[oy : oy + y1 - y0, ox : ox + x1 - x0]
+        plan = block.plan
+        y0, y1, x0, x1 = plan.block
+        dy0, dy1, dx0, dx1 = plan.domain
+        oy, ox = y0 - dy0, x0 - dx0
+        assert block.acc is not None
+        wy = self._weight_1d(block.wy, plan.y_origins, dy0, dy1 - dy0, plan.tile)[oy : oy + y1 - y0]
+        wx = self._weight_1d(block.wx, plan.x_origins, dx0, dx1 - dx0, plan.tile)[ox : ox + x1 - x0]
+        prob = block.acc[oy : oy + y1 - y0, ox : ox + x1 - x0] / (wy[:, None] * wx[None, :])
         membranes = (prob < self.settings.threshold).to(torch.uint8)
         if self.settings.output_dtype == "uint8":
             out = torch.round(prob.clamp(0, 1) * 255).to(torch.uint8)
         else:
             out = prob.to(getattr(torch, self.settings.output_dtype))
-        block.acc = block.weight = None
+        block.acc = None
         block.region = None  # type: ignore[assignment]
         if is_cuda(self.device):
             host_out = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)

@@ -40,7 +40,6 @@ from emseg.io.zarr import (
     create_label,
     create_multiscale,
     open_ome,
-    pyramid_shapes,
 )
 from emseg.progress import Reporter, reporter_or_null
 
@@ -136,7 +135,7 @@ def run_block(job: Job) -> tuple[str, int]:
     engine = _engine(job)
     c = job.config
     source = _array(str(Path(job.data) / "0"), "r", job.run_id)
-    plan = plan_block(job.y, job.x, c.tile, c.overlap, job.divisor, c.blend)
+    plan = plan_block(job.y, job.x, c.tile, c.overlap, job.divisor, c.blend, source.shape[1:])
     y0, y1, x0, x1 = plan.domain
     region = read_reflected(lambda r, s: source[job.z_in, r, s], source.shape[1:], y0, y1, x0, x1)
     prob, membranes = engine.run_block(region, plan)

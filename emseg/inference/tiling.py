@@ -1,9 +1,10 @@
 """Tile grids, halos, padding and blending windows. Pure numpy, no torch.
 
 Coordinates are global pixel coordinates of a slice ``[0, H) x [0, W)``. A *block* is the part of
-the output one task computes; its tiles cover the block extended by ``context`` pixels on each
-side (real neighbouring pixels where they exist, mirror-reflected pixels beyond the slice's true
-edges only), so pixels at block borders have as much context as pixels inside it.
+the output one task computes; its tiles cover the block extended by ``context`` pixels of real
+neighbouring pixels where it borders another block, so pixels at block borders have as much
+context as pixels inside it. At the slice's true edges the tiles stop at the edge, like one
+whole-slice pass (mirror reflection only fills up to the size grid or a slice smaller than a tile).
 
 Tile origins are multiples of ``align`` (the model's size divisor) in global coordinates, so every
 tile sees the same pooling phase as one whole-slice pass; with ``blend="crop"`` and
@@ -69,20 +70,29 @@ def read_reflected(
     return data[np.ix_(ys - ylo, xs - xlo)] if data.ndim == 2 else data[..., ys - ylo, :][..., xs - xlo]
 
 
-def axis_origins(b0: int, b1: int, tile: int, overlap: int, align: int, context: int) -> np.ndarray:
+def axis_origins(b0: int, b1: int, tile: int, overlap: int, align: int, context: int, length: int | None = None) -> np.ndarray:
     """Tile origins along one axis covering ``[b0 - context, b1 + context)``.
 
-    The covered domain is widened to multiples of ``align``; origins are multiples of ``align``,
-    the first tile starts at the domain's start and the last ends at its end, and neighbouring
-    tiles overlap by at least ``overlap``. A domain shorter than a tile gets one tile.
+    Context is added only where the block borders another block: at the axis' true edges
+    (0 and ``length``) the tiles stop at the edge, as a whole-slice pass does (the network's own
+    zero padding is the context there), which saves a row of tiles per edge. The covered domain is
+    widened to multiples of ``align``; origins are multiples of ``align``, the first tile starts at
+    the domain's start and the last ends at its end, and neighbouring tiles overlap by at least
+    ``overlap``. A domain shorter than a tile gets one tile (mirror-padded beyond the edge).
     """
     if tile % align:
         raise ValueError("tile must be a multiple of align")
-    d0 = ((b0 - context) // align) * align
-    d1 = -(-(b1 + context) // align) * align
+    at_end = length is not None and b1 >= length
+    start = b0 if b0 == 0 else b0 - context
+    end = b1 if at_end else b1 + context
+    d0 = max(0, (start // align) * align)  # context never reaches past the slice's edges
+    d1 = -(-end // align) * align
+    if length is not None:
+        d1 = min(d1, -(-length // align) * align)
     span = d1 - d0 - tile
-    if span <= 0:
-        return np.array([d0], dtype=np.int64)
+    if span <= 0:  # one tile; at the true end it ends there (more real context before it instead)
+        origin = d1 - tile if at_end and (b0 > 0 or d1 - tile >= 0) else d0
+        return np.array([max(origin, 0) if b0 == 0 else origin], dtype=np.int64)
     units = span // align
     max_gap = max(1, (tile - overlap) // align)
     n = math.ceil(units / max_gap) + 1
@@ -143,13 +153,15 @@ class TilePlan:
 
 
 def plan_block(
-    y: tuple[int, int], x: tuple[int, int], tile: int, overlap: int, align: int, blend: str = "gaussian"
+    y: tuple[int, int], x: tuple[int, int], tile: int, overlap: int, align: int, blend: str = "gaussian",
+    shape: tuple[int, int] | None = None,
 ) -> TilePlan:
-    """Tiles for the output block ``y[0]:y[1], x[0]:x[1]`` with ``overlap // 2`` pixels of context
-    around it (rounded up to ``align``)."""
+    """Tiles for the output block ``y[0]:y[1], x[0]:x[1]`` of a slice of ``shape`` (H, W), with
+    ``overlap // 2`` pixels of context (rounded up to ``align``) where it borders other blocks."""
     context = -(-(overlap // 2) // align) * align if overlap else 0
-    ys = axis_origins(y[0], y[1], tile, overlap, align, context)
-    xs = axis_origins(x[0], x[1], tile, overlap, align, context)
+    h, w = shape if shape is not None else (None, None)
+    ys = axis_origins(y[0], y[1], tile, overlap, align, context, h)
+    xs = axis_origins(x[0], x[1], tile, overlap, align, context, w)
     if blend == "crop":
         wy, wx = crop_windows_1d(ys, tile), crop_windows_1d(xs, tile)
     else:

@@ -36,7 +36,7 @@ RGB_WEIGHTS = np.array([0.299, 0.587, 0.114])
 #: Nanometres per unit name found in TIFF / ImageJ / OME metadata.
 UNIT_NM = {
     "nm": 1.0, "nanometer": 1.0, "nanometre": 1.0,
-    "um": 1e3, "µm": 1e3, "\u00b5m": 1e3, "micron": 1e3, "micrometer": 1e3, "micrometre": 1e3,
+    "um": 1e3, "µm": 1e3, "\u03bcm": 1e3, "micron": 1e3, "micrometer": 1e3, "micrometre": 1e3,
     "mm": 1e6, "millimeter": 1e6, "cm": 1e7, "centimeter": 1e7, "m": 1e9, "meter": 1e9,
     "a": 0.1, "å": 0.1, "angstrom": 0.1, "pm": 1e-3,
 }

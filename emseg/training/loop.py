@@ -89,8 +89,8 @@ def fit(data: str | Path, run_dir: str | Path, config: TrainConfig, *, resume: b
     if is_cuda(device):
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        if config.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+    if config.channels_last:  # faster on CUDA and on oneDNN CPUs alike
+        model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     loss_fn = make_loss(config.loss)
     meta = run.meta(config, {
@@ -122,7 +122,7 @@ def fit(data: str | Path, run_dir: str | Path, config: TrainConfig, *, resume: b
             host_gen, dev_gen = generators(config.seed, epoch, step, dist.rank, device)
             image_b, label_b, weight_b = sampler.sample(config.batch_size, ctx, config.crop, host_gen)
             image_b, label_b, weight_b = augment_batch(image_b, label_b, weight_b, config.crop, config.augment, dev_gen)
-            if is_cuda(device) and config.channels_last:
+            if config.channels_last:
                 image_b = image_b.contiguous(memory_format=torch.channels_last)
             try:
                 with torch.autocast(device.type, dtype=amp, enabled=amp is not None):

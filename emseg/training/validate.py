@@ -28,7 +28,7 @@ def predict_planes(
     out = np.empty(planes.shape, np.float32)
     with Engine(model, device, mean, std, settings) as engine:
         for i, plane in enumerate(planes):
-            plan = plan_block((0, plane.shape[0]), (0, plane.shape[1]), tile, overlap, divisor)
+            plan = plan_block((0, plane.shape[0]), (0, plane.shape[1]), tile, overlap, divisor, shape=plane.shape)
             y0, y1, x0, x1 = plan.domain
             region = read_reflected(lambda r, c: plane[r, c], plane.shape, y0, y1, x0, x1)
             out[i] = engine.run_block(region, plan)[0]

@@ -1,0 +1,360 @@
+"""Timing: the forward pass per precision and layout, end-to-end prediction (against MONAI's
+sliding window when installed) and training steps. Used by ``emseg bench`` and ``benchmarks/``.
+
+Every figure is a median of repeated runs after warm-up, with the device synchronised around
+each timed run. FLOPs come from ``torch.utils.flop_counter`` (a multiply-add counts as two).
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from emseg.config import ModelConfig, TrainConfig
+from emseg.device import autocast_dtype, device_name, synchronize
+
+log = logging.getLogger(__name__)
+
+#: Dense peak TFLOP/s by GPU name fragment and precision (vendor data sheets, SXM parts).
+PEAK_TFLOPS = {
+    "H200": {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9},
+    "H100": {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9},
+    "A100": {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5},
+    "L40S": {"bf16": 362.1, "tf32": 183.0, "fp32": 91.6},
+}
+
+
+def peak_tflops(name: str, precision: str) -> float | None:
+    for key, table in PEAK_TFLOPS.items():
+        if key in name:
+            return table.get(precision)
+    return None
+
+
+def count_flops(model: nn.Module, shape: tuple[int, ...]) -> float:
+    """FLOPs of one forward pass of ``model`` on an input of ``shape``, counted on a copy on the
+    meta device (shapes only, no arithmetic)."""
+    import copy
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    meta = copy.deepcopy(model).to("meta")
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        meta(torch.empty(shape, device="meta"))
+    return float(counter.get_total_flops())
+
+
+def timed(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int, inner: int = 1) -> float:
+    """Median seconds of one call of ``fn`` (each repeat times ``inner`` calls)."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        synchronize(device)
+        times.append((time.perf_counter() - t) / inner)
+    return statistics.median(times)
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    precision: str  # fp32 | tf32 | bf16
+    channels_last: bool = False
+    compile: bool = False
+
+
+def forward_variants(device: torch.device, compile: bool) -> list[Variant]:
+    if device.type == "cuda":
+        out = [Variant("fp32", "fp32"), Variant("tf32", "tf32"), Variant("bf16", "bf16"),
+               Variant("bf16 + channels_last", "bf16", True)]
+        if compile:
+            out.append(Variant("bf16 + channels_last + compile", "bf16", True, True))
+        return out
+    return [Variant("fp32", "fp32"), Variant("fp32 + channels_last", "fp32", True)]
+
+
+def forward_bench(model: nn.Module, device: torch.device, tile: int, batch: int, *, compile: bool = False,
+                  compile_mode: str = "max-autotune", warmup: int = 3, repeats: int = 5, inner: int = 3) -> list[dict]:
+    """MPix/s and TFLOP/s of the model's forward pass on (batch, 1, tile, tile) per variant."""
+    model = model.to(device).eval()
+    name = device_name(device)
+    x0 = torch.randn(batch, 1, tile, tile, device=device)
+    flops = count_flops(model, tuple(x0.shape))
+    rows = []
+    for v in forward_variants(device, compile):
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = v.precision == "tf32"
+            torch.backends.cudnn.benchmark = True
+        fmt = torch.channels_last if v.channels_last else torch.contiguous_format
+        net = model.to(memory_format=fmt)
+        x = x0.contiguous(memory_format=fmt)
+        if v.compile:
+            net = torch.compile(net, mode=compile_mode)
+        amp = torch.autocast(device.type, dtype=torch.bfloat16) if v.precision == "bf16" else nullcontext()
+
+        def run() -> None:
+            with torch.inference_mode(), amp:
+                net(x)
+
+        try:
+            seconds = timed(run, device, warmup + (3 if v.compile else 0), repeats, inner)
+        except Exception as exc:  # a variant the device cannot run is reported, not fatal
+            rows.append({"variant": v.name, "error": f"{type(exc).__name__}: {exc}"[:200]})
+            continue
+        peak = peak_tflops(name, v.precision)
+        tflops = flops / seconds / 1e12
+        rows.append({
+            "variant": v.name, "tile": tile, "batch": batch, "ms": seconds * 1e3,
+            "mpix_per_s": batch * tile * tile / seconds / 1e6, "tflop_per_s": tflops,
+            "gflop_per_tile": flops / batch / 1e9, "fraction_of_peak": None if peak is None else tflops / peak,
+        })
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    model.to(memory_format=torch.contiguous_format)
+    return rows
+
+
+def untrained_checkpoint(path: Path, model_config: ModelConfig, mean: float = 128.0, std: float = 40.0, seed: int = 0) -> Path:
+    """A run directory holding an untrained network of ``model_config`` (speed needs no training)."""
+    from emseg.models.build import build_model
+    from emseg.models.checkpoint import save_checkpoint
+    from emseg.training.run import RunDir
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_model(model_config)
+    run = RunDir(path)
+    run.path.mkdir(parents=True, exist_ok=True)
+    meta = run.meta(TrainConfig(model=model_config), {
+        "normalization": {"mean": mean, "std": std}, "halo": int(model.halo) if model_config.arch == "unet" else None,
+        "divisor": int(model.divisor), "parameters": sum(p.numel() for p in model.parameters()), "untrained": True,
+    })
+    run.write_config(meta)
+    save_checkpoint(run.last, model, meta)
+    return run.path
+
+
+def synthetic_store(path: Path, slices: int, size: int) -> Path:
+    """An OME-Zarr stack of mirrored ISBI-like slices (emseg's synthetic generator)."""
+    import tifffile
+
+    from emseg import api
+    from emseg.synthetic import synthetic_stack, tile_isbi_like
+
+    base, _ = synthetic_stack((min(slices, 4), 512, 512), seed=0)
+    tif = path.with_suffix(".tif")
+    with tifffile.TiffWriter(tif, bigtiff=True) as tw:
+        for z in range(slices):
+            tw.write(tile_isbi_like(base[z % len(base)], (size, size)), contiguous=True, photometric="minisblack")
+    out = api.ingest(tif, path, voxel_size=(50, 4, 4), overwrite=True)
+    tif.unlink()
+    return out
+
+
+def predict_bench(run: Path, data: Path, work: Path, device: str, tile: int, overlap: int, batch: int,
+                  compile: bool = False) -> dict:
+    """End-to-end ``predict``, zarr on disk to zarr on disk, timed in this process (model load,
+    reading, inference, writing and pyramid included)."""
+    from emseg import api
+    from emseg.io.zarr import open_ome
+
+    out = work / "bench-pred.zarr"
+    t = time.perf_counter()
+    api.predict(run, data, out, tile=tile, overlap=overlap, batch_size=batch, device=device, compile=compile,
+                overwrite=True)
+    seconds = time.perf_counter() - t
+    shape = open_ome(data).shape
+    return {"seconds": seconds, "mpix_per_s": shape[0] * shape[1] * shape[2] / seconds / 1e6, "stack": list(shape)}
+
+
+def monai_bench(run: Path, data: Path, device: torch.device, tile: int, overlap: int, batch: int,
+                compile: bool = False) -> dict:
+    """MONAI's ``sliding_window_inference`` on the same network, tile, overlap, gaussian blending
+    (sigma = tile / 8) and batch, over each slice already on the device as a normalised tensor."""
+    from monai.inferers import sliding_window_inference
+
+    from emseg.inference.model import load_trained
+    from emseg.io.zarr import open_ome
+
+    model, meta = load_trained(run, device)
+    model = model.to(memory_format=torch.channels_last)  # the layout emseg runs it in, on any device
+    net = torch.compile(model) if compile else model
+    norm = meta["normalization"]
+    amp = autocast_dtype(device)
+
+    def predictor(t: torch.Tensor) -> torch.Tensor:
+        t = t.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            return torch.sigmoid(net(t).float())
+
+    image = open_ome(data)
+    times = []
+    for z in range(image.shape[0]):
+        x = ((torch.from_numpy(np.asarray(image.array[z])).to(device).float() - norm["mean"]) / norm["std"])[None, None]
+        with torch.inference_mode():
+            if z == 0:
+                sliding_window_inference(x[..., : 2 * tile, : 2 * tile], (tile, tile), batch, predictor,
+                                         overlap=overlap / tile, mode="gaussian", sigma_scale=0.125)
+            synchronize(device)
+            t = time.perf_counter()
+            sliding_window_inference(x, (tile, tile), batch, predictor, overlap=overlap / tile, mode="gaussian",
+                                     sigma_scale=0.125)
+            synchronize(device)
+            times.append(time.perf_counter() - t)
+    pixels = image.shape[1] * image.shape[2]
+    return {"seconds_per_slice": statistics.median(times), "mpix_per_s": pixels / statistics.median(times) / 1e6}
+
+
+def train_bench(store: Path, device: torch.device, model_config: ModelConfig, batch: int, crop: int, *,
+                steps: int = 10, warmup: int = 3, repeats: int = 3, compile: bool = False) -> dict:
+    """Training steps/s with the full augmentation, and the share of a step spent sampling and
+    augmenting."""
+    from emseg.models.build import build_model
+    from emseg.training.augment import augment_batch, context_size
+    from emseg.training.data import CropSampler, load_slices, normalization, open_training_store
+    from emseg.training.loop import generators
+    from emseg.training.losses import weighted_bce
+
+    image = open_training_store(str(store))
+    data = load_slices(image, list(range(max(1, image.shape[0] - 1))), 10.0, 5.0)
+    mean, std = normalization(data.raw)
+    sampler = CropSampler(data, mean, std, device)
+    model = build_model(model_config).to(device)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    model = model.to(memory_format=torch.channels_last)
+    net = torch.compile(model) if compile else model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    config = TrainConfig(crop=crop, batch_size=batch)
+    ctx = context_size(crop, config.augment)
+    amp = autocast_dtype(device)
+    counter = iter(range(10**9))
+
+    def data_step() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        host, dev = generators(0, 0, next(counter), 0, device)
+        x, y, w = sampler.sample(batch, ctx, crop, host)
+        return augment_batch(x, y, w, crop, config.augment, dev)
+
+    def train_step() -> None:
+        x, y, w = data_step()
+        x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            logits = net(x)
+        loss = weighted_bce(logits, y, w)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    step_s = timed(train_step, device, warmup, repeats, steps)
+    aug_s = timed(data_step, device, 1, repeats, steps)
+    return {
+        "batch": batch, "crop": crop, "model": {"depth": model_config.depth, "base_channels": model_config.base_channels},
+        "steps_per_s": 1 / step_s, "crops_per_s": batch / step_s, "mpix_per_s": batch * crop * crop / step_s / 1e6,
+        "augmentation_ms": aug_s * 1e3, "step_ms": step_s * 1e3, "augmentation_share": aug_s / step_s,
+    }
+
+
+@dataclass(frozen=True)
+class BenchSizes:
+    """What ``emseg bench`` measures on a device kind (the CPU gets smaller sizes)."""
+
+    forward_tile: int
+    forward_batch: int
+    predict_size: int
+    predict_slices: int
+    train_batch: int
+    train_crop: int
+    small_model: ModelConfig | None  # used for predict and train when no --model is given
+
+
+GPU_SIZES = BenchSizes(512, 16, 8192, 2, 16, 384, None)
+CPU_SIZES = BenchSizes(256, 1, 1024, 2, 4, 256, ModelConfig(depth=3, base_channels=16))
+#: ``emseg bench --quick``: seconds on any machine, a check that everything runs.
+QUICK_SIZES = BenchSizes(64, 2, 256, 1, 2, 64, ModelConfig(depth=2, base_channels=8))
+
+
+def run_bench(device: torch.device, model: str | Path | None = None, *, compile: bool = False,
+              skip_monai: bool = False, quick: bool = False) -> dict:
+    """Everything ``emseg bench`` reports, as a JSON-ready dict."""
+    import platform
+
+    import emseg
+    from emseg.inference.model import load_trained
+
+    sizes = QUICK_SIZES if quick else GPU_SIZES if device.type == "cuda" else CPU_SIZES
+    result: dict[str, Any] = {
+        "device": device_name(device), "emseg": emseg.__version__, "torch": torch.__version__,
+        "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M"),
+        "cuda": torch.version.cuda if device.type == "cuda" else None,
+    }
+    with tempfile.TemporaryDirectory(prefix="emseg-bench-") as tmp:
+        work = Path(tmp)
+        if model is not None:
+            net, meta = load_trained(model, "cpu")
+            run, label = Path(model), f"{model}"
+            small_run, small_label = run, label
+        elif quick:
+            assert sizes.small_model is not None
+            run = small_run = untrained_checkpoint(work / "small", sizes.small_model)
+            net, _ = load_trained(run, "cpu")
+            label = small_label = "U-Net depth 2, 8 base channels, untrained (--quick)"
+        else:
+            net, _ = load_trained(untrained_checkpoint(work / "default", ModelConfig()), "cpu")
+            run, label = work / "default", "default U-Net (depth 4, 64 base channels), untrained"
+            small = sizes.small_model
+            small_run = untrained_checkpoint(work / "small", small) if small else run
+            small_label = f"U-Net depth {small.depth}, {small.base_channels} base channels, untrained" if small else label
+        result["forward"] = {
+            "model": label, "parameters": sum(p.numel() for p in net.parameters()),
+            "rows": forward_bench(net, device, sizes.forward_tile, sizes.forward_batch, compile=compile,
+                                  warmup=1 if quick else 3, repeats=5 if device.type == "cuda" else 3,
+                                  inner=3 if device.type == "cuda" else 1),
+        }
+        store = synthetic_store(work / "bench.zarr", sizes.predict_slices, sizes.predict_size)
+        dev = str(device)
+        tile = 128 if quick else 512
+        overlap = tile // 8
+        result["predict"] = {"model": small_label, "tile": tile, "overlap": overlap, "batch": 8,
+                             "emseg": predict_bench(small_run, store, work, dev, tile, overlap, 8, compile)}
+        if not skip_monai:
+            try:
+                monai = monai_bench(small_run, store, device, tile, overlap, 8, compile)
+                result["predict"]["monai_in_memory"] = monai
+                result["predict"]["ratio"] = result["predict"]["emseg"]["mpix_per_s"] / monai["mpix_per_s"]
+            except ImportError:
+                result["predict"]["monai_in_memory"] = "not installed (pip install monai)"
+        train_store = _train_store(work)
+        train_model = ModelConfig() if model is None and device.type == "cuda" and not quick else (
+            sizes.small_model if model is None else load_trained(model, "cpu")[1]["config"]["model"])
+        if isinstance(train_model, dict):
+            train_model = ModelConfig(**train_model)
+        result["train"] = train_bench(train_store, device, train_model, sizes.train_batch, sizes.train_crop,
+                                      steps=10 if device.type == "cuda" else 2, compile=compile,
+                                      repeats=2 if quick else 3, warmup=1 if quick else 3)
+    return result
+
+
+def _train_store(work: Path) -> Path:
+    from emseg import api
+    from emseg.quickstart import find_isbi, write_synthetic
+
+    folder = find_isbi(None) or write_synthetic(work / "synthetic", shape=(8, 512, 512))
+    return api.ingest(folder / "train-volume.tif", work / "train.zarr", labels=folder / "train-labels.tif",
+                      voxel_size=(50, 4, 4), overwrite=True)

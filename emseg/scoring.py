@@ -1,0 +1,76 @@
+"""``emseg evaluate``: score a prediction against a store's labels/cells in ISBI 2012 terms."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from emseg.errors import BadInputError
+from emseg.io.tiff import TIFF_SUFFIXES, open_stack
+from emseg.io.zarr import open_ome
+from emseg.metrics import Scores, evaluate_arrays
+
+
+def load_probabilities(pred: str | Path, n_slices: int, shape_yx: tuple[int, int]) -> tuple[Any, int]:
+    """(reader z -> (Y, X) float32 P(cell), index of the data slice its slice 0 corresponds to).
+
+    ``pred`` is a store from ``emseg predict`` (its ``slices`` attribute aligns it with the data)
+    or a TIFF stack of P(cell), uint8 0-255 or float 0-1, with as many slices as the data.
+    """
+    path = Path(pred)
+    if path.suffix.lower() in TIFF_SUFFIXES and path.is_file():
+        stack = open_stack(path)
+        if stack.shape != (n_slices, *shape_yx):
+            raise BadInputError(f"{path}: shape {stack.shape} differs from the data's {(n_slices, *shape_yx)}")
+
+        def read_tiff(z: int) -> np.ndarray:
+            return _as_prob(stack.read(z, z + 1)[0], path)
+
+        return read_tiff, 0
+    image = open_ome(path)
+    if image.shape[1:] != shape_yx:
+        raise BadInputError(f"{path}: slices are {image.shape[1:]}, the data's are {shape_yx}")
+    offset = int((image.attrs.get("emseg", {}).get("slices") or [0, 0])[0])
+
+    def read_store(z: int) -> np.ndarray:
+        return _as_prob(np.asarray(image.array[z]), path)
+
+    return read_store, offset
+
+
+def _as_prob(plane: np.ndarray, path: Path) -> np.ndarray:
+    if plane.dtype == np.uint8:
+        return plane.astype(np.float32) / 255.0
+    if np.issubdtype(plane.dtype, np.floating):
+        if plane.size and (np.nanmin(plane) < 0 or np.nanmax(plane) > 1 or not np.isfinite(plane).all()):
+            raise BadInputError(f"{path}: float probabilities must lie within [0, 1]")
+        return plane.astype(np.float32)
+    raise BadInputError(f"{path}: probabilities must be uint8 (0-255) or float (0-1), not {plane.dtype}")
+
+
+def evaluate_prediction(pred: str | Path, data: str | Path, slices: tuple[int, int] | None = None) -> Scores:
+    """Scores of ``pred`` against ``data``'s labels/cells on data slices ``slices`` (default: all
+    the prediction covers)."""
+    image = open_ome(data)
+    if "cells" not in image.labels:
+        raise BadInputError(f"{data}: has no labels/cells to evaluate against")
+    truth = image.labels["cells"].array
+    read, offset = load_probabilities(pred, image.shape[0], image.shape[1:])
+    n_pred = _pred_slices(pred, image.shape[0])
+    lo, hi = slices if slices is not None else (offset, offset + n_pred)
+    if not (0 <= lo < hi <= image.shape[0]) or lo < offset or hi > offset + n_pred:
+        raise BadInputError(
+            f"--slices {lo}:{hi}: the prediction covers data slices {offset}-{offset + n_pred - 1}"
+        )
+    prob = np.stack([read(z - offset) for z in range(lo, hi)])
+    labels = np.asarray(truth[lo:hi])
+    return evaluate_arrays(prob, labels)
+
+
+def _pred_slices(pred: str | Path, n_data: int) -> int:
+    path = Path(pred)
+    if path.suffix.lower() in TIFF_SUFFIXES and path.is_file():
+        return n_data
+    return open_ome(path).shape[0]
