@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,7 @@ def info(path: str | Path) -> dict[str, Any]:
     """Shape, dtype, chunks, voxel size, levels and labels (with foreground fraction) of a store.
 
     The foreground fraction is exact when the label's level 0 is under 1 GiB, else estimated
-    from the finest level that is (the key ``fraction_level`` says which).
+    from the finest level that is (the key ``fraction_level`` says which; None when no level is).
     """
     from emseg.io.zarr import emseg_attrs, open_ome
 
@@ -72,13 +73,13 @@ def info(path: str | Path) -> dict[str, Any]:
         "shards": None if getattr(arr, "shards", None) is None else list(arr.shards),
         "voxel_size_nm": list(image.voxel_size),
         "levels": [list(a.shape) for a in image.levels],
-        "size_bytes": int(np.prod(arr.shape)) * arr.dtype.itemsize,
+        "size_bytes": math.prod(arr.shape) * arr.dtype.itemsize,
         "labels": {},
         "emseg": emseg_attrs(image),
     }
     for name, label in image.labels.items():
-        level = next((i for i, a in enumerate(label.levels) if np.prod(a.shape) <= 2**30), len(label.levels) - 1)
-        fraction = _mean_of(label.levels[level])
+        level = next((i for i, a in enumerate(label.levels) if math.prod(a.shape) <= 2**30), None)
+        fraction = None if level is None else _mean_of(label.levels[level])
         result["labels"][name] = {"foreground_fraction": fraction, "fraction_level": level}
     return result
 

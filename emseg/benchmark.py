@@ -168,17 +168,23 @@ def synthetic_store(path: Path, slices: int, size: int) -> Path:
 
 
 def predict_bench(run: Path, data: Path, work: Path, device: str, tile: int, overlap: int, batch: int,
-                  compile: bool = False) -> dict:
+                  compile: bool = False, repeats: int = 2) -> dict:
     """End-to-end ``predict``, zarr on disk to zarr on disk, timed in this process (model load,
-    reading, inference, writing and pyramid included)."""
+    reading, inference, writing and pyramid included): one warm-up run, then the median of
+    ``repeats`` runs."""
     from emseg import api
     from emseg.io.zarr import open_ome
 
     out = work / "bench-pred.zarr"
-    t = time.perf_counter()
-    api.predict(run, data, out, tile=tile, overlap=overlap, batch_size=batch, device=device, compile=compile,
-                overwrite=True)
-    seconds = time.perf_counter() - t
+
+    def once() -> float:
+        t = time.perf_counter()
+        api.predict(run, data, out, tile=tile, overlap=overlap, batch_size=batch, device=device, compile=compile,
+                    overwrite=True)
+        return time.perf_counter() - t
+
+    once()
+    seconds = statistics.median(once() for _ in range(repeats))
     shape = open_ome(data).shape
     return {"seconds": seconds, "mpix_per_s": shape[0] * shape[1] * shape[2] / seconds / 1e6, "stack": list(shape)}
 

@@ -207,6 +207,9 @@ def info_cmd(
     table.add_row("levels", ", ".join("x".join(map(str, s)) for s in result["levels"]))
     table.add_row("size", f"{result['size_bytes'] / 2**20:.1f} MiB uncompressed")
     for name, lab in result["labels"].items():
+        if lab["foreground_fraction"] is None:
+            table.add_row(f"labels/{name}", "present (no level under 1 GiB to measure its foreground)")
+            continue
         note = "" if lab["fraction_level"] == 0 else f" (estimated from level {lab['fraction_level']})"
         table.add_row(f"labels/{name}", f"foreground fraction {lab['foreground_fraction']:.4f}{note}")
     if not result["labels"]:
@@ -367,16 +370,16 @@ def bench_cmd(
             table.add_row("forward", row["variant"], "", "", "", row["error"])
             continue
         peak = "" if row["fraction_of_peak"] is None else f"{row['fraction_of_peak']:.0%}"
-        table.add_row("forward", f"{row['variant']}, {row['batch']} x {row['tile']}²", f"{row['mpix_per_s']:.1f}",
-                      f"{row['tflop_per_s']:.2f}", peak, f"{row['gflop_per_tile']:.1f} GFLOP/tile")
+        table.add_row("forward", f"{row['variant']}, {row['batch']} x {row['tile']}²", f"{row['mpix_per_s']:.3g}",
+                      f"{row['tflop_per_s']:.3g}", peak, f"{row['gflop_per_tile']:.1f} GFLOP/tile")
     p = r["predict"]
     shape = " x ".join(map(str, p["emseg"]["stack"]))
-    table.add_row("predict", f"emseg, zarr to zarr, {shape}", f"{p['emseg']['mpix_per_s']:.2f}", "", "", p["model"])
+    table.add_row("predict", f"emseg, zarr to zarr, {shape}", f"{p['emseg']['mpix_per_s']:.3g}", "", "", p["model"])
     if isinstance(p.get("monai_in_memory"), dict):
-        table.add_row("predict", "MONAI sliding window, in memory", f"{p['monai_in_memory']['mpix_per_s']:.2f}", "", "",
+        table.add_row("predict", "MONAI sliding window, in memory", f"{p['monai_in_memory']['mpix_per_s']:.3g}", "", "",
                       f"emseg / MONAI = {p['ratio']:.2f}")
     t = r["train"]
-    table.add_row("train", f"{t['batch']} x {t['crop']}² + augmentation", f"{t['mpix_per_s']:.2f}", "", "",
+    table.add_row("train", f"{t['batch']} x {t['crop']}² + augmentation", f"{t['mpix_per_s']:.3g}", "", "",
                   f"{t['steps_per_s']:.2f} steps/s, augmentation {t['augmentation_share']:.0%} of a step")
     stdout.print(table)
 

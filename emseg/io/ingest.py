@@ -30,6 +30,8 @@ from emseg.io.zarr import LevelSpec, create_image_store, create_label, create_mu
 from emseg.progress import Reporter, reporter_or_null
 
 log = logging.getLogger(__name__)
+#: Largest band (bytes of source pixels) ingest holds at once.
+BAND_BYTES = 2**30
 
 
 def reduce2(band: np.ndarray, kind: str) -> np.ndarray:
@@ -202,6 +204,14 @@ def _write(
     unit = spec.shards or spec.chunks
     zstep = min(unit[0], stack.shape[0])
     ystep = band_rows(min(unit[1], stack.shape[1]), n_levels, stack.shape[1], stack.row_block)
+    row_bytes = zstep * stack.shape[2] * stack.dtype.itemsize * (3 if stack.rgb else 1)
+    if ystep * row_bytes > BAND_BYTES:  # rather decode a strip twice than hold a huge band
+        ystep = band_rows(min(unit[1], stack.shape[1]), n_levels, stack.shape[1])
+    if ystep * row_bytes > BAND_BYTES:
+        raise BadInputError(
+            f"{stack.path}: one band of {ystep} rows x {stack.shape[2]} columns would need "
+            f"{ystep * row_bytes / 2**30:.1f} GiB; use smaller --chunks"
+        )
     prov = provenance(
         "ingest",
         source=stack.describe(),

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import re
+import threading
 import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
@@ -24,13 +25,16 @@ import numpy as np
 from emseg.errors import BadInputError
 
 log = logging.getLogger(__name__)
+_PIL_LOCK = threading.Lock()
 
 TIFF_SUFFIXES = {".tif", ".tiff", ".btf", ".tf8", ".tf2"}
 PNG_SUFFIXES = {".png"}
 IMAGE_SUFFIXES = TIFF_SUFFIXES | PNG_SUFFIXES
 #: A header may not make emseg allocate more than this for one slice (protects against hostile
-#: files that claim absurd sizes).
-MAX_SLICE_PIXELS = 2**34
+#: files that claim absurd sizes): 2**32 pixels, e.g. 65536 x 65536.
+MAX_SLICE_PIXELS = 2**32
+#: Nor more slices than this.
+MAX_SLICES = 2**24
 #: Luminance weights (ITU-R BT.601) for RGB -> grayscale.
 RGB_WEIGHTS = np.array([0.299, 0.587, 0.114])
 #: Nanometres per unit name found in TIFF / ImageJ / OME metadata.
@@ -60,7 +64,7 @@ class Stack:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape)) * self.dtype.itemsize
+        return math.prod(self.shape) * self.dtype.itemsize
 
     def read(self, z0: int, z1: int, y0: int = 0, y1: int | None = None) -> np.ndarray:
         """Rows ``y0:y1`` of slices ``z0:z1``, all columns: (z1-z0, y1-y0, X) of ``self.dtype``.
@@ -129,6 +133,8 @@ def _check_size(path: Path, shape: Sequence[int], dtype: np.dtype) -> None:
         raise BadInputError(f"{path}: empty image (shape {tuple(shape)})")
     if pixels > MAX_SLICE_PIXELS:
         raise BadInputError(f"{path}: slice of {tuple(shape[-2:])} pixels is larger than emseg accepts")
+    if math.prod(int(s) for s in shape[:-2]) > MAX_SLICES:
+        raise BadInputError(f"{path}: {math.prod(int(s) for s in shape[:-2])} slices is more than emseg accepts")
     if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating) or dtype == np.bool_):
         raise BadInputError(f"{path}: unsupported pixel type {dtype}")
 
@@ -313,10 +319,19 @@ def _header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
             return tuple(keep), dtype
         from PIL import Image
 
-        with Image.open(path) as img:
-            img.verify()
-        with Image.open(path) as img:
-            mode, (w, h) = img.mode, img.size
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:  # reads the header only
+                mode, (w, h) = img.mode, img.size
+            if w * h > MAX_SLICE_PIXELS:
+                raise BadInputError(f"{path}: slice of {(h, w)} pixels is larger than emseg accepts")
+            with _PIL_LOCK:
+                saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, MAX_SLICE_PIXELS
+                try:
+                    with Image.open(path) as img:
+                        img.verify()
+                finally:
+                    Image.MAX_IMAGE_PIXELS = saved
         dtype, channels = _pil_mode(mode, path)
         return ((h, w) if channels == 1 else (h, w, channels)), dtype
     except BadInputError:
@@ -346,9 +361,16 @@ def _read_image(path: Path) -> np.ndarray:
         return np.squeeze(data) if data.ndim > 2 and data.shape[-1] not in (3, 4) else data
     from PIL import Image
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as img:
+    with _PIL_LOCK, warnings.catch_warnings():
+        # The header's size was checked against MAX_SLICE_PIXELS; PIL's own bomb limit (89 Mpx)
+        # would refuse ordinary large EM slices.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, MAX_SLICE_PIXELS
+        try:
+            img = Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+        with img:
             if img.mode == "P":
                 img = img.convert("RGB")
             elif img.mode == "LA":

@@ -27,6 +27,8 @@ import zarr
 from emseg.errors import BadInputError
 
 NGFF_VERSIONS = ("0.4", "0.5")
+#: Largest array (elements) emseg opens: 2**50, a petavoxel; metadata claiming more is hostile.
+MAX_ELEMENTS = 2**50
 AXES = [
     {"name": "z", "type": "space", "unit": "nanometer"},
     {"name": "y", "type": "space", "unit": "nanometer"},
@@ -211,13 +213,22 @@ class OmeImage:
         return tuple(self.levels[0].shape)  # type: ignore[return-value]
 
 
-def open_ome(path: str | Path, *, mode: str = "r", _label: bool = False) -> OmeImage:
+def open_ome(path: str | Path, *, mode: str = "r") -> OmeImage:
     """Open an OME-Zarr image written by emseg (or any NGFF 0.4/0.5 3D image).
 
     Raises :class:`BadInputError` with one clear line when ``path`` is missing, not a zarr group,
-    or has no multiscales image.
+    has no multiscales image, or carries metadata that does not make sense (a store from an
+    untrusted source can hold anything: every failure to read it is reported the same way).
     """
-    path = Path(path)
+    try:
+        return _open_ome(Path(path), mode, False)
+    except (BadInputError, MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        raise BadInputError(f"{path}: malformed OME-Zarr metadata ({type(exc).__name__}: {exc})") from None
+
+
+def _open_ome(path: Path, mode: str, _label: bool) -> OmeImage:
     if not path.exists():
         raise BadInputError(f"{path}: no such file or directory")
     try:
@@ -235,16 +246,24 @@ def open_ome(path: str | Path, *, mode: str = "r", _label: bool = False) -> OmeI
         levels = [group[d["path"]] for d in datasets]
         scale = next(t["scale"] for t in datasets[0]["coordinateTransformations"] if t["type"] == "scale")
     except Exception as exc:
-        raise BadInputError(f"{path}: malformed multiscales metadata ({exc})") from None
+        raise BadInputError(f"{path}: malformed multiscales metadata ({type(exc).__name__}: {exc})") from None
     if not levels or any(not isinstance(a, zarr.Array) for a in levels):
         raise BadInputError(f"{path}: multiscales datasets are not arrays")
     if levels[0].ndim != 3 or len(scale) != 3:
         raise BadInputError(f"{path}: expected a 3D (z, y, x) image, found {levels[0].ndim} dimensions")
+    if any(a.ndim != 3 or min(a.shape) < 1 for a in levels):
+        raise BadInputError(f"{path}: a pyramid level is empty or not 3D")
+    if any(math.prod(a.shape) > MAX_ELEMENTS for a in levels):
+        raise BadInputError(f"{path}: an array of shape {max((a.shape for a in levels), key=math.prod)} is larger than emseg accepts")
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in scale):
+        raise BadInputError(f"{path}: voxel size {scale} is not three positive numbers")
     labels: dict[str, OmeImage] = {}
     if not _label and "labels" in group:
         for name in _ome(group["labels"].attrs).get("labels", []):
             if f"labels/{name}" in group:
-                labels[name] = open_ome(path / "labels" / name, mode=mode, _label=True)
+                labels[name] = _open_ome(path / "labels" / str(name), mode, True)
+                if labels[name].shape != tuple(levels[0].shape):
+                    raise BadInputError(f"{path}: labels/{name} has shape {labels[name].shape}, the image {levels[0].shape}")
     return OmeImage(
         path=path,
         group=group,

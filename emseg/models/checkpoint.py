@@ -86,17 +86,21 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     return tensors, meta
 
 
-def save_optimizer(path: Path, optimizer: torch.optim.Optimizer, extra: dict[str, Any]) -> Path:
-    """Optimizer state as safetensors (tensors) + JSON (param groups, scalars, ``extra``)."""
+def save_resume_point(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict[str, Any]) -> Path:
+    """Everything ``--resume`` needs in one file, written atomically: the model's tensors
+    (``model/...``), the optimizer's (``optim/N.key``), and as JSON its param groups and scalars
+    plus ``extra`` (the loop's state). One file: a crash can never pair weights and optimizer
+    state of different steps."""
     from safetensors.torch import save
 
+    model = getattr(getattr(model, "_orig_mod", model), "module", getattr(model, "_orig_mod", model))
+    tensors = {f"model/{k}": v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     state = optimizer.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for index, entry in state["state"].items():
         for key, value in entry.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"{index}.{key}"] = value.detach().to("cpu").contiguous()
+                tensors[f"optim/{index}.{key}"] = value.detach().to("cpu").contiguous()
             else:
                 scalars.setdefault(str(index), {})[key] = value
     meta = {"param_groups": state["param_groups"], "scalars": scalars, "extra": extra}
@@ -104,14 +108,19 @@ def save_optimizer(path: Path, optimizer: torch.optim.Optimizer, extra: dict[str
     return path
 
 
-def load_optimizer(path: Path, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore an optimizer saved by :func:`save_optimizer`; returns its ``extra`` dict."""
+def load_resume_point(path: Path, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Restore the optimizer saved by :func:`save_resume_point`; returns (model tensors, extra)."""
     tensors, meta = read_checkpoint(path)
+    model: dict[str, torch.Tensor] = {}
     state: dict[int, dict[str, Any]] = {}
     for name, tensor in tensors.items():
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = tensor
+        kind, rest = name.split("/", 1)
+        if kind == "model":
+            model[rest] = tensor
+        else:
+            index, key = rest.split(".", 1)
+            state.setdefault(int(index), {})[key] = tensor
     for index, values in meta["scalars"].items():
         state.setdefault(int(index), {}).update(values)
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    return meta.get("extra", {})
+    return model, meta.get("extra", {})

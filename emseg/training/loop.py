@@ -170,8 +170,7 @@ def fit(data: str | Path, run_dir: str | Path, config: TrainConfig, *, resume: b
             best = score > state["best"]
             state["best"] = max(state["best"], score)
             state["elapsed"] = row["seconds"] = time.perf_counter() - t0
-            run.save(model, optimizer, meta, dict(state), best)
-            run.log(row)
+            run.save(model, optimizer, meta, dict(state), best, row)
         D.barrier(dist)
         if stop:
             log.info("time limit of %s s reached at epoch %d step %d", config.time_limit, epoch, state["next_step"])

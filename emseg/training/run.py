@@ -15,7 +15,7 @@ from emseg import __version__
 from emseg.config import TrainConfig, from_dict, to_dict
 from emseg.errors import BadInputError
 from emseg.io.atomic import write_bytes_atomic, write_json_atomic
-from emseg.models.checkpoint import load_optimizer, read_checkpoint, save_checkpoint, save_optimizer
+from emseg.models.checkpoint import load_resume_point, read_checkpoint, save_checkpoint, save_resume_point
 
 COLUMNS = (
     "epoch", "step", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_iou",
@@ -49,40 +49,35 @@ class RunDir:
     def write_config(self, meta: dict[str, Any]) -> None:
         write_json_atomic(self.path / "config.json", meta)
 
-    def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any], state: dict[str, Any], best: bool) -> None:
-        """Save last (+ best) weights and the optimizer state; the optimizer goes last so that a
-        crash in between leaves a consistent older pair for ``--resume``."""
+    def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any], state: dict[str, Any],
+             best: bool, row: dict[str, Any]) -> None:
+        """Save the resume point (weights, optimizer, loop state and metrics rows in one atomic
+        file) first, then last (+ best) weights, metrics.csv and curves.png for people."""
+        self.rows = [r for r in self.rows if r["epoch"] != row["epoch"]] + [row]
+        save_resume_point(self.optimizer, model, optimizer,
+                          {"state": state, "config": meta["config"], "rows": self.rows})
         save_checkpoint(self.last, model, {**meta, "state": state})
         if best:
             save_checkpoint(self.best, model, {**meta, "state": state})
-        save_optimizer(self.optimizer, optimizer, state)
+        self.write_metrics()
 
     def resume(self, model: nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig) -> dict[str, Any]:
-        """Load the last weights and optimizer state; refuse an incompatible config."""
-        if not self.last.is_file() or not self.optimizer.is_file():
-            raise BadInputError(f"--resume: {self.path} holds no last.safetensors and optimizer.safetensors to resume from")
-        tensors, meta = read_checkpoint(self.last)
-        saved = from_dict(TrainConfig, meta["config"])
+        """Restore weights, optimizer and loop state from the resume point; refuse an
+        incompatible config."""
+        if not self.optimizer.is_file():
+            raise BadInputError(f"--resume: {self.path} holds no optimizer.safetensors to resume from")
+        tensors, extra = load_resume_point(self.optimizer, optimizer)
+        saved = from_dict(TrainConfig, extra["config"])
         if saved.model != config.model or saved.val_slices != config.val_slices:
             raise BadInputError(
                 f"--resume: {self.path} was trained with model {saved.model} and validation slices "
                 f"{saved.val_slices}; the options given differ (model {config.model}, {config.val_slices})"
             )
-        target = getattr(model, "module", model)
-        target.load_state_dict(tensors)
-        state = load_optimizer(self.optimizer, optimizer)
-        self.rows = self.read_metrics()
-        return state
+        getattr(model, "module", model).load_state_dict(tensors)
+        self.rows = list(extra.get("rows", []))
+        return extra["state"]
 
-    def read_metrics(self) -> list[dict[str, Any]]:
-        path = self.path / "metrics.csv"
-        if not path.is_file():
-            return []
-        with open(path, newline="") as fh:
-            return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(fh)]
-
-    def log(self, row: dict[str, Any]) -> None:
-        self.rows = [r for r in self.rows if r["epoch"] != row["epoch"]] + [row]
+    def write_metrics(self) -> None:
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
@@ -125,16 +120,6 @@ class RunDir:
         fig.savefig(buf, format="png", dpi=90)
         plt.close(fig)
         write_bytes_atomic(self.path / "curves.png", buf.getvalue())
-
-
-def _number(text: str) -> Any:
-    if text == "":
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        return text
-    return int(value) if value.is_integer() and "." not in text and "e" not in text else value
 
 
 def checkpoint_summary(path: str | Path) -> dict[str, Any]:
