@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -35,69 +34,15 @@ def make_store(data: Path | None, work: Path) -> Path:
 
 
 def speed(args: argparse.Namespace, store: Path) -> dict:
-    from emseg.config import ModelConfig, TrainConfig
-    from emseg.device import autocast_dtype, device_name, resolve_device, synchronize
-    from emseg.models.build import build_model
-    from emseg.training.augment import augment_batch, context_size
-    from emseg.training.data import CropSampler, load_slices, normalization, open_training_store
-    from emseg.training.losses import weighted_bce
-    from emseg.training.loop import generators
+    from emseg.benchmark import train_bench
+    from emseg.config import ModelConfig
+    from emseg.device import device_name, resolve_device
 
     device = resolve_device(args.device)
-    image = open_training_store(str(store))
-    data = load_slices(image, list(range(27 if image.shape[0] >= 30 else image.shape[0] - 1)), 10.0, 5.0)
-    mean, std = normalization(data.raw)
-    sampler = CropSampler(data, mean, std, device)
-    model = build_model(ModelConfig(depth=args.depth, base_channels=args.base_channels)).to(device)
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        model = model.to(memory_format=torch.channels_last)
-    net = torch.compile(model) if args.compile else model
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    config = TrainConfig(crop=args.crop, batch_size=args.batch_size)
-    ctx = context_size(args.crop, config.augment)
-    amp = autocast_dtype(device)
-
-    def data_step(step: int):
-        host, dev = generators(0, 0, step, 0, device)
-        x, y, w = sampler.sample(args.batch_size, ctx, args.crop, host)
-        return augment_batch(x, y, w, args.crop, config.augment, dev)
-
-    def train_step(step: int) -> None:
-        x, y, w = data_step(step)
-        if cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            logits = net(x)
-        loss = weighted_bce(logits, y, w)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    def timed(fn, n: int) -> float:
-        for i in range(args.warmup):
-            fn(i)
-        synchronize(device)
-        times = []
-        for rep in range(args.repeats):
-            t = time.perf_counter()
-            for i in range(n):
-                fn(1000 + rep * n + i)
-            synchronize(device)
-            times.append((time.perf_counter() - t) / n)
-        return statistics.median(times)
-
-    step_s = timed(train_step, args.steps)
-    aug_s = timed(data_step, args.steps)
-    return {
-        "device": device_name(device), "depth": args.depth, "base_channels": args.base_channels,
-        "batch_size": args.batch_size, "crop": args.crop, "amp": str(amp), "compile": args.compile,
-        "steps_per_s": 1 / step_s, "crops_per_s": args.batch_size / step_s,
-        "mpix_per_s": args.batch_size * args.crop**2 / step_s / 1e6,
-        "augmentation_share": aug_s / step_s, "augmentation_ms": aug_s * 1e3, "step_ms": step_s * 1e3,
-    }
+    result = train_bench(store, device, ModelConfig(depth=args.depth, base_channels=args.base_channels),
+                         args.batch_size, args.crop, steps=args.steps, warmup=args.warmup, repeats=args.repeats,
+                         compile=args.compile)
+    return {"device": device_name(device), "compile": args.compile, **result}
 
 
 def quality(args: argparse.Namespace, store: Path, work: Path) -> dict:

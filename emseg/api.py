@@ -24,6 +24,19 @@ from emseg.progress import Reporter
 log = logging.getLogger(__name__)
 
 
+def _slice_range(slices: Sequence[int] | str | None) -> tuple[int, int] | None:
+    """``"A:B"`` or ``(A, B)`` -> (A, B); None stays None."""
+    if slices is None:
+        return None
+    if isinstance(slices, str):
+        try:
+            a, b = slices.split(":", 1)
+            return int(a), int(b)
+        except ValueError:
+            raise BadInputError(f"--slices {slices!r}: expected A:B") from None
+    return int(slices[0]), int(slices[1])
+
+
 def ingest(
     source: str | Path,
     output: str | Path,
@@ -283,16 +296,10 @@ def predict(
     from emseg.config import PredictConfig
     from emseg.inference.graph import predict_store
 
-    if isinstance(slices, str):
-        try:
-            a, b = slices.split(":", 1)
-            slices = (int(a), int(b))
-        except ValueError:
-            raise BadInputError(f"--slices {slices!r}: expected A:B") from None
     base = config if config is not None else PredictConfig()
     cfg = dataclasses.replace(
         base, tile=tile, overlap=overlap, batch_size=batch_size, blend=blend, tta=tta, threshold=threshold,
-        dtype=dtype, slices=None if slices is None else (int(slices[0]), int(slices[1])), device=device,
+        dtype=dtype, slices=_slice_range(slices), device=device,
         workers=workers, scheduler=scheduler, compile=compile, overwrite=overwrite, resume=resume,
     )
     return predict_store(model, data, output, cfg, progress=progress)
@@ -331,13 +338,7 @@ def evaluate(
     from emseg.scoring import evaluate_prediction
     from emseg.io.atomic import write_json_atomic
 
-    if isinstance(slices, str):
-        try:
-            a, b = slices.split(":", 1)
-            slices = (int(a), int(b))
-        except ValueError:
-            raise BadInputError(f"--slices {slices!r}: expected A:B") from None
-    scores = evaluate_prediction(pred, data, None if slices is None else (int(slices[0]), int(slices[1])))
+    scores = evaluate_prediction(pred, data, _slice_range(slices))
     result = scores.to_dict()
     if json is not None:
         write_json_atomic(Path(json), _json.loads(_json.dumps(result)))

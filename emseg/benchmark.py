@@ -234,7 +234,7 @@ def train_bench(store: Path, device: torch.device, model_config: ModelConfig, ba
     from emseg.models.build import build_model
     from emseg.training.augment import augment_batch, context_size
     from emseg.training.data import CropSampler, load_slices, normalization, open_training_store
-    from emseg.training.loop import generators
+    from emseg.training.loop import generators, optimizer_step
     from emseg.training.losses import weighted_bce
 
     image = open_training_store(str(store))
@@ -260,13 +260,7 @@ def train_bench(store: Path, device: torch.device, model_config: ModelConfig, ba
 
     def train_step() -> None:
         x, y, w = data_step()
-        x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            logits = net(x)
-        loss = weighted_bce(logits, y, w)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        optimizer_step(net, opt, weighted_bce, (x.contiguous(memory_format=torch.channels_last), y, w), amp)
 
     step_s = timed(train_step, device, warmup, repeats, steps)
     aug_s = timed(data_step, device, 1, repeats, steps)

@@ -23,7 +23,7 @@ from emseg.progress import Reporter, reporter_or_null
 from emseg.training import distributed as D
 from emseg.training.augment import augment_batch, context_size
 from emseg.training.data import CropSampler, load_slices, normalization, open_training_store, split_slices
-from emseg.training.losses import make_loss
+from emseg.training.losses import Loss, make_loss
 from emseg.training.run import RunDir
 from emseg.training.validate import validate
 
@@ -47,6 +47,19 @@ def generators(seed: int, epoch: int, step: int, rank: int, device: torch.device
     host = torch.Generator().manual_seed(key % 2**63)
     dev = torch.Generator(device=device).manual_seed((key * 31 + 7) % 2**63) if is_cuda(device) else host
     return host, dev
+
+
+def optimizer_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Loss,
+                   batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], amp: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step on an augmented (image, label, weight) batch under autocast; (loss, logits)."""
+    image, label, weight = batch
+    with torch.autocast(image.device.type, dtype=amp, enabled=amp is not None):
+        logits = net(image)
+    loss = loss_fn(logits, label, weight)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss, logits
 
 
 def prepare_run_dir(path: Path, resume: bool, overwrite: bool) -> None:
@@ -125,12 +138,7 @@ def fit(data: str | Path, run_dir: str | Path, config: TrainConfig, *, resume: b
             if config.channels_last:
                 image_b = image_b.contiguous(memory_format=torch.channels_last)
             try:
-                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                    logits = step_fn(image_b)
-                loss = loss_fn(logits, label_b, weight_b)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                loss, logits = optimizer_step(step_fn, optimizer, loss_fn, (image_b, label_b, weight_b), amp)
             except torch.cuda.OutOfMemoryError:
                 raise EmsegRuntimeError(
                     f"out of GPU memory with --batch-size {config.batch_size} and --crop {config.crop}; "
