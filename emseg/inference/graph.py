@@ -22,7 +22,6 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -312,7 +311,7 @@ def predict_store(model: str | Path, data: str | Path, output: str | Path, confi
         progress.advance(len(jobs) - len(todo))
         _execute(todo, config, progress)
         progress.finish()
-        _pyramid(store, image.version)
+        _pyramid(store)
         root = zarr.open_group(str(store), mode="r+")
         root.attrs["emseg"] = {**prov, "complete": True}
         if final.exists():
@@ -338,7 +337,7 @@ def _pyramid_min(image: Any) -> int:
     return max(levels[-1].shape[1:])
 
 
-def _pyramid(path: Path, version: str) -> None:
+def _pyramid(path: Path) -> None:
     """Levels 1.. of the probabilities (block mean) and membranes (block majority) from level 0."""
     for sub, kind in (("", "mean"), ("labels/membranes", "majority")):
         group = zarr.open_group(str(path / sub) if sub else str(path), mode="r+")
@@ -405,10 +404,4 @@ def _execute(jobs: list[Job], config: PredictConfig, progress: Reporter) -> None
             cluster.close()
 
 
-def iter_done(final: Path) -> Iterator[str]:
-    """Names of the blocks an interrupted run of ``final`` finished (for tests and diagnostics)."""
-    folder = final.parent / f".{final.name}.partial" / PROGRESS_DIR
-    return iter(sorted(p.name for p in folder.iterdir())) if folder.is_dir() else iter(())
-
-
-__all__ = ["predict_store", "run_block", "plan_jobs", "axis_blocks", "Job", "OutputLock", "drop_caches", "iter_done"]
+__all__ = ["predict_store", "run_block", "plan_jobs", "axis_blocks", "Job", "OutputLock", "drop_caches"]

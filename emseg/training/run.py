@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ from emseg import __version__
 from emseg.config import TrainConfig, from_dict, to_dict
 from emseg.errors import BadInputError
 from emseg.io.atomic import write_bytes_atomic, write_json_atomic
-from emseg.models.checkpoint import load_resume_point, read_checkpoint, save_checkpoint, save_resume_point
+from emseg.models.checkpoint import load_resume_point, save_checkpoint, save_resume_point
 
 COLUMNS = (
     "epoch", "step", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_iou",
@@ -122,9 +121,4 @@ class RunDir:
         write_bytes_atomic(self.path / "curves.png", buf.getvalue())
 
 
-def checkpoint_summary(path: str | Path) -> dict[str, Any]:
-    """The JSON meta of a checkpoint (config, normalisation, halo, ...) without its tensors."""
-    return read_checkpoint(path)[1]
-
-
-__all__ = ["RunDir", "COLUMNS", "checkpoint_summary", "json"]
+__all__ = ["RunDir", "COLUMNS", "FORMAT"]
