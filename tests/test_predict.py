@@ -22,7 +22,6 @@ from emseg.config import PredictConfig
 from emseg.errors import BadInputError
 from emseg.inference.engine import Engine, EngineSettings, dihedral, dihedral_inverse
 from emseg.inference.tiling import (
-    Blender,
     axis_origins,
     check_tiling,
     plan_block,
@@ -58,15 +57,21 @@ def test_tiles_cover_every_pixel_and_weights_sum_to_one(length, chunk, tile_unit
     assert ys[0] <= max(0, b0 - overlap // 2) and ys[-1] + tile >= b1 + overlap // 2
     if len(ys) > 1:
         assert (np.diff(ys) <= tile - overlap).all() and (np.diff(ys) > 0).all()
-    blender = Blender(plan)
-    for iy, ix, y, x in plan.tiles():
-        blender.add(iy, ix, y, x, np.full((tile, tile), 0.25, np.float32))
-    out = blender.result()
-    assert out.shape == (1, b1 - b0, width)
-    np.testing.assert_allclose(out, 0.25, rtol=1e-6)  # normalised weights sum to 1 everywhere
     y0, y1, x0, x1 = plan.block
-    raw = blender.weight[y0 - plan.domain[0] : y1 - plan.domain[0], x0 - plan.domain[2] : x1 - plan.domain[2]]
-    assert (raw > 0).all()
+    dy0, dy1, dx0, dx1 = plan.domain
+    weight = np.zeros((dy1 - dy0, dx1 - dx0))  # every tile's 2D window, summed one by one
+    acc = np.zeros_like(weight)
+    for iy, ix, y, x in plan.tiles():
+        w = np.outer(plan.y_windows[iy], plan.x_windows[ix])
+        weight[y - dy0 : y - dy0 + tile, x - dx0 : x - dx0 + tile] += w
+        acc[y - dy0 : y - dy0 + tile, x - dx0 : x - dx0 + tile] += 0.25 * w
+    raw = weight[y0 - dy0 : y1 - dy0, x0 - dx0 : x1 - dx0]
+    sy, sx = plan.weight_sums()
+    assert sy.shape == (b1 - b0,) and sx.shape == (width,)
+    np.testing.assert_allclose(np.outer(sy, sx), raw, rtol=1e-9)  # what the engine divides by
+    assert (raw > 0).all()  # every pixel covered
+    out = acc[y0 - dy0 : y1 - dy0, x0 - dx0 : x1 - dx0] / np.outer(sy, sx)
+    np.testing.assert_allclose(out, 0.25, rtol=1e-6)  # normalised weights sum to 1 everywhere
     if blend == "crop":
         assert np.array_equal(raw, np.ones_like(raw))  # each pixel owned by exactly one tile
 

@@ -65,6 +65,8 @@ class _Block:
     region: torch.Tensor  # (Hd, Wd) raw, pinned on the host, then on the device
     wy: torch.Tensor  # (n_y, tile) float32 weights
     wx: torch.Tensor  # (n_x, tile)
+    sy: torch.Tensor  # (block_h,) float32 sums of the y windows (TilePlan.weight_sums)
+    sx: torch.Tensor  # (block_w,)
     future: Future
     acc: torch.Tensor | None = None  # allocated when the block's first tile is run
     pending: deque = field(default_factory=deque)  # tiles not yet batched
@@ -105,14 +107,15 @@ class Engine:
         if self._error is not None:
             raise EmsegRuntimeError(f"inference failed: {self._error}")
         future: Future = Future()
+        sy, sx = plan.weight_sums()
         tensors = [
             torch.from_numpy(np.ascontiguousarray(a))
-            for a in (region, plan.y_windows.astype(np.float32), plan.x_windows.astype(np.float32))
+            for a in (region, *(w.astype(np.float32) for w in (plan.y_windows, plan.x_windows, sy, sx)))
         ]
         if is_cuda(self.device):  # pinned host memory: the upload overlaps the device's work
             tensors = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t) for t in tensors]
-        region_t, wy, wx = tensors
-        self._inbox.put(_Block(plan=plan, region=region_t, wy=wy, wx=wx, future=future))
+        region_t, wy, wx, sy_t, sx_t = tensors
+        self._inbox.put(_Block(plan=plan, region=region_t, wy=wy, wx=wx, sy=sy_t, sx=sx_t, future=future))
         return future
 
     def run_block(self, region: np.ndarray, plan: TilePlan) -> tuple[np.ndarray, np.ndarray]:
@@ -233,6 +236,8 @@ class Engine:
         block.region = block.region.to(self.device, non_blocking=True)
         block.wy = block.wy.to(self.device, non_blocking=True)
         block.wx = block.wx.to(self.device, non_blocking=True)
+        block.sy = block.sy.to(self.device, non_blocking=True)
+        block.sx = block.sx.to(self.device, non_blocking=True)
         block.pending = deque(block.plan.tiles())
         block.remaining = len(block.pending)
         active.append(block)
@@ -259,24 +264,13 @@ class Engine:
             if block.remaining == 0:
                 self._complete(block)
 
-    @staticmethod
-    def _weight_1d(windows: torch.Tensor, origins: Sequence[int], start: int, length: int, tile: int) -> torch.Tensor:
-        """Sum of the tiles' 1D windows along one axis: the tile grid is a Cartesian product of
-        the axes' origins, so the 2D weight sum is the outer product of the two 1D sums."""
-        total = torch.zeros(length, dtype=torch.float32, device=windows.device)
-        for window, origin in zip(windows, origins):
-            total[int(origin) - start : int(origin) - start + tile] += window
-        return total
-
     def _complete(self, block: _Block) -> None:
         plan = block.plan
         y0, y1, x0, x1 = plan.block
         dy0, dy1, dx0, dx1 = plan.domain
         oy, ox = y0 - dy0, x0 - dx0
         assert block.acc is not None
-        wy = self._weight_1d(block.wy, plan.y_origins, dy0, dy1 - dy0, plan.tile)[oy : oy + y1 - y0]
-        wx = self._weight_1d(block.wx, plan.x_origins, dx0, dx1 - dx0, plan.tile)[ox : ox + x1 - x0]
-        prob = block.acc[oy : oy + y1 - y0, ox : ox + x1 - x0] / (wy[:, None] * wx[None, :])
+        prob = block.acc[oy : oy + y1 - y0, ox : ox + x1 - x0] / (block.sy[:, None] * block.sx[None, :])
         membranes = (prob < self.settings.threshold).to(torch.uint8)
         if self.settings.output_dtype == "uint8":
             out = torch.round(prob.clamp(0, 1) * 255).to(torch.uint8)

@@ -147,6 +147,23 @@ class TilePlan:
         t = self.tile
         return (int(self.y_origins[0]), int(self.y_origins[-1]) + t, int(self.x_origins[0]), int(self.x_origins[-1]) + t)
 
+    def weight_sums(self) -> tuple[np.ndarray, np.ndarray]:
+        """(block_h,) and (block_w,) float64 sums of the tiles' 1D windows over the block.
+
+        The tiles form a Cartesian product of the two axes' origins, so the sum of all tiles'
+        2D weights at (y, x) is ``sy[y] * sx[x]``: the blend divides by that outer product.
+        """
+        t = self.tile
+        out = []
+        for origins, windows, (b0, b1) in ((self.y_origins, self.y_windows, self.block[:2]),
+                                           (self.x_origins, self.x_windows, self.block[2:])):
+            d0 = int(origins[0])
+            total = np.zeros(int(origins[-1]) + t - d0)
+            for origin, window in zip(origins, windows):
+                total[int(origin) - d0 : int(origin) - d0 + t] += window
+            out.append(total[b0 - d0 : b1 - d0])
+        return out[0], out[1]
+
     def tiles(self) -> list[tuple[int, int, int, int]]:
         """(iy, ix, y, x): index along each axis and global origin of every tile, row by row."""
         return [(iy, ix, int(y), int(x)) for iy, y in enumerate(self.y_origins) for ix, x in enumerate(self.x_origins)]
@@ -168,33 +185,3 @@ def plan_block(
         w = window_1d(blend, tile, overlap)
         wy, wx = np.broadcast_to(w, (len(ys), tile)), np.broadcast_to(w, (len(xs), tile))
     return TilePlan((y[0], y[1], x[0], x[1]), tile, ys, xs, np.asarray(wy), np.asarray(wx))
-
-
-class Blender:
-    """Accumulates weighted tile predictions of one block in float32 and normalises them."""
-
-    def __init__(self, plan: TilePlan, channels: int = 1) -> None:
-        self.plan = plan
-        dy0, dy1, dx0, dx1 = plan.domain
-        self._origin = (dy0, dx0)
-        self.acc = np.zeros((channels, dy1 - dy0, dx1 - dx0), np.float32)
-        self.weight = np.zeros((dy1 - dy0, dx1 - dx0), np.float32)
-
-    def add(self, iy: int, ix: int, y: int, x: int, prediction: np.ndarray) -> None:
-        """Add one tile's (C, tile, tile) or (tile, tile) prediction at global origin (y, x)."""
-        w = np.outer(self.plan.y_windows[iy], self.plan.x_windows[ix]).astype(np.float32)
-        t = self.plan.tile
-        oy, ox = y - self._origin[0], x - self._origin[1]
-        pred = prediction if prediction.ndim == 3 else prediction[None]
-        self.acc[:, oy : oy + t, ox : ox + t] += pred * w
-        self.weight[oy : oy + t, ox : ox + t] += w
-
-    def result(self) -> np.ndarray:
-        """(C, block_h, block_w) float32 weighted mean over the tiles, cropped to the block."""
-        y0, y1, x0, x1 = self.plan.block
-        oy, ox = y0 - self._origin[0], x0 - self._origin[1]
-        acc = self.acc[:, oy : oy + y1 - y0, ox : ox + x1 - x0]
-        weight = self.weight[oy : oy + y1 - y0, ox : ox + x1 - x0]
-        if not (weight > 0).all():  # a bug, not a user error
-            raise AssertionError("tiling left pixels uncovered")
-        return acc / weight
