@@ -23,14 +23,9 @@ HERE = Path(__file__).resolve().parent
 
 
 def make_store(data: Path | None, work: Path) -> Path:
-    from emseg import api
-    from emseg.quickstart import find_isbi, write_synthetic
+    from emseg.benchmark import train_store
 
-    folder = find_isbi(data) if data is not None and data.exists() else find_isbi(None)
-    if folder is None:
-        folder = write_synthetic(work / "synthetic")
-    return api.ingest(folder / "train-volume.tif", work / "train.zarr", labels=folder / "train-labels.tif",
-                      voxel_size=(50, 4, 4), overwrite=True)
+    return train_store(work, data if data is not None and data.exists() else None, shape=(30, 512, 512))
 
 
 def speed(args: argparse.Namespace, store: Path) -> dict:

@@ -116,7 +116,8 @@ def show(
 
     ``level`` picks a pyramid level; by default the finest whose largest side is at most 2048 px.
     """
-    from emseg.io.zarr import open_ome
+    from emseg.io.zarr import first_slice, open_ome
+    from emseg.scoring import as_probability
     from emseg.viz import overlay, panel_rows
 
     image = open_ome(data)
@@ -135,11 +136,10 @@ def show(
         prediction = open_ome(pred)
         if prediction.shape[1:] != image.shape[1:]:
             raise BadInputError(f"--pred {pred}: shape {prediction.shape} does not match {data} {image.shape}")
-        z = slice - int(prediction.attrs.get("emseg", {}).get("slices", [0, 0])[0] or 0)
+        z = slice - first_slice(prediction)
         if not 0 <= z < prediction.shape[0]:
             raise BadInputError(f"--pred {pred}: holds no prediction for slice {slice}")
-        prob = np.asarray(prediction.levels[min(level, len(prediction.levels) - 1)][z])
-        prob = prob.astype(np.float32) / (255.0 if prob.dtype == np.uint8 else 1.0)
+        prob = as_probability(np.asarray(prediction.levels[min(level, len(prediction.levels) - 1)][z]), pred)
         row["prob: P(cell)"] = prob
         row["overlay: predicted membranes"] = overlay(raw, prob < 0.5)
     return panel_rows([row], Path(output))

@@ -340,21 +340,23 @@ def run_bench(device: torch.device, model: str | Path | None = None, *, compile:
                 result["predict"]["ratio"] = result["predict"]["emseg"]["mpix_per_s"] / monai["mpix_per_s"]
             except ImportError:
                 result["predict"]["monai_in_memory"] = "not installed (pip install monai)"
-        train_store = _train_store(work)
+        train_store_path = train_store(work)
         train_model = ModelConfig() if model is None and device.type == "cuda" and not quick else (
             sizes.small_model if model is None else load_trained(model, "cpu")[1]["config"]["model"])
         if isinstance(train_model, dict):
             train_model = ModelConfig(**train_model)
-        result["train"] = train_bench(train_store, device, train_model, sizes.train_batch, sizes.train_crop,
+        result["train"] = train_bench(train_store_path, device, train_model, sizes.train_batch, sizes.train_crop,
                                       steps=10 if device.type == "cuda" else 2, compile=compile,
                                       repeats=2 if quick else 3, warmup=1 if quick else 3)
     return result
 
 
-def _train_store(work: Path) -> Path:
+def train_store(work: Path, data: Path | None = None, shape: tuple[int, int, int] = (8, 512, 512)) -> Path:
+    """An annotated store to train on: the ISBI stacks (``data`` or found nearby), else a
+    synthetic EM-like stack of ``shape``."""
     from emseg import api
     from emseg.quickstart import find_isbi, write_synthetic
 
-    folder = find_isbi(None) or write_synthetic(work / "synthetic", shape=(8, 512, 512))
+    folder = find_isbi(data) or write_synthetic(work / "synthetic", shape=shape)
     return api.ingest(folder / "train-volume.tif", work / "train.zarr", labels=folder / "train-labels.tif",
                       voxel_size=(50, 4, 4), overwrite=True)

@@ -148,17 +148,18 @@ def run_demo(
 
 def _pictures(data: Path, pred: Path, slices: tuple[int, ...], output: Path, with_truth: bool) -> Path:
     """Rows of image | truth | prediction | overlay (truth only for annotated slices)."""
-    from emseg.io.zarr import open_ome
+    from emseg.io.zarr import first_slice, open_ome
+    from emseg.scoring import as_probability
     from emseg.viz import overlay, panel_rows
 
     image, prediction = open_ome(data), open_ome(pred)
-    offset = int(prediction.attrs.get("emseg", {}).get("slices", [0])[0])
+    offset = first_slice(prediction)
     rows = []
     for z in slices:
         if not offset <= z < offset + prediction.shape[0] or z >= image.shape[0]:
             continue
         raw = np.asarray(image.array[z])
-        prob = np.asarray(prediction.array[z - offset]).astype(np.float32) / 255.0
+        prob = as_probability(np.asarray(prediction.array[z - offset]), pred)
         row = {f"image (slice {z})": raw}
         if with_truth and "cells" in image.labels:
             row["truth: cells"] = np.asarray(image.labels["cells"].array[z]).astype(bool)

@@ -9,7 +9,7 @@ import numpy as np
 
 from emseg.errors import BadInputError
 from emseg.io.tiff import TIFF_SUFFIXES, open_stack
-from emseg.io.zarr import open_ome
+from emseg.io.zarr import first_slice, open_ome
 from emseg.metrics import Scores, evaluate_arrays
 
 
@@ -26,21 +26,22 @@ def load_probabilities(pred: str | Path, n_slices: int, shape_yx: tuple[int, int
             raise BadInputError(f"{path}: shape {stack.shape} differs from the data's {(n_slices, *shape_yx)}")
 
         def read_tiff(z: int) -> np.ndarray:
-            return _as_prob(stack.read(z, z + 1)[0], path)
+            return as_probability(stack.read(z, z + 1)[0], path)
 
         return read_tiff, 0
     image = open_ome(path)
     if image.shape[1:] != shape_yx:
         raise BadInputError(f"{path}: slices are {image.shape[1:]}, the data's are {shape_yx}")
-    offset = int((image.attrs.get("emseg", {}).get("slices") or [0, 0])[0])
+    offset = first_slice(image)
 
     def read_store(z: int) -> np.ndarray:
-        return _as_prob(np.asarray(image.array[z]), path)
+        return as_probability(np.asarray(image.array[z]), path)
 
     return read_store, offset
 
 
-def _as_prob(plane: np.ndarray, path: Path) -> np.ndarray:
+def as_probability(plane: np.ndarray, path: str | Path) -> np.ndarray:
+    """P(cell) as float32 in [0, 1] from uint8 (0-255) or float (0-1) values."""
     if plane.dtype == np.uint8:
         return plane.astype(np.float32) / 255.0
     if np.issubdtype(plane.dtype, np.floating):

@@ -279,3 +279,8 @@ def emseg_attrs(image: OmeImage) -> dict[str, Any]:
     """emseg's provenance block of a store ({} for stores emseg did not write)."""
     value = image.attrs.get("emseg", {})
     return value if isinstance(value, dict) else {}
+
+
+def first_slice(prediction: OmeImage) -> int:
+    """The input slice a prediction store's slice 0 corresponds to (``predict --slices A:B``)."""
+    return int((emseg_attrs(prediction).get("slices") or [0])[0])
