@@ -369,3 +369,29 @@ def test_export_to_bigtiff_and_png(model_run, isbi_arrays, tmp_path, cli):
     np.testing.assert_array_equal(mask, open_ome(pred).labels["membranes"].array[1] * 255)
     again = cli("export", pred, "-o", tmp_path / "p.tif", "-q")
     assert again.exit_code == 2 and "already exists" in again.stderr
+
+
+def test_a_failing_model_fails_every_waiting_block_instead_of_hanging():
+    from concurrent.futures import TimeoutError as FutureTimeout
+
+    class Broken(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            raise RuntimeError("device fell over")
+
+    plan = plan_block((0, 64), (0, 64), 32, 0, 4, shape=(64, 64))  # 4 tiles, all in one batch
+    region = np.zeros((64, 64), np.uint8)
+    with Engine(Broken(), torch.device("cpu"), 0.0, 1.0, EngineSettings(batch_size=8)) as engine:
+        futures = [engine.submit(region, plan) for _ in range(3)]
+        for future in futures:
+            try:
+                future.result(timeout=30)
+            except FutureTimeout:
+                pytest.fail("a block waited forever after the model failed")
+            except RuntimeError as exc:
+                assert "device fell over" in str(exc)
+            else:
+                pytest.fail("a failed block returned a result")

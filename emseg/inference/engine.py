@@ -17,7 +17,7 @@ import queue
 import threading
 from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -59,7 +59,7 @@ def dihedral_inverse(x: torch.Tensor, k: int) -> torch.Tensor:
     return x.flip(-1) if k >= 4 else x
 
 
-@dataclass
+@dataclass(eq=False)  # blocks are tracked by identity
 class _Block:
     plan: TilePlan
     region: torch.Tensor  # (Hd, Wd) raw, pinned on the host, then on the device
@@ -93,6 +93,8 @@ class Engine:
         self._inbox: queue.Queue[_Block | None] = queue.Queue()
         self._done: queue.Queue[tuple | None] = queue.Queue(maxsize=4)
         self._error: BaseException | None = None
+        self._closing = False
+        self._unfinished: set[_Block] = set()  # started, result not yet handed over
         self._server = threading.Thread(target=self._serve, name="emseg-engine", daemon=True)
         self._finisher = threading.Thread(target=self._finish_loop, name="emseg-engine-out", daemon=True)
         self._server.start()
@@ -204,20 +206,21 @@ class Engine:
                         break
         except BaseException as exc:  # hand the failure to every waiting task
             self._error = exc
-            for block in active:
-                if not block.future.done():
-                    block.future.set_exception(exc)
+            waiting = list(self._unfinished)
             while True:
                 try:
                     item = self._inbox.get_nowait()
                 except queue.Empty:
                     break
                 if item is not None:
-                    item.future.set_exception(exc)
+                    waiting.append(item)
+            for block in waiting:  # started ones too, even if all their tiles left `active`
+                try:
+                    block.future.set_exception(exc)
+                except InvalidStateError:  # its result was just handed over
+                    pass
         finally:
             self._done.put(None)
-
-    _closing = False
 
     def _drain_inbox(self, active: deque, wait: bool) -> None:
         timeout = self.settings.max_wait if wait else 0
@@ -241,6 +244,7 @@ class Engine:
         block.pending = deque(block.plan.tiles())
         block.remaining = len(block.pending)
         active.append(block)
+        self._unfinished.add(block)
 
     def _run_batch(self, batch: Sequence[tuple[_Block, tuple[int, int, int, int]]]) -> None:
         t = batch[0][0].plan.tile
@@ -265,6 +269,7 @@ class Engine:
                 self._complete(block)
 
     def _complete(self, block: _Block) -> None:
+        self._unfinished.discard(block)
         plan = block.plan
         y0, y1, x0, x1 = plan.block
         dy0, dy1, dx0, dx1 = plan.domain
