@@ -23,26 +23,47 @@ def main() -> None:
         for r in bench["forward"]["rows"]:
             if "error" not in r:
                 peak = "" if r["fraction_of_peak"] is None else f", {r['fraction_of_peak']:.0%} of peak"
-                rows.append((f"forward {r['variant']}", f"{r['mpix_per_s']:.0f} MPix/s, {r['tflop_per_s']:.0f} TFLOP/s{peak}"))
+                rows.append(
+                    (f"forward {r['variant']}", f"{r['mpix_per_s']:.0f} MPix/s, {r['tflop_per_s']:.0f} TFLOP/s{peak}")
+                )
     pred = load(folder, "predict.json")
     if pred:
         e2e = pred["emseg_end_to_end"]
-        rows.append(("predict end to end (zarr to zarr)", f"{e2e['mpix_per_s']:.0f} MPix/s, peak RSS {e2e['peak_rss_mib']:.0f} MiB"))
+        rows.append(
+            (
+                "predict end to end (zarr to zarr)",
+                f"{e2e['mpix_per_s']:.0f} MPix/s, peak RSS {e2e['peak_rss_mib']:.0f} MiB",
+            )
+        )
         if isinstance(pred.get("monai_in_memory"), dict):
-            rows.append(("MONAI sliding window (in memory)", f"{pred['monai_in_memory']['mpix_per_s']:.0f} MPix/s, "
-                         f"emseg/MONAI {pred['ratio_emseg_over_monai']:.2f}"))
+            rows.append(
+                (
+                    "MONAI sliding window (in memory)",
+                    f"{pred['monai_in_memory']['mpix_per_s']:.0f} MPix/s, "
+                    f"emseg/MONAI {pred['ratio_emseg_over_monai']:.2f}",
+                )
+            )
         mem = pred.get("memory", {})
         if mem:
             rows.append(("predict peak RSS 1x / 4x", " / ".join(f"{v['peak_rss_mib']:.0f} MiB" for v in mem.values())))
     speed = load(folder, "train_speed.json")
     if speed:
-        rows.append(("train 16 x 384^2 bf16", f"{speed['steps_per_s']:.1f} steps/s, {speed['mpix_per_s']:.0f} MPix/s, "
-                     f"augmentation {speed['augmentation_share']:.0%} of a step"))
+        rows.append(
+            (
+                "train 16 x 384^2 bf16",
+                f"{speed['steps_per_s']:.1f} steps/s, {speed['mpix_per_s']:.0f} MPix/s, "
+                f"augmentation {speed['augmentation_share']:.0%} of a step",
+            )
+        )
     quality = load(folder, "quality.json")
     if quality:
         last, best = quality["last"], quality["best"]
-        rows.append((f"quality after {quality['minutes']:.1f} min", f"V_rand {last['v_rand']:.4f} (best {best['v_rand']:.4f}), "
-                     f"pixel accuracy {last['val_accuracy']:.4f}"))
+        rows.append(
+            (
+                f"quality after {quality['minutes']:.1f} min",
+                f"V_rand {last['v_rand']:.4f} (best {best['v_rand']:.4f}), pixel accuracy {last['val_accuracy']:.4f}",
+            )
+        )
     status = (folder / "status").read_text() if (folder / "status").exists() else ""
     width = max((len(a) for a, _ in rows), default=10)
     print(status.strip())

@@ -46,7 +46,7 @@ print(time.perf_counter() - t0, hwm)
 
 def make_stack(work: Path, n: int, size: int, name: str) -> Path:
     """An (n, size, size) uint8 OME-Zarr of mirrored EM-like slices."""
-    from emseg.benchmark import synthetic_store
+    from emseg.recipes.bench import synthetic_store
 
     return synthetic_store(work / f"{name}.zarr", n, size)
 
@@ -54,20 +54,43 @@ def make_stack(work: Path, n: int, size: int, name: str) -> Path:
 def make_model(work: Path, args: argparse.Namespace) -> Path:
     """A checkpoint of the benchmarked architecture (trained for one step: speed needs no quality)."""
     import emseg
-    from emseg.quickstart import write_synthetic
+    from emseg.recipes.demo import write_synthetic
 
     folder = write_synthetic(work / "synthetic", shape=(2, 256, 256))
     store = emseg.ingest(folder / "train-volume.tif", work / "train.zarr", labels=folder / "train-labels.tif")
     run = work / "model"
-    emseg.train(store, run, depth=args.depth, base_channels=args.base_channels, crop=128, batch_size=2, epochs=1,
-                steps_per_epoch=1, device="cpu", val_slices="1")
+    emseg.train(
+        store,
+        run,
+        depth=args.depth,
+        base_channels=args.base_channels,
+        crop=128,
+        batch_size=2,
+        epochs=1,
+        steps_per_epoch=1,
+        device="cpu",
+        val_slices="1",
+    )
     return run
 
 
 def emseg_run(run: Path, data: Path, out: Path, args: argparse.Namespace) -> dict:
     """emseg predict as its users run it (the CLI, in a fresh process): seconds and VmHWM."""
-    cmd = [str(run), str(data), "-o", str(out), "--device", args.device, "--tile", str(args.tile),
-           "--overlap", str(args.overlap), "--batch-size", str(args.batch_size), "-q"]
+    cmd = [
+        str(run),
+        str(data),
+        "-o",
+        str(out),
+        "--device",
+        args.device,
+        "--tile",
+        str(args.tile),
+        "--overlap",
+        str(args.overlap),
+        "--batch-size",
+        str(args.batch_size),
+        "-q",
+    ]
     if args.compile:
         cmd.append("--compile")
     proc = subprocess.run([sys.executable, "-c", RSS, *cmd], capture_output=True, text=True)
@@ -88,9 +111,15 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--size", type=int, default=8192)
     parser.add_argument("--slices", type=int, default=2, help="slices of the throughput stack")
-    parser.add_argument("--memory-slices", type=int, default=3, help="slices of the 1x memory stack (4x is 4 times); "
-                        "at least the 3 block threads so both keep them all busy")
-    parser.add_argument("--memory-size", type=int, default=None, help="slice side of the memory stacks (default --size)")
+    parser.add_argument(
+        "--memory-slices",
+        type=int,
+        default=3,
+        help="slices of the 1x memory stack (4x is 4 times); at least the 3 block threads so both keep them all busy",
+    )
+    parser.add_argument(
+        "--memory-size", type=int, default=None, help="slice side of the memory stacks (default --size)"
+    )
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--skip-monai", action="store_true")
     parser.add_argument("--workdir", type=Path, default=None)
@@ -105,33 +134,48 @@ def main() -> None:
         pixels = args.slices * args.size**2
         e2e = emseg_run(run, data, work / "pred.zarr", args)
         result = {
-            "benchmark": "predict", "date": time.strftime("%Y-%m-%d"), "machine": platform.node(),
-            "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU x{torch.get_num_threads()}",
-            "torch": torch.__version__, "model": {"depth": args.depth, "base_channels": args.base_channels},
-            "tile": args.tile, "overlap": args.overlap, "batch_size": args.batch_size, "compile": args.compile,
+            "benchmark": "predict",
+            "date": time.strftime("%Y-%m-%d"),
+            "machine": platform.node(),
+            "device": torch.cuda.get_device_name()
+            if args.device.startswith("cuda")
+            else f"CPU x{torch.get_num_threads()}",
+            "torch": torch.__version__,
+            "model": {"depth": args.depth, "base_channels": args.base_channels},
+            "tile": args.tile,
+            "overlap": args.overlap,
+            "batch_size": args.batch_size,
+            "compile": args.compile,
             "stack": [args.slices, args.size, args.size],
-            "emseg_end_to_end": {**e2e, "mpix_per_s": pixels / e2e["seconds"] / 1e6,
-                                 "note": "the whole CLI command in a process with torch imported: model load, reading, "
-                                         "inference, writing, pyramid"},
+            "emseg_end_to_end": {
+                **e2e,
+                "mpix_per_s": pixels / e2e["seconds"] / 1e6,
+                "note": "the whole CLI command in a process with torch imported: model load, reading, "
+                "inference, writing, pyramid",
+            },
         }
         if not args.skip_monai:
             try:
-                from emseg.benchmark import monai_bench
                 from emseg.device import resolve_device
+                from emseg.recipes.bench import monai_bench
 
-                result["monai_in_memory"] = monai_bench(run, data, resolve_device(args.device), args.tile, args.overlap,
-                                                        args.batch_size, args.compile)
+                result["monai_in_memory"] = monai_bench(
+                    run, data, resolve_device(args.device), args.tile, args.overlap, args.batch_size, args.compile
+                )
                 result["ratio_emseg_over_monai"] = (
-                    result["emseg_end_to_end"]["mpix_per_s"] / result["monai_in_memory"]["mpix_per_s"])
+                    result["emseg_end_to_end"]["mpix_per_s"] / result["monai_in_memory"]["mpix_per_s"]
+                )
             except ImportError:
                 result["monai_in_memory"] = "monai not installed (pip install -e '.[bench]')"
         shutil.rmtree(data)
         memory = {}
         for factor in (1, 4):
             stack = make_stack(work, args.memory_slices * factor, args.memory_size or args.size, f"mem{factor}")
-            memory[f"{factor}x"] = {"slices": args.memory_slices * factor,
-                                    "size": args.memory_size or args.size,
-                                    **emseg_run(run, stack, work / f"mem{factor}-pred.zarr", args)}
+            memory[f"{factor}x"] = {
+                "slices": args.memory_slices * factor,
+                "size": args.memory_size or args.size,
+                **emseg_run(run, stack, work / f"mem{factor}-pred.zarr", args),
+            }
             shutil.rmtree(stack)
         result["memory"] = memory
         print(json.dumps(result, indent=2))

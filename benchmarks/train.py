@@ -23,20 +23,28 @@ HERE = Path(__file__).resolve().parent
 
 
 def make_store(data: Path | None, work: Path) -> Path:
-    from emseg.benchmark import train_store
+    from emseg.recipes.bench import train_store
 
     return train_store(work, data if data is not None and data.exists() else None, shape=(30, 512, 512))
 
 
 def speed(args: argparse.Namespace, store: Path) -> dict:
-    from emseg.benchmark import train_bench
     from emseg.config import ModelConfig
     from emseg.device import device_name, resolve_device
+    from emseg.recipes.bench import train_bench
 
     device = resolve_device(args.device)
-    result = train_bench(store, device, ModelConfig(depth=args.depth, base_channels=args.base_channels),
-                         args.batch_size, args.crop, steps=args.steps, warmup=args.warmup, repeats=args.repeats,
-                         compile=args.compile)
+    result = train_bench(
+        store,
+        device,
+        ModelConfig(depth=args.depth, base_channels=args.base_channels),
+        args.batch_size,
+        args.crop,
+        steps=args.steps,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        torch_compile=args.compile,
+    )
     return {"device": device_name(device), "compile": args.compile, **result}
 
 
@@ -45,17 +53,32 @@ def quality(args: argparse.Namespace, store: Path, work: Path) -> dict:
     from emseg.device import device_name, resolve_device
 
     summary = emseg.train(
-        store, work / "run", depth=args.depth, base_channels=args.base_channels, batch_size=args.batch_size,
-        crop=args.crop, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, lr=args.lr,
-        time_limit=args.minutes * 60, device=args.device, compile=args.compile, seed=args.seed,
+        store,
+        work / "run",
+        depth=args.depth,
+        base_channels=args.base_channels,
+        batch_size=args.batch_size,
+        crop=args.crop,
+        epochs=args.epochs,
+        steps_per_epoch=args.steps_per_epoch,
+        lr=args.lr,
+        time_limit=args.minutes * 60,
+        device=args.device,
+        torch_compile=args.compile,
+        seed=args.seed,
     )
     rows = summary["rows"]
     best = max((r for r in rows if r.get("v_rand") is not None), key=lambda r: r["v_rand"])
     last = rows[-1]
     return {
-        "device": device_name(resolve_device(args.device)), "minutes": args.minutes, "depth": args.depth,
-        "base_channels": args.base_channels, "batch_size": args.batch_size, "crop": args.crop,
-        "steps": last["step"], "epochs": len(rows),
+        "device": device_name(resolve_device(args.device)),
+        "minutes": args.minutes,
+        "depth": args.depth,
+        "base_channels": args.base_channels,
+        "batch_size": args.batch_size,
+        "crop": args.crop,
+        "steps": last["step"],
+        "epochs": len(rows),
         "last": {k: last.get(k) for k in ("val_accuracy", "val_iou", "v_rand", "v_info", "val_loss", "seconds")},
         "best": {k: best.get(k) for k in ("epoch", "val_accuracy", "v_rand", "v_info")},
         "baseline_all_cell": "pixel accuracy 0.80, V_rand 0.09 (predicting cell everywhere, per the issue)",
@@ -86,8 +109,13 @@ def main() -> None:
         work = Path(tmp)
         store = make_store(args.data, work)
         result = speed(args, store) if args.mode == "speed" else quality(args, store, work)
-    result = {"benchmark": f"train-{args.mode}", "date": time.strftime("%Y-%m-%d"),
-              "machine": f"{platform.node()} {platform.machine()}", "torch": torch.__version__, **result}
+    result = {
+        "benchmark": f"train-{args.mode}",
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.node()} {platform.machine()}",
+        "torch": torch.__version__,
+        **result,
+    }
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

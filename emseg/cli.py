@@ -11,8 +11,9 @@ import json
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Optional, TypeVar
 
 import typer
 from rich.console import Console
@@ -27,7 +28,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from emseg import __version__
+from emseg._version import __version__
+from emseg.config import ExportConfig, IngestConfig, ModelConfig, PredictConfig, PreviewConfig, TrainConfig
 from emseg.errors import EmsegError
 
 app = typer.Typer(
@@ -86,7 +88,7 @@ class RichReporter:
             self._progress.stop()
             self._progress = None
 
-    def __enter__(self) -> "RichReporter":
+    def __enter__(self) -> RichReporter:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -164,8 +166,8 @@ def ingest_cmd(
     voxel_size: Optional[tuple[float, float, float]] = typer.Option(
         None, "--voxel-size", help="Voxel size Z Y X in nm (default: from the TIFF, else 1)."
     ),
-    chunks: tuple[int, int, int] = typer.Option((1, 1024, 1024), "--chunks", help="Chunk shape Z Y X."),
-    ngff: str = typer.Option("0.4", "--ngff", help="OME-Zarr version: 0.4 (zarr v2) or 0.5 (zarr v3)."),
+    chunks: tuple[int, int, int] = typer.Option(IngestConfig.chunks, "--chunks", help="Chunk shape Z Y X."),
+    ngff: str = typer.Option(IngestConfig.ngff, "--ngff", help="OME-Zarr version: 0.4 (zarr v2) or 0.5 (zarr v3)."),
     shards: Optional[tuple[int, int, int]] = typer.Option(None, "--shards", help="Shard shape Z Y X (--ngff 0.5)."),
     overwrite: bool = OVERWRITE,
     quiet: bool = QUIET,
@@ -175,8 +177,15 @@ def ingest_cmd(
 
     with RichReporter(not quiet) as progress:
         out = api.ingest(
-            source, output, labels=labels, voxel_size=voxel_size, chunks=chunks, ngff=ngff,
-            shards=shards, overwrite=overwrite, progress=progress,
+            source,
+            output,
+            labels=labels,
+            voxel_size=voxel_size,
+            chunks=chunks,
+            ngff=ngff,
+            shards=shards,
+            overwrite=overwrite,
+            progress=progress,
         )
     if not quiet:
         stderr.print(f"wrote {out}")
@@ -215,8 +224,11 @@ def info_cmd(
     if not result["labels"]:
         table.add_row("labels", "none")
     if result["emseg"]:
-        table.add_row("written by", f"emseg {result['emseg'].get('version')} {result['emseg'].get('command')} "
-                      f"on {result['emseg'].get('created')}")
+        table.add_row(
+            "written by",
+            f"emseg {result['emseg'].get('version')} {result['emseg'].get('command')} "
+            f"on {result['emseg'].get('created')}",
+        )
     stdout.print(table)
 
 
@@ -231,31 +243,43 @@ def show_cmd(
     """Save a PNG of a slice beside its mask (and prediction with an overlay)."""
     from emseg import api
 
-    out = api.show(data, output, slice=slice_, pred=pred, level=level)
+    out = api.show(data, output, z=slice_, pred=pred, level=level)
     stderr.print(f"wrote {out}")
 
 
-DEVICE = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
+DEVICE = typer.Option(PredictConfig.device, "--device", help="auto, cpu, cuda or cuda:N.")
 
 
 @command("train")
 def train_cmd(
     data: Path = typer.Argument(..., help="OME-Zarr store with labels/cells (from emseg ingest --labels)."),
     output: Path = typer.Option(..., "--output", "-o", help="Run directory for checkpoints, metrics and curves."),
-    epochs: int = typer.Option(50, "--epochs", help="Epochs."),
-    steps_per_epoch: int = typer.Option(100, "--steps-per-epoch", help="Optimizer steps per epoch."),
-    batch_size: int = typer.Option(16, "--batch-size", help="Crops per step (per process under torchrun)."),
-    crop: int = typer.Option(384, "--crop", help="Crop side in pixels (a multiple of 2**depth)."),
-    lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate (AdamW, warm-up then cosine decay)."),
-    arch: str = typer.Option("unet", "--arch", help="unet, or smp:ENCODER for a segmentation-models-pytorch U-Net."),
-    depth: int = typer.Option(4, "--depth", help="U-Net depth (levels of down-sampling)."),
-    base_channels: int = typer.Option(64, "--base-channels", help="U-Net channels at the first level."),
+    epochs: int = typer.Option(TrainConfig.epochs, "--epochs", help="Epochs."),
+    steps_per_epoch: int = typer.Option(
+        TrainConfig.steps_per_epoch, "--steps-per-epoch", help="Optimizer steps per epoch."
+    ),
+    batch_size: int = typer.Option(
+        TrainConfig.batch_size, "--batch-size", help="Crops per step (per process under torchrun)."
+    ),
+    crop: int = typer.Option(TrainConfig.crop, "--crop", help="Crop side in pixels (a multiple of 2**depth)."),
+    lr: float = typer.Option(TrainConfig.lr, "--lr", help="Peak learning rate (AdamW, warm-up then cosine decay)."),
+    arch: str = typer.Option(
+        ModelConfig.arch, "--arch", help="unet, or smp:ENCODER for a segmentation-models-pytorch U-Net."
+    ),
+    depth: int = typer.Option(ModelConfig.depth, "--depth", help="U-Net depth (levels of down-sampling)."),
+    base_channels: int = typer.Option(
+        ModelConfig.base_channels, "--base-channels", help="U-Net channels at the first level."
+    ),
     encoder_weights: Optional[str] = typer.Option(
         None, "--encoder-weights", help="smp encoder weights, e.g. imagenet (downloads; needs internet)."
     ),
-    loss: str = typer.Option("weighted-bce", "--loss", help="weighted-bce (U-Net weight map), bce, dice or bce+dice."),
-    val_slices: Optional[str] = typer.Option(None, "--val-slices", help="Held-out slices, A:B or a,b,c (default: last 10 %)."),
-    seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same run on the CPU)."),
+    loss: str = typer.Option(
+        TrainConfig.loss, "--loss", help="weighted-bce (U-Net weight map), bce, dice or bce+dice."
+    ),
+    val_slices: Optional[str] = typer.Option(
+        None, "--val-slices", help="Held-out slices, A:B or a,b,c (default: last 10 %)."
+    ),
+    seed: int = typer.Option(TrainConfig.seed, "--seed", help="Random seed (same seed, same run on the CPU)."),
     time_limit: Optional[float] = typer.Option(None, "--time-limit", help="Stop cleanly after this many seconds."),
     device: str = DEVICE,
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the network (CUDA)."),
@@ -268,10 +292,26 @@ def train_cmd(
 
     with RichReporter(not quiet) as progress:
         summary = api.train(
-            data, output, epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size, crop=crop, lr=lr,
-            arch=arch, depth=depth, base_channels=base_channels, encoder_weights=encoder_weights, loss=loss,
-            val_slices=val_slices, seed=seed, time_limit=time_limit, device=device, compile=compile_,
-            resume=resume, overwrite=overwrite, progress=progress,
+            data,
+            output,
+            epochs=epochs,
+            steps_per_epoch=steps_per_epoch,
+            batch_size=batch_size,
+            crop=crop,
+            lr=lr,
+            arch=arch,
+            depth=depth,
+            base_channels=base_channels,
+            encoder_weights=encoder_weights,
+            loss=loss,
+            val_slices=val_slices,
+            seed=seed,
+            time_limit=time_limit,
+            device=device,
+            torch_compile=compile_,
+            resume=resume,
+            overwrite=overwrite,
+            progress=progress,
         )
     if summary.get("rows") is None:
         return
@@ -279,8 +319,12 @@ def train_cmd(
     for col in ("epoch", "train_loss", "val_loss", "val_accuracy", "val_iou", "v_rand", "v_info", "seconds"):
         table.add_column(col.replace("_", " "), justify="right")
     for row in summary["rows"][-5:]:
-        table.add_row(*[_fmt(row.get(c)) if row.get(c) is not None else "" for c in
-                        ("epoch", "train_loss", "val_loss", "val_accuracy", "val_iou", "v_rand", "v_info", "seconds")])
+        table.add_row(
+            *[
+                _fmt(row.get(c)) if row.get(c) is not None else ""
+                for c in ("epoch", "train_loss", "val_loss", "val_accuracy", "val_iou", "v_rand", "v_info", "seconds")
+            ]
+        )
     if not quiet:
         stderr.print(table)
     stdout.print(f"checkpoints, metrics.csv and curves.png in {output}")
@@ -291,32 +335,59 @@ def predict_cmd(
     model: Path = typer.Argument(..., help="Run directory or .safetensors checkpoint from emseg train."),
     data: Path = typer.Argument(..., help="OME-Zarr store to segment."),
     output: Path = typer.Option(..., "--output", "-o", help="Output OME-Zarr (probabilities + labels/membranes)."),
-    tile: int = typer.Option(512, "--tile", help="Tile side in pixels (a multiple of the model's divisor)."),
-    overlap: int = typer.Option(64, "--overlap", help="Overlap of neighbouring tiles in pixels."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Tiles per forward pass (halved on GPU out-of-memory)."),
-    blend: str = typer.Option("gaussian", "--blend", help="gaussian, linear or crop."),
+    tile: int = typer.Option(
+        PredictConfig.tile, "--tile", help="Tile side in pixels (a multiple of the model's divisor)."
+    ),
+    overlap: int = typer.Option(PredictConfig.overlap, "--overlap", help="Overlap of neighbouring tiles in pixels."),
+    batch_size: int = typer.Option(
+        PredictConfig.batch_size, "--batch-size", help="Tiles per forward pass (halved on GPU out-of-memory)."
+    ),
+    blend: str = typer.Option(PredictConfig.blend, "--blend", help="gaussian, linear or crop."),
     tta: bool = typer.Option(False, "--tta", help="Average the 8 rotations and flips."),
-    threshold: float = typer.Option(0.5, "--threshold", help="Membrane where P(cell) < threshold."),
-    dtype: str = typer.Option("uint8", "--dtype", help="Stored probabilities: uint8 (0-255), float16 or float32."),
+    threshold: float = typer.Option(PredictConfig.threshold, "--threshold", help="Membrane where P(cell) < threshold."),
+    dtype: str = typer.Option(
+        PredictConfig.dtype, "--dtype", help="Stored probabilities: uint8 (0-255), float16 or float32."
+    ),
     slices: Optional[str] = typer.Option(None, "--slices", help="Predict slices A:B only."),
     device: str = DEVICE,
-    workers: Optional[int] = typer.Option(None, "--workers", help="Start a local dask.distributed cluster of N processes."),
-    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Use the dask.distributed scheduler at this address."),
+    workers: Optional[int] = typer.Option(
+        None, "--workers", help="Start a local dask.distributed cluster of N processes."
+    ),
+    scheduler: Optional[str] = typer.Option(
+        None, "--scheduler", help="Use the dask.distributed scheduler at this address."
+    ),
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the network (CUDA)."),
-    block: int = typer.Option(8192, "--block", help="Pixels per side of one task's block (whole chunks)."),
+    block: int = typer.Option(
+        PredictConfig.block, "--block", help="Pixels per side of one task's block (whole chunks)."
+    ),
     overwrite: bool = OVERWRITE,
     resume: bool = typer.Option(False, "--resume", help="Finish an interrupted prediction (only unfinished blocks)."),
     quiet: bool = QUIET,
 ) -> None:
     """Segment a stack of any size: overlapping tiles, blended without seams, via dask."""
     from emseg import api
-    from emseg.config import PredictConfig
 
     with RichReporter(not quiet) as progress:
         out = api.predict(
-            model, data, output, tile=tile, overlap=overlap, batch_size=batch_size, blend=blend, tta=tta,
-            threshold=threshold, dtype=dtype, slices=slices, device=device, workers=workers, scheduler=scheduler,
-            compile=compile_, overwrite=overwrite, resume=resume, config=PredictConfig(block=block), progress=progress,
+            model,
+            data,
+            output,
+            tile=tile,
+            overlap=overlap,
+            batch_size=batch_size,
+            blend=blend,
+            tta=tta,
+            threshold=threshold,
+            dtype=dtype,
+            slices=slices,
+            device=device,
+            block=block,
+            workers=workers,
+            scheduler=scheduler,
+            torch_compile=compile_,
+            overwrite=overwrite,
+            resume=resume,
+            progress=progress,
         )
     if not quiet:
         stderr.print(f"wrote {out}")
@@ -332,15 +403,21 @@ def evaluate_cmd(
     """Score a segmentation: pixel error, IoU, Dice, ISBI 2012 V_rand and V_info."""
     from emseg import api
 
-    r = api.evaluate(pred, data, slices=slices, json=json_out)
+    r = api.evaluate(pred, data, slices=slices, json_path=json_out)
     table = Table(title=f"{pred} against {data} ({r['n_slices']} slices)")
     table.add_column("metric", style="bold")
     table.add_column("value", justify="right")
     table.add_column("note")
-    table.add_row("V_rand", f"{r['v_rand']:.4f}", f"best at threshold {r['v_rand_threshold']:.1f}; "
-                  f"split {r['v_rand_split']:.4f}, merge {r['v_rand_merge']:.4f}")
-    table.add_row("V_info", f"{r['v_info']:.4f}", f"best at threshold {r['v_info_threshold']:.1f}; "
-                  f"split {r['v_info_split']:.4f}, merge {r['v_info_merge']:.4f}")
+    table.add_row(
+        "V_rand",
+        f"{r['v_rand']:.4f}",
+        f"best at threshold {r['v_rand_threshold']:.1f}; split {r['v_rand_split']:.4f}, merge {r['v_rand_merge']:.4f}",
+    )
+    table.add_row(
+        "V_info",
+        f"{r['v_info']:.4f}",
+        f"best at threshold {r['v_info_threshold']:.1f}; split {r['v_info_split']:.4f}, merge {r['v_info_merge']:.4f}",
+    )
     table.add_row("pixel error", f"{r['pixel_error']:.4f}", "at P(cell) > 0.5")
     table.add_row("pixel accuracy", f"{r['pixel_accuracy']:.4f}", "")
     table.add_row("IoU (cells)", f"{r['iou']:.4f}", "")
@@ -361,7 +438,9 @@ def bench_cmd(
     from emseg import api
 
     with stderr.status("benchmarking (a few minutes)..."):
-        r = api.bench(device=device, model=model, compile=compile_, monai=not no_monai, quick=quick, json=json_out)
+        r = api.bench(
+            device=device, model=model, torch_compile=compile_, monai=not no_monai, quick=quick, json_path=json_out
+        )
     table = Table(title=f"emseg bench on {r['device']} (torch {r['torch']})")
     for col in ("measure", "setting", "MPix/s", "TFLOP/s", "of peak", "note"):
         table.add_column(col, justify="right" if col in ("MPix/s", "TFLOP/s", "of peak") else "left")
@@ -370,17 +449,35 @@ def bench_cmd(
             table.add_row("forward", row["variant"], "", "", "", row["error"])
             continue
         peak = "" if row["fraction_of_peak"] is None else f"{row['fraction_of_peak']:.0%}"
-        table.add_row("forward", f"{row['variant']}, {row['batch']} x {row['tile']}²", f"{row['mpix_per_s']:.3g}",
-                      f"{row['tflop_per_s']:.3g}", peak, f"{row['gflop_per_tile']:.1f} GFLOP/tile")
+        table.add_row(
+            "forward",
+            f"{row['variant']}, {row['batch']} x {row['tile']}²",
+            f"{row['mpix_per_s']:.3g}",
+            f"{row['tflop_per_s']:.3g}",
+            peak,
+            f"{row['gflop_per_tile']:.1f} GFLOP/tile",
+        )
     p = r["predict"]
     shape = " x ".join(map(str, p["emseg"]["stack"]))
     table.add_row("predict", f"emseg, zarr to zarr, {shape}", f"{p['emseg']['mpix_per_s']:.3g}", "", "", p["model"])
     if isinstance(p.get("monai_in_memory"), dict):
-        table.add_row("predict", "MONAI sliding window, in memory", f"{p['monai_in_memory']['mpix_per_s']:.3g}", "", "",
-                      f"emseg / MONAI = {p['ratio']:.2f}")
+        table.add_row(
+            "predict",
+            "MONAI sliding window, in memory",
+            f"{p['monai_in_memory']['mpix_per_s']:.3g}",
+            "",
+            "",
+            f"emseg / MONAI = {p['ratio']:.2f}",
+        )
     t = r["train"]
-    table.add_row("train", f"{t['batch']} x {t['crop']}² + augmentation", f"{t['mpix_per_s']:.3g}", "", "",
-                  f"{t['steps_per_s']:.2f} steps/s, augmentation {t['augmentation_share']:.0%} of a step")
+    table.add_row(
+        "train",
+        f"{t['batch']} x {t['crop']}² + augmentation",
+        f"{t['mpix_per_s']:.3g}",
+        "",
+        "",
+        f"{t['steps_per_s']:.2f} steps/s, augmentation {t['augmentation_share']:.0%} of a step",
+    )
     stdout.print(table)
 
 
@@ -390,7 +487,7 @@ def export_cmd(
     output: Path = typer.Option(..., "--output", "-o", help="OUT.tif, or a folder with --format png."),
     format_: Optional[str] = typer.Option(None, "--format", help="tif (default for .tif) or png (a folder of slices)."),
     labels: Optional[str] = typer.Option(None, "--labels", help="Export labels/NAME (e.g. membranes) as 0/255."),
-    level: int = typer.Option(0, "--level", help="Pyramid level."),
+    level: int = typer.Option(ExportConfig.level, "--level", help="Pyramid level."),
     overwrite: bool = OVERWRITE,
     quiet: bool = QUIET,
 ) -> None:
@@ -398,8 +495,9 @@ def export_cmd(
     from emseg import api
 
     with RichReporter(not quiet) as progress:
-        out = api.export(source, output, format=format_, labels=labels, level=level, overwrite=overwrite,
-                         progress=progress)
+        out = api.export(
+            source, output, file_format=format_, labels=labels, level=level, overwrite=overwrite, progress=progress
+        )
     if not quiet:
         stderr.print(f"wrote {out}")
 
@@ -422,14 +520,14 @@ def augment_preview_cmd(
     data: Path = typer.Argument(..., help="OME-Zarr store with labels/cells."),
     output: Path = typer.Option(Path("augment.png"), "--output", "-o", help="PNG to write."),
     slice_: int = typer.Option(0, "--slice", "-z", help="Slice to augment."),
-    crop: int = typer.Option(256, "--crop", help="Crop side in pixels."),
-    samples: int = typer.Option(6, "--samples", "-n", help="Augmented pairs to draw."),
-    seed: int = typer.Option(0, "--seed", help="Random seed."),
+    crop: int = typer.Option(PreviewConfig.crop, "--crop", help="Crop side in pixels."),
+    samples: int = typer.Option(PreviewConfig.samples, "--samples", "-n", help="Augmented pairs to draw."),
+    seed: int = typer.Option(PreviewConfig.seed, "--seed", help="Random seed."),
 ) -> None:
     """Draw an image, its mask and several augmented pairs (a check of the augmentation)."""
     from emseg import api
 
-    out = api.augment_preview(data, output, slice=slice_, crop=crop, samples=samples, seed=seed)
+    out = api.augment_preview(data, output, z=slice_, crop=crop, samples=samples, seed=seed)
     stderr.print(f"wrote {out}")
 
 
@@ -467,11 +565,11 @@ def _terminate(signum: int, frame: Any) -> None:
 
 def _tune_zarr() -> None:
     """One zarr codec thread per core (zarr's default, cores + 4, only adds memory)."""
-    import os
-
     import zarr
 
-    zarr.config.set({"threading.max_workers": max(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2)})
+    from emseg.system import available_cpus
+
+    zarr.config.set({"threading.max_workers": max(2, available_cpus())})
 
 
 def main() -> None:
@@ -481,5 +579,7 @@ def main() -> None:
     try:
         app()
     except KeyboardInterrupt:
-        sys.stderr.write("emseg: interrupted; partial outputs were removed\n")
+        sys.stderr.write(
+            "emseg: interrupted; no output was replaced (a prediction or a training run continues with --resume)\n"
+        )
         sys.exit(130)

@@ -2,18 +2,84 @@
 
 A config is plain data (numbers, strings, tuples) so it converts to and from JSON losslessly;
 the whole training config goes into every checkpoint, so a checkpoint alone rebuilds its model.
+
+The Python API and the CLI read their defaults from here: API keywords default to ``None`` and
+:func:`merge` lets a keyword that was given replace the field of a config that was passed (or of
+the defaults), so ``predict(..., config=PredictConfig(tile=256))`` runs with tile 256 and
+``predict(..., tile=128, config=PredictConfig(tile=256))`` with tile 128. Fields given as text
+(``slices="27:30"``) or lists are normalised when a config is built.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+
+from emseg.errors import BadInputError
 
 T = TypeVar("T")
 
 #: ISBI 2012 voxel size in nanometres (z, y, x).
 ISBI_VOXEL_SIZE_NM = (50.0, 4.0, 4.0)
+
+
+def slice_range(spec: str | Sequence[int], option: str = "--slices") -> tuple[int, int]:
+    """The one slice-range parser: ``"A:B"`` or ``(A, B)`` -> (A, B), half-open, 0 <= A < B."""
+    try:
+        if isinstance(spec, str):
+            a, b = spec.split(":", 1)
+            start, stop = int(a), int(b)
+        else:
+            start, stop = (int(v) for v in spec)
+    except (TypeError, ValueError):
+        raise BadInputError(f"{option} {spec!r}: expected A:B (slices A to B - 1)") from None
+    if not 0 <= start < stop:
+        raise BadInputError(f"{option} {spec!r}: expected 0 <= A < B")
+    return start, stop
+
+
+def slice_list(spec: str | Sequence[int], option: str = "--val-slices") -> tuple[int, ...]:
+    """``"27:30"`` (via :func:`slice_range`), ``"27,28,29"``, ``"27"`` or a sequence -> (27, 28, 29)."""
+    if isinstance(spec, str) and ":" in spec:
+        return tuple(range(*slice_range(spec, option)))
+    try:
+        values = [int(t) for t in spec.split(",") if t.strip()] if isinstance(spec, str) else [int(v) for v in spec]
+    except (TypeError, ValueError):
+        raise BadInputError(f"{option} {spec!r}: expected A:B or a comma-separated list") from None
+    if not values or min(values) < 0:
+        raise BadInputError(f"{option} {spec!r}: expected slice indices >= 0")
+    return tuple(values)
+
+
+def _tuple(value: Any, kind: type, n: int | None, option: str) -> Any:
+    """A list or tuple given for a tuple field, as a tuple of ``kind`` (None stays None)."""
+    if value is None:
+        return None
+    try:
+        out = tuple(kind(v) for v in value)
+    except (TypeError, ValueError):
+        raise BadInputError(f"{option} {value!r}: expected {n or 'some'} numbers") from None
+    if n is not None and len(out) != n:
+        raise BadInputError(f"{option} {value!r}: expected {n} numbers")
+    return out
+
+
+def _at_least(config: Any, minimum: float, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and not value >= minimum:  # also refuses NaN
+            raise BadInputError(f"--{name.replace('_', '-')} {value}: must be at least {minimum:g}")
+
+
+def _positive(config: Any, *names: str) -> None:
+    import math
+
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise BadInputError(f"--{name.replace('_', '-')} {value}: must be a positive number")
 
 
 @dataclass(frozen=True)
@@ -34,6 +100,40 @@ class IngestConfig:
     clevel: int = 3
     #: Replace an existing output store.
     overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ngff", str(self.ngff))
+        object.__setattr__(self, "chunks", _tuple(self.chunks, int, 3, "--chunks"))
+        object.__setattr__(self, "shards", _tuple(self.shards, int, 3, "--shards"))
+        object.__setattr__(self, "voxel_size", _tuple(self.voxel_size, float, 3, "--voxel-size"))
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """How ``emseg export`` writes a store as TIFF or PNG slices."""
+
+    #: "tif" (a BigTIFF file) or "png" (a folder of slices); None picks tif for a .tif/.tiff output.
+    file_format: str | None = None
+    #: Export ``labels/NAME`` (e.g. "membranes") as 0/255 instead of the image.
+    labels: str | None = None
+    #: Pyramid level.
+    level: int = 0
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class PreviewConfig:
+    """What ``emseg augment-preview`` draws."""
+
+    #: Crop side in pixels.
+    crop: int = 256
+    #: Augmented image/mask pairs to draw.
+    samples: int = 6
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _at_least(self, 16, "crop")
+        _at_least(self, 1, "samples")
 
 
 @dataclass(frozen=True)
@@ -126,6 +226,12 @@ class TrainConfig:
     #: Validate every this many epochs (and always after the last).
     val_every: int = 1
 
+    def __post_init__(self) -> None:
+        if self.val_slices is not None:
+            object.__setattr__(self, "val_slices", slice_list(self.val_slices))
+        _at_least(self, 1, "epochs", "steps_per_epoch", "batch_size", "crop", "val_every")
+        _positive(self, "lr", "time_limit")
+
 
 @dataclass(frozen=True)
 class PredictConfig:
@@ -157,6 +263,36 @@ class PredictConfig:
     compile: bool = False
     overwrite: bool = False
     resume: bool = False
+
+    def __post_init__(self) -> None:
+        if self.slices is not None:
+            object.__setattr__(self, "slices", slice_range(self.slices))
+        _at_least(self, 1, "tile", "batch_size", "block", "threads", "workers")
+        _at_least(self, 0, "overlap")
+
+
+def merge(cls: type[T], config: T | None = None, **changes: Any) -> T:
+    """``config`` (default: ``cls()``) with every keyword that is not None replacing its field.
+
+    This is how the public functions combine a config and their keywords: a keyword that was
+    given beats the config, one left at None keeps the config's value.
+    """
+    base = cls() if config is None else config
+    if not isinstance(base, cls):
+        raise BadInputError(f"config: expected a {cls.__name__}, got {type(base).__name__}")
+    given = {k: v for k, v in changes.items() if v is not None}
+    return dataclasses.replace(base, **given)  # type: ignore[type-var]
+
+
+_MODEL_FIELDS = ("arch", "depth", "base_channels", "encoder_weights")
+
+
+def merge_train(config: TrainConfig | None = None, **changes: Any) -> TrainConfig:
+    """:func:`merge` for a :class:`TrainConfig`, whose model fields (arch, depth, base_channels,
+    encoder_weights) go to its nested :class:`ModelConfig`."""
+    base = config if config is not None else TrainConfig()
+    model = merge(ModelConfig, base.model, **{k: changes.pop(k, None) for k in _MODEL_FIELDS})
+    return merge(TrainConfig, base, model=model, **changes)
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -192,4 +328,20 @@ def _default_of(f: dataclasses.Field) -> Any:
     return None
 
 
-__all__ = ["IngestConfig", "AugmentConfig", "ModelConfig", "TrainConfig", "PredictConfig", "LOSSES", "ISBI_VOXEL_SIZE_NM", "to_dict", "from_dict", "field"]
+__all__ = [
+    "IngestConfig",
+    "ExportConfig",
+    "PreviewConfig",
+    "AugmentConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "PredictConfig",
+    "LOSSES",
+    "ISBI_VOXEL_SIZE_NM",
+    "merge",
+    "merge_train",
+    "slice_range",
+    "slice_list",
+    "to_dict",
+    "from_dict",
+]

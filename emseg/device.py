@@ -23,9 +23,7 @@ def resolve_device(spec: str = "auto") -> torch.device:
             raise BadInputError(f"--device {spec}: CUDA was requested but no CUDA GPU is available")
         device = torch.device(spec)
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise BadInputError(
-                f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) are present"
-            )
+            raise BadInputError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) are present")
         return device
     raise BadInputError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N")
 

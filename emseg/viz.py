@@ -29,7 +29,9 @@ def display_range(image: np.ndarray) -> tuple[float, float]:
     return float(lo), float(hi if hi > lo else lo + 1)
 
 
-def overlay(image: np.ndarray, mask: np.ndarray, color: Sequence[float] = (0.0, 0.63, 1.0), alpha: float = 0.5) -> np.ndarray:
+def overlay(
+    image: np.ndarray, mask: np.ndarray, color: Sequence[float] = (0.0, 0.63, 1.0), alpha: float = 0.5
+) -> np.ndarray:
     """(Y, X) image and (Y, X) bool mask -> (Y, X, 3) float RGB with the mask tinted."""
     lo, hi = display_range(image)
     grey = np.clip((image.astype(np.float32) - lo) / (hi - lo), 0, 1)
@@ -39,9 +41,7 @@ def overlay(image: np.ndarray, mask: np.ndarray, color: Sequence[float] = (0.0, 
     return rgb
 
 
-def panel_rows(
-    rows: Sequence[dict[str, np.ndarray]], output: Path, titles: Sequence[str] | None = None
-) -> Path:
+def panel_rows(rows: Sequence[dict[str, np.ndarray]], output: Path, titles: Sequence[str] | None = None) -> Path:
     """Save a grid: one row per dict, one column per (title -> (Y, X) or (Y, X, 3) array).
 
     Keys starting with "image" are shown in grey with a robust window; "prob" keys with a 0-1

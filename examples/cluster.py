@@ -30,12 +30,20 @@ def main() -> None:
     args = parser.parse_args()
     t = time.perf_counter()
     out = emseg.predict(
-        args.model, args.data, args.output, tile=args.tile, device=args.device, overwrite=True,
-        workers=None if args.scheduler else args.workers, scheduler=args.scheduler,
+        args.model,
+        args.data,
+        args.output,
+        tile=args.tile,
+        device=args.device,
+        overwrite=True,
+        workers=None if args.scheduler else args.workers,
+        scheduler=args.scheduler,
     )
     info = emseg.info(out)
-    print(f"{out}: {' x '.join(map(str, info['shape']))} in {time.perf_counter() - t:.1f} s "
-          f"({'scheduler ' + args.scheduler if args.scheduler else f'{args.workers} local workers'})")
+    print(
+        f"{out}: {' x '.join(map(str, info['shape']))} in {time.perf_counter() - t:.1f} s "
+        f"({'scheduler ' + args.scheduler if args.scheduler else f'{args.workers} local workers'})"
+    )
 
 
 if __name__ == "__main__":

@@ -52,14 +52,26 @@ def main() -> None:
         generate(data, args.slices, args.size)
     model = args.model
     if model is None:
-        from emseg.quickstart import find_isbi, write_synthetic
+        from emseg.recipes.demo import find_isbi, write_synthetic
 
         folder = find_isbi(None) or write_synthetic(args.out / "train-data", shape=(8, 256, 256))
-        train = emseg.ingest(folder / "train-volume.tif", args.out / "train.zarr", labels=folder / "train-labels.tif",
-                             overwrite=True)
+        train = emseg.ingest(
+            folder / "train-volume.tif", args.out / "train.zarr", labels=folder / "train-labels.tif", overwrite=True
+        )
         model = args.out / "run"
-        emseg.train(train, model, depth=3, base_channels=8, crop=128, batch_size=4, time_limit=60, epochs=100,
-                    steps_per_epoch=20, device=args.device, overwrite=True)
+        emseg.train(
+            train,
+            model,
+            depth=3,
+            base_channels=8,
+            crop=128,
+            batch_size=4,
+            time_limit=60,
+            epochs=100,
+            steps_per_epoch=20,
+            device=args.device,
+            overwrite=True,
+        )
 
     peak, stop = [0], threading.Event()
 

@@ -41,12 +41,18 @@ def isbi_arrays(isbi: Path) -> tuple[np.ndarray, np.ndarray]:
     return tifffile.imread(isbi / "train-volume.tif"), tifffile.imread(isbi / "train-labels.tif")
 
 
-def run_emseg(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_emseg(
+    *args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Run ``python -m emseg ARGS`` in a real subprocess."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "emseg", *map(str, args)],
-        cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
     )
 
 
@@ -69,13 +75,15 @@ def cli():
 @pytest.fixture(scope="session")
 def isbi_zarr(tmp_path_factory) -> Path:
     """The ISBI training stack ingested once per session (synthetic EM-like data when absent)."""
-    from emseg.io.ingest import ingest_stack
     from emseg.config import IngestConfig
+    from emseg.io.ingest import ingest_stack
 
     out = tmp_path_factory.mktemp("isbi") / "isbi.zarr"
     d = isbi_dir()
     if d is not None:
-        return ingest_stack(d / "train-volume.tif", out, IngestConfig(voxel_size=(50, 4, 4)), labels=d / "train-labels.tif")
+        return ingest_stack(
+            d / "train-volume.tif", out, IngestConfig(voxel_size=(50, 4, 4)), labels=d / "train-labels.tif"
+        )
     import tifffile
 
     from emseg.synthetic import synthetic_stack

@@ -75,7 +75,7 @@ def test_context_size() -> None:
 def test_identity_config_returns_centre_crop_exactly(size: int) -> None:
     image, label, weight = _batch(3, size, seed=0)
     out = augment_batch(image, label, weight, OUT, identity_config(), _gen(1))
-    for got, src in zip(out, (image, label, weight)):
+    for got, src in zip(out, (image, label, weight), strict=True):
         assert torch.equal(got, _centre(src, OUT))
         assert got.data_ptr() != src.data_ptr()  # a copy, not a view of the input
     assert augment_batch(image, label, None, OUT, identity_config(), _gen(1))[2] is None
@@ -126,10 +126,9 @@ def test_image_equal_to_label_stays_equal() -> None:
     # Distance of every input pixel to the nearest pixel of the other class, carried along as
     # the "weight map" so it goes through the very same sampling grid.
     lab_np = label.numpy().astype(bool)
-    dist = np.stack([
-        np.where(m[0], ndi.distance_transform_edt(m[0]), ndi.distance_transform_edt(~m[0]))[None]
-        for m in lab_np
-    ]).astype(np.float32)
+    dist = np.stack(
+        [np.where(m[0], ndi.distance_transform_edt(m[0]), ndi.distance_transform_edt(~m[0]))[None] for m in lab_np]
+    ).astype(np.float32)
     dist_t = torch.from_numpy(dist)
     img, lab, dst = augment_batch(label.clone(), label, dist_t, OUT, config, _gen(7))
     thresholded = (img >= 0.5).float()
@@ -165,7 +164,7 @@ def test_same_seed_same_output_different_seed_different() -> None:
     a = augment_batch(image, label, weight, OUT, AugmentConfig(), _gen(10))
     b = augment_batch(image, label, weight, OUT, AugmentConfig(), _gen(10))
     c = augment_batch(image, label, weight, OUT, AugmentConfig(), _gen(11))
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert torch.equal(x, y)
     assert not torch.equal(a[0], c[0])
     assert not torch.equal(a[2], c[2])
@@ -270,7 +269,7 @@ def test_cuda(generator_device: str) -> None:
     dev = [t.cuda() for t in (image, label, weight)]
     a = augment_batch(*dev, OUT, AugmentConfig(), _gen(19, generator_device))
     b = augment_batch(*dev, OUT, AugmentConfig(), _gen(19, generator_device))
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert x.device.type == "cuda" and x.shape[-2:] == (OUT, OUT)
         assert x.dtype == torch.float32
         # Same seed, same result (exact unless cuDNN picks another convolution algorithm).

@@ -13,9 +13,11 @@ import pytest
 
 import emseg
 from emseg.errors import BadInputError
-from emseg.quickstart import run_demo, write_synthetic
+from emseg.recipes.demo import run_demo, write_synthetic
 
 from .conftest import REPO
+
+pytestmark = pytest.mark.slow  # end-to-end runs of trained models
 
 
 def _env() -> dict[str, str]:
@@ -44,10 +46,23 @@ def test_demo_refuses_a_data_folder_without_the_isbi_files(tmp_path):
 
 def test_isbi2012_recipe(tmp_path):
     data = write_synthetic(tmp_path / "data", shape=(30, 96, 96))
-    env = {**_env(), "DATA": str(data), "OUT": str(tmp_path / "out"), "EPOCHS": "1", "STEPS": "2",
-           "MODEL": "--depth 2 --base-channels 4 --crop 64 --batch-size 2", "DEVICE": "cpu"}
-    proc = subprocess.run(["bash", str(REPO / "examples" / "isbi2012.sh")], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
+    env = {
+        **_env(),
+        "DATA": str(data),
+        "OUT": str(tmp_path / "out"),
+        "EPOCHS": "1",
+        "STEPS": "2",
+        "MODEL": "--depth 2 --base-channels 4 --crop 64 --batch-size 2",
+        "DEVICE": "cpu",
+    }
+    proc = subprocess.run(
+        ["bash", str(REPO / "examples" / "isbi2012.sh")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "out"
     scores = json.loads((out / "scores.json").read_text())
@@ -62,16 +77,31 @@ def tiny_run(tmp_path_factory):
     folder = write_synthetic(base / "data", shape=(4, 128, 128))
     train = emseg.ingest(folder / "train-volume.tif", base / "t.zarr", labels=folder / "train-labels.tif")
     run = base / "run"
-    emseg.train(train, run, depth=2, base_channels=4, crop=64, batch_size=2, epochs=1, steps_per_epoch=2,
-                device="cpu")
+    emseg.train(train, run, depth=2, base_channels=4, crop=64, batch_size=2, epochs=1, steps_per_epoch=2, device="cpu")
     return run
 
 
 def test_large_stack_example(tiny_run, tmp_path):
     proc = subprocess.run(
-        [sys.executable, str(REPO / "examples" / "large_stack.py"), "--model", str(tiny_run), "--slices", "2",
-         "--size", "1024", "--out", str(tmp_path), "--device", "cpu"],
-        capture_output=True, text=True, timeout=600, env=_env())
+        [
+            sys.executable,
+            str(REPO / "examples" / "large_stack.py"),
+            "--model",
+            str(tiny_run),
+            "--slices",
+            "2",
+            "--size",
+            "1024",
+            "--out",
+            str(tmp_path),
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=_env(),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "peak resident memory" in proc.stdout
     assert emseg.info(tmp_path / "pred.zarr")["shape"] == [2, 1024, 1024]
@@ -83,14 +113,30 @@ def test_cluster_example_connects_to_a_running_scheduler(tiny_run, tmp_path):
     tif = tmp_path / "d.tif"
     import tifffile
 
-    tifffile.imwrite(tif, np.random.default_rng(0).integers(0, 255, (3, 200, 160), dtype=np.uint8),
-                     photometric="minisblack")
+    tifffile.imwrite(
+        tif, np.random.default_rng(0).integers(0, 255, (3, 200, 160), dtype=np.uint8), photometric="minisblack"
+    )
     data = emseg.ingest(tif, tmp_path / "d.zarr")
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=None) as cluster:
         proc = subprocess.run(
-            [sys.executable, str(REPO / "examples" / "cluster.py"), str(tiny_run), str(data), str(tmp_path / "p.zarr"),
-             "--scheduler", cluster.scheduler_address, "--device", "cpu", "--tile", "128"],
-            capture_output=True, text=True, timeout=600, env=_env())
+            [
+                sys.executable,
+                str(REPO / "examples" / "cluster.py"),
+                str(tiny_run),
+                str(data),
+                str(tmp_path / "p.zarr"),
+                "--scheduler",
+                cluster.scheduler_address,
+                "--device",
+                "cpu",
+                "--tile",
+                "128",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=_env(),
+        )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "scheduler tcp://" in proc.stdout
     assert emseg.info(tmp_path / "p.zarr")["shape"] == [3, 200, 160]

@@ -10,13 +10,25 @@ import torch
 
 import emseg
 
+pytestmark = pytest.mark.slow  # end-to-end runs of trained models
+
 
 @pytest.fixture(scope="module")
 def exported(isbi_zarr, tmp_path_factory):
     base = tmp_path_factory.mktemp("export")
     run = base / "run"
-    emseg.train(isbi_zarr, run, depth=2, base_channels=8, crop=64, batch_size=2, epochs=1, steps_per_epoch=3,
-                device="cpu", val_slices="29")
+    emseg.train(
+        isbi_zarr,
+        run,
+        depth=2,
+        base_channels=8,
+        crop=64,
+        batch_size=2,
+        epochs=1,
+        steps_per_epoch=3,
+        device="cpu",
+        val_slices="29",
+    )
     return run, emseg.export_model(run, base / "exported")
 
 

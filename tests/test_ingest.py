@@ -12,8 +12,9 @@ import tifffile
 import zarr
 
 from emseg.config import IngestConfig
-from emseg.io.ingest import ingest_stack, reduce2
-from emseg.io.zarr import open_ome, pyramid_shapes
+from emseg.io.ingest import ingest_stack
+from emseg.io.pyramid import pyramid_shapes, reduce2
+from emseg.io.zarr import open_ome
 
 from .conftest import run_emseg
 
@@ -25,8 +26,19 @@ def _partials(folder: Path) -> list[Path]:
 def test_isbi_ingests_bit_exactly(cli, isbi, isbi_arrays, tmp_path):
     raw, labels = isbi_arrays
     out = tmp_path / "isbi.zarr"
-    result = cli("ingest", isbi / "train-volume.tif", "--labels", isbi / "train-labels.tif", "-o", out,
-                 "--voxel-size", "50", "4", "4", "--quiet")
+    result = cli(
+        "ingest",
+        isbi / "train-volume.tif",
+        "--labels",
+        isbi / "train-labels.tif",
+        "-o",
+        out,
+        "--voxel-size",
+        "50",
+        "4",
+        "4",
+        "--quiet",
+    )
     assert result.exit_code == 0, result.stderr
     image = open_ome(out)
     assert image.array.dtype == np.uint8
@@ -96,17 +108,26 @@ def test_pyramid_levels_are_block_means(tmp_path):
     labels = (rng.random(raw.shape) > 0.5).astype(np.uint8)
     tifffile.imwrite(tmp_path / "raw.tif", raw, photometric="minisblack")
     tifffile.imwrite(tmp_path / "lab.tif", labels, photometric="minisblack")
-    out = ingest_stack(tmp_path / "raw.tif", tmp_path / "p.zarr", IngestConfig(chunks=(1, 384, 512)),
-                       labels=tmp_path / "lab.tif")
+    out = ingest_stack(
+        tmp_path / "raw.tif", tmp_path / "p.zarr", IngestConfig(chunks=(1, 384, 512)), labels=tmp_path / "lab.tif"
+    )
     image = open_ome(out)
-    assert [tuple(a.shape) for a in image.levels] == pyramid_shapes(raw.shape) == [
-        (3, 2301, 2049), (3, 1151, 1025), (3, 576, 513)]
+    assert (
+        [tuple(a.shape) for a in image.levels]
+        == pyramid_shapes(raw.shape)
+        == [(3, 2301, 2049), (3, 1151, 1025), (3, 576, 513)]
+    )
     expected = raw
     expected_lab = labels
     for level in image.levels[1:]:
         padded = np.pad(expected, ((0, 0), (0, expected.shape[1] % 2), (0, expected.shape[2] % 2)), mode="edge")
-        direct = (padded[:, 0::2, 0::2].astype(np.int64) + padded[:, 1::2, 0::2] + padded[:, 0::2, 1::2]
-                  + padded[:, 1::2, 1::2] + 2) // 4
+        direct = (
+            padded[:, 0::2, 0::2].astype(np.int64)
+            + padded[:, 1::2, 0::2]
+            + padded[:, 0::2, 1::2]
+            + padded[:, 1::2, 1::2]
+            + 2
+        ) // 4
         np.testing.assert_array_equal(level[:], direct.astype(np.uint16))
         expected = direct.astype(np.uint16)
     for level in image.labels["cells"].levels[1:]:
@@ -120,15 +141,32 @@ def test_pyramid_levels_are_block_means(tmp_path):
 def test_voxel_size_from_imagej_and_ome_metadata_else_one_with_warning(tmp_path, caplog):
     data = np.zeros((4, 64, 64), np.uint8)
     data = np.zeros((5, 64, 64), np.uint8)
-    tifffile.imwrite(tmp_path / "ij.tif", data, imagej=True, resolution=(1 / 0.004, 1 / 0.004),
-                     metadata={"spacing": 0.05, "unit": "micron", "axes": "ZYX"})
-    tifffile.imwrite(tmp_path / "ome.ome.tif", data, ome=True,
-                     metadata={"axes": "ZYX", "PhysicalSizeX": 5.0, "PhysicalSizeXUnit": "nm",
-                               "PhysicalSizeY": 6.0, "PhysicalSizeYUnit": "nm",
-                               "PhysicalSizeZ": 0.03, "PhysicalSizeZUnit": "µm"})
+    tifffile.imwrite(
+        tmp_path / "ij.tif",
+        data,
+        imagej=True,
+        resolution=(1 / 0.004, 1 / 0.004),
+        metadata={"spacing": 0.05, "unit": "micron", "axes": "ZYX"},
+    )
+    tifffile.imwrite(
+        tmp_path / "ome.ome.tif",
+        data,
+        ome=True,
+        metadata={
+            "axes": "ZYX",
+            "PhysicalSizeX": 5.0,
+            "PhysicalSizeXUnit": "nm",
+            "PhysicalSizeY": 6.0,
+            "PhysicalSizeYUnit": "nm",
+            "PhysicalSizeZ": 0.03,
+            "PhysicalSizeZUnit": "µm",
+        },
+    )
     tifffile.imwrite(tmp_path / "plain.tif", data)
     assert open_ome(ingest_stack(tmp_path / "ij.tif", tmp_path / "ij.zarr")).voxel_size == pytest.approx((50, 4, 4))
-    assert open_ome(ingest_stack(tmp_path / "ome.ome.tif", tmp_path / "ome.zarr")).voxel_size == pytest.approx((30, 6, 5))
+    assert open_ome(ingest_stack(tmp_path / "ome.ome.tif", tmp_path / "ome.zarr")).voxel_size == pytest.approx(
+        (30, 6, 5)
+    )
     with caplog.at_level("WARNING", logger="emseg"):
         plain = open_ome(ingest_stack(tmp_path / "plain.tif", tmp_path / "plain.zarr"))
     assert plain.voxel_size == (1.0, 1.0, 1.0)
@@ -220,10 +258,23 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:
     }
 
 
-@pytest.mark.parametrize("case", [
-    "missing", "not an image", "truncated", "empty folder", "different sizes", "label shape",
-    "label count", "non-finite", "exists", "unwritable", "bad ngff", "shards on 0.4",
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing",
+        "not an image",
+        "truncated",
+        "empty folder",
+        "different sizes",
+        "label shape",
+        "label count",
+        "non-finite",
+        "exists",
+        "unwritable",
+        "bad ngff",
+        "shards on 0.4",
+    ],
+)
 def test_bad_input_is_one_line_exit_2_and_nothing_written(cli, tmp_path, case):
     args, phrase = _bad_inputs(tmp_path)[case]
     before = sorted(p.name for p in tmp_path.iterdir())
@@ -237,6 +288,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(cli, tmp_path, case):
     assert not (tmp_path / "out.zarr").exists()
 
 
+@pytest.mark.slow
 def test_real_process_exit_codes(tmp_path):
     missing = run_emseg("ingest", tmp_path / "none.tif", "-o", tmp_path / "o.zarr")
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1
@@ -261,6 +313,21 @@ def test_overwrite_replaces_only_emseg_outputs(cli, tmp_path):
     result = cli("ingest", tmp_path / "a.tif", "-o", foreign, "--overwrite", "-q")
     assert result.exit_code == 2 and "not written by emseg" in result.stderr
     assert (foreign / "precious.txt").read_text() == "keep me"
+
+
+def test_a_held_lock_refuses_a_second_ingest(tmp_path):
+    """Ingest takes the output's lock like every writing command: a second writer is refused."""
+    from emseg.errors import BadInputError
+    from emseg.io.outputs import OutputLock
+
+    tifffile.imwrite(tmp_path / "s.tif", np.zeros((2, 16, 16), np.uint8), photometric="minisblack")
+    out = tmp_path / "o.zarr"
+    with OutputLock(out, "ingest"):  # another writer holds the output
+        with pytest.raises(BadInputError, match="another emseg ingest"):
+            ingest_stack(tmp_path / "s.tif", out)
+        assert not out.exists() and not _partials(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.tif"]  # the lock file goes with its holder
+    assert ingest_stack(tmp_path / "s.tif", out) == out
 
 
 def test_failure_mid_stream_leaves_nothing(tmp_path):
@@ -337,8 +404,9 @@ def _peak_rss_of_ingest(source: Path, output: Path) -> int:
         "ingest_stack(sys.argv[1], sys.argv[2]); "
         "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
     )
-    proc = subprocess.run([sys.executable, "-c", script, str(source), str(output)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(source), str(output)], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr
     return int(proc.stdout.split()[-1]) * 1024
 
@@ -350,6 +418,7 @@ def _write_big(path: Path, n_slices: int, plane: np.ndarray) -> int:
     return path.stat().st_size
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
 def test_large_bigtiff_streams_with_flat_bounded_memory(tmp_path):
     """A ~400 MB BigTIFF ingests with peak RSS far below its size, and no higher than for a

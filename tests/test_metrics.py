@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from scipy import ndimage as ndi
 from skimage.metrics import adapted_rand_error
 
-from emseg.metrics import (
+from emseg.evaluation.metrics import (
     DEFAULT_THRESHOLDS,
     SCORE_NAMES,
     Scores,
@@ -38,9 +38,7 @@ def columns_truth(width: int = 10, n_cells: int = 3, rows: int = 10) -> np.ndarr
     return truth
 
 
-labels_2d = st.integers(0, 2**32 - 1).map(
-    lambda seed: np.random.default_rng(seed).integers(0, 4, (5, 6))
-)
+labels_2d = st.integers(0, 2**32 - 1).map(lambda seed: np.random.default_rng(seed).integers(0, 4, (5, 6)))
 
 
 def entropy(sizes: list[int]) -> float:
@@ -217,9 +215,7 @@ def test_pixel_error_iou_dice_by_hand():
 # --- against scikit-image ----------------------------------------------------------------------
 
 
-def blocks(
-    rng: np.random.Generator, shape: tuple[int, int], n_labels: int, scale: int
-) -> np.ndarray:
+def blocks(rng: np.random.Generator, shape: tuple[int, int], n_labels: int, scale: int) -> np.ndarray:
     """Random labels 0..n_labels-1 on a ``shape`` grid of ``scale`` x ``scale`` blocks."""
     return np.kron(rng.integers(0, n_labels, shape), np.ones((scale, scale), dtype=np.int64))
 
@@ -350,6 +346,7 @@ def test_bad_inputs_raise_value_errors():
 
 # --- properties --------------------------------------------------------------------------------
 
+
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(labels_2d, labels_2d, st.booleans())
 def test_scores_in_unit_interval_and_label_invariant(truth, pred, singletons):
@@ -357,9 +354,7 @@ def test_scores_in_unit_interval_and_label_invariant(truth, pred, singletons):
     assert set(scores) == set(SCORE_NAMES)
     assert all(0.0 <= v <= 1.0 for v in scores.values()), scores
     renamed = np.array([7, 3, 11, 5])[pred] * (pred > 0)  # same segments, other ids (0 kept)
-    assert rand_info_scores(truth, renamed, boundary_as_singletons=singletons) == pytest.approx(
-        scores
-    )
+    assert rand_info_scores(truth, renamed, boundary_as_singletons=singletons) == pytest.approx(scores)
 
 
 @settings(max_examples=30, deadline=None)

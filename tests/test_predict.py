@@ -97,8 +97,12 @@ def test_axis_origins_cover_small_and_exact_cases():
 
 
 def test_bad_tiling_is_refused():
-    for tile, overlap, phrase in ((100, 10, "multiple of 16"), (512, 512, "smaller than the tile"),
-                                  (512, -1, "at least 0"), (512, 500, "at most 496")):
+    for tile, overlap, phrase in (
+        (100, 10, "multiple of 16"),
+        (512, 512, "smaller than the tile"),
+        (512, -1, "at least 0"),
+        (512, 500, "at most 496"),
+    ):
         with pytest.raises(BadInputError, match=phrase):
             check_tiling(tile, overlap, 16)
     with pytest.raises(BadInputError, match="--blend"):
@@ -112,8 +116,19 @@ def test_bad_tiling_is_refused():
 def model_run(isbi_zarr, tmp_path_factory) -> Path:
     """A small depth-3 U-Net (halo 48) trained briefly on ISBI."""
     run = tmp_path_factory.mktemp("model") / "run"
-    emseg.train(isbi_zarr, run, depth=3, base_channels=8, crop=96, batch_size=4, steps_per_epoch=15, epochs=2,
-                lr=3e-3, device="cpu", val_slices="29")
+    emseg.train(
+        isbi_zarr,
+        run,
+        depth=3,
+        base_channels=8,
+        crop=96,
+        batch_size=4,
+        steps_per_epoch=15,
+        epochs=2,
+        lr=3e-3,
+        device="cpu",
+        val_slices="29",
+    )
     return run
 
 
@@ -142,8 +157,18 @@ def test_crop_blending_with_enough_overlap_equals_one_whole_slice_pass(model_run
     raw = isbi_arrays[0][28:29, :301, :413]  # odd sizes, several blocks and chunks per slice
     data = _store(tmp_path, raw)
     halo = emseg.load_model(model_run).emseg_meta["halo"]
-    out = emseg.predict(model_run, data, tmp_path / "crop.zarr", tile=128, overlap=2 * halo, blend="crop",
-                        dtype="float32", device="cpu", batch_size=3, config=PredictConfig(block=128))
+    out = emseg.predict(
+        model_run,
+        data,
+        tmp_path / "crop.zarr",
+        tile=128,
+        overlap=2 * halo,
+        blend="crop",
+        dtype="float32",
+        device="cpu",
+        batch_size=3,
+        config=PredictConfig(block=128),
+    )
     tiled = open_ome(out).array[0]
     whole = _whole_slice(model_run, raw[0])
     assert np.abs(tiled - whole).max() < 1e-4
@@ -152,8 +177,16 @@ def test_crop_blending_with_enough_overlap_equals_one_whole_slice_pass(model_run
 def test_gaussian_blending_at_overlap_64_is_close_to_the_whole_slice(model_run, isbi_arrays, tmp_path, record_property):
     raw = isbi_arrays[0][27:28]
     data = _store(tmp_path, raw)
-    out = emseg.predict(model_run, data, tmp_path / "g.zarr", tile=128, overlap=64, dtype="float32", device="cpu",
-                        config=PredictConfig(block=128))
+    out = emseg.predict(
+        model_run,
+        data,
+        tmp_path / "g.zarr",
+        tile=128,
+        overlap=64,
+        dtype="float32",
+        device="cpu",
+        config=PredictConfig(block=128),
+    )
     diff = np.abs(open_ome(out).array[0] - _whole_slice(model_run, raw[0]))
     record_property("gaussian_overlap64_max_abs_diff", float(diff.max()))
     record_property("gaussian_overlap64_mean_abs_diff", float(diff.mean()))
@@ -167,8 +200,22 @@ def test_output_is_ome_zarr_with_membranes_and_the_input_pyramid(model_run, tmp_
     raw = rng.integers(0, 255, (2, 1100, 300), dtype=np.uint8)
     data = _store(tmp_path, raw, chunks=(1, 256, 256))
     assert len(open_ome(data).levels) == 2
-    result = cli("predict", model_run, data, "-o", tmp_path / "p.zarr", "--device", "cpu", "--tile", "256",
-                 "--threshold", "0.4", "--slices", "1:2", "-q")
+    result = cli(
+        "predict",
+        model_run,
+        data,
+        "-o",
+        tmp_path / "p.zarr",
+        "--device",
+        "cpu",
+        "--tile",
+        "256",
+        "--threshold",
+        "0.4",
+        "--slices",
+        "1:2",
+        "-q",
+    )
     assert result.exit_code == 0, result.stderr
     pred = open_ome(tmp_path / "p.zarr")
     assert pred.shape == (1, 1100, 300) and pred.array.dtype == np.uint8
@@ -210,6 +257,7 @@ def test_tta_averages_the_eight_dihedral_views(model_run):
         assert torch.equal(dihedral_inverse(dihedral(x, k), k), x)
 
 
+@pytest.mark.slow
 def test_local_cluster_gives_the_same_output_as_threads(model_run, isbi_arrays, tmp_path):
     data = _store(tmp_path, isbi_arrays[0][:3, :256, :320], chunks=(1, 128, 128))
     cfg = PredictConfig(block=128)
@@ -227,6 +275,7 @@ def test_local_cluster_gives_the_same_output_as_threads(model_run, isbi_arrays, 
     np.testing.assert_array_equal(a.labels["membranes"].array[:], b.labels["membranes"].array[:])
 
 
+@pytest.mark.slow
 def test_killed_prediction_resumes_to_the_identical_output(model_run, isbi_arrays, tmp_path):
     data = _store(tmp_path, isbi_arrays[0][:16, :256, :256], chunks=(1, 256, 256))
     out = tmp_path / "killed.zarr"
@@ -275,21 +324,36 @@ print(half[int(0.9 * (len(half) - 1))], max(samples))
 
 def _rss_of_predict(model_run: Path, data: Path, out: Path) -> tuple[int, int]:
     """(90th percentile of the resident memory over the run's second half, peak), in bytes."""
-    proc = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(model_run), str(data), str(out)],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", _RSS_SCRIPT, str(model_run), str(data), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     p90, peak = proc.stdout.split()[-2:]
     return int(p90), int(peak)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
 def test_memory_stays_flat_as_the_stack_grows(isbi_zarr, tmp_path):
     """Memory for a 16-slice stack is that of a 4-slice one (both keep all block threads busy)."""
     from emseg.synthetic import synthetic_stack
 
     run = tmp_path / "cheap"  # an untrained, cheap network: memory, not quality, is measured
-    emseg.train(isbi_zarr, run, depth=2, base_channels=4, crop=64, batch_size=2, epochs=1, steps_per_epoch=1,
-                device="cpu", val_slices="29")
+    emseg.train(
+        isbi_zarr,
+        run,
+        depth=2,
+        base_channels=4,
+        crop=64,
+        batch_size=2,
+        epochs=1,
+        steps_per_epoch=1,
+        device="cpu",
+        val_slices="29",
+    )
     raw, _ = synthetic_stack((1, 1024, 1024), seed=3)
     small = _store(tmp_path, np.concatenate([raw] * 4), chunks=(1, 512, 512), name="small.zarr")
     big = _store(tmp_path, np.concatenate([raw] * 16), chunks=(1, 512, 512), name="big.zarr")
@@ -327,13 +391,14 @@ def test_bad_prediction_input(model_run, isbi_zarr, tmp_path, cli):
     assert not (tmp_path / "o.zarr").exists()
 
 
+@pytest.mark.slow
 def test_a_second_prediction_into_the_same_output_is_refused(model_run, isbi_arrays, tmp_path):
-    from emseg.inference.graph import OutputLock
+    from emseg.io.outputs import OutputLock
 
     data = _store(tmp_path, np.concatenate([isbi_arrays[0][:30, :256, :256]] * 3), chunks=(1, 256, 256))
     out = tmp_path / "p.zarr"
     args = ["predict", str(model_run), str(data), "-o", str(out), "--tile", "128", "--device", "cpu", "-q"]
-    held = OutputLock(out)  # a writer holding the lock, deterministically
+    held = OutputLock(out, "predict")  # a writer holding the lock, deterministically
     held.acquire()
     refused = run_emseg(*args)
     held.release()

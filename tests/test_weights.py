@@ -46,9 +46,7 @@ def _brute_force(label: np.ndarray, w0: float, sigma: float) -> np.ndarray:
     return w.astype(np.float32)
 
 
-def _blobs(
-    rng: np.random.Generator, shape: tuple[int, int], smooth: float, level: float
-) -> np.ndarray:
+def _blobs(rng: np.random.Generator, shape: tuple[int, int], smooth: float, level: float) -> np.ndarray:
     """Random cell-like {0, 1} uint8 label: smoothed noise thresholded."""
     noise = ndi.gaussian_filter(rng.standard_normal(shape), smooth)
     return (noise > level * noise.std()).astype(np.uint8)

@@ -77,7 +77,12 @@ class Engine:
     """A model on a device with its intensity normalisation, serving blocks of tiles."""
 
     def __init__(
-        self, model: nn.Module, device: torch.device, mean: float, std: float, settings: EngineSettings = EngineSettings()
+        self,
+        model: nn.Module,
+        device: torch.device,
+        mean: float,
+        std: float,
+        settings: EngineSettings = EngineSettings(),
     ) -> None:
         if settings.output_dtype not in OUTPUT_DTYPES:
             raise ValueError(f"output dtype must be one of {OUTPUT_DTYPES}")
@@ -139,7 +144,7 @@ class Engine:
             self._server.join()
             self._finisher.join()
 
-    def __enter__(self) -> "Engine":
+    def __enter__(self) -> Engine:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -170,7 +175,9 @@ class Engine:
             try:
                 if len(raw) <= self.batch_size:
                     return self._forward(raw)
-                return torch.cat([self._forward(raw[i : i + self.batch_size]) for i in range(0, len(raw), self.batch_size)])
+                return torch.cat(
+                    [self._forward(raw[i : i + self.batch_size]) for i in range(0, len(raw), self.batch_size)]
+                )
             except torch.cuda.OutOfMemoryError:
                 if self.batch_size == 1:
                     raise EmsegRuntimeError("out of GPU memory even with batch size 1; use a smaller --tile") from None
@@ -204,7 +211,7 @@ class Engine:
                         self._run_batch(batch)
                     if self._closing and not active:
                         break
-        except BaseException as exc:  # hand the failure to every waiting task
+        except BaseException as exc:  # noqa: BLE001 - not swallowed: handed to every waiting task, which re-raises it
             self._error = exc
             waiting = list(self._unfinished)
             while True:
@@ -257,7 +264,7 @@ class Engine:
             pad = batch_tiles.new_zeros((self.batch_size - len(tiles), t, t))
             batch_tiles = torch.cat([batch_tiles, pad])
         prob = self._forward_safe(batch_tiles)[: len(tiles)]
-        for (block, (iy, ix, y, x)), p in zip(batch, prob):
+        for (block, (iy, ix, y, x)), p in zip(batch, prob, strict=True):
             if block.acc is None:
                 dy0, dy1, dx0, dx1 = block.plan.domain
                 block.acc = torch.zeros((dy1 - dy0, dx1 - dx0), dtype=torch.float32, device=self.device)
@@ -304,5 +311,5 @@ class Engine:
                 if event is not None:
                     event.synchronize()
                 future.set_result((out.numpy().copy(), mask.numpy().copy()))
-            except BaseException as exc:  # pragma: no cover - device failures
+            except BaseException as exc:  # noqa: BLE001 - not swallowed: the waiting task re-raises it
                 future.set_exception(exc)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -42,15 +43,17 @@ def check_tiling(tile: int, overlap: int, divisor: int, blend: str = "gaussian")
         )
 
 
-def reflect_index(index: np.ndarray, n: int) -> np.ndarray:
-    """Map any integer coordinates into ``[0, n)`` by mirror reflection about the edge pixels
-    (numpy's ``mode="reflect"``: -1 -> 1, n -> n - 2), repeated for coordinates far outside."""
-    index = np.asarray(index, dtype=np.int64)
+def reflect_index(index: Any, n: int) -> Any:
+    """Map integer coordinates into ``[0, n)`` by mirror reflection about the edge pixels
+    (numpy's ``mode="reflect"``: -1 -> 1, n -> n - 2), repeated for coordinates far outside.
+
+    The one reflection rule of emseg: written with ``%``, ``*`` and comparisons only, so it takes
+    a numpy array (tiling, prediction) or a torch tensor (training crops) and returns the same type.
+    """
     if n == 1:
-        return np.zeros_like(index)
-    period = 2 * (n - 1)
-    m = np.mod(index, period)
-    return np.where(m >= n, period - m, m)
+        return index * 0
+    m = index % (2 * (n - 1))  # the sign of the divisor for numpy and torch alike
+    return m - 2 * (m - (n - 1)) * (m >= n)
 
 
 def read_reflected(
@@ -61,8 +64,8 @@ def read_reflected(
     ``read(rows, cols)`` returns the plane's pixels for two in-range slices; only the bounding box
     of the reflected coordinates is read.
     """
-    ys = reflect_index(np.arange(y0, y1), shape[0])
-    xs = reflect_index(np.arange(x0, x1), shape[1])
+    ys = reflect_index(np.arange(y0, y1, dtype=np.int64), shape[0])
+    xs = reflect_index(np.arange(x0, x1, dtype=np.int64), shape[1])
     ylo, yhi, xlo, xhi = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
     data = np.asarray(read(slice(ylo, yhi), slice(xlo, xhi)))
     if ylo == y0 and yhi == y1 and xlo == x0 and xhi == x1:
@@ -70,7 +73,9 @@ def read_reflected(
     return data[np.ix_(ys - ylo, xs - xlo)] if data.ndim == 2 else data[..., ys - ylo, :][..., xs - xlo]
 
 
-def axis_origins(b0: int, b1: int, tile: int, overlap: int, align: int, context: int, length: int | None = None) -> np.ndarray:
+def axis_origins(
+    b0: int, b1: int, tile: int, overlap: int, align: int, context: int, length: int | None = None
+) -> np.ndarray:
     """Tile origins along one axis covering ``[b0 - context, b1 + context)``.
 
     Context is added only where the block borders another block: at the axis' true edges
@@ -145,7 +150,12 @@ class TilePlan:
     def domain(self) -> tuple[int, int, int, int]:
         """y0, y1, x0, x1 covered by the tiles (the input region to read)."""
         t = self.tile
-        return (int(self.y_origins[0]), int(self.y_origins[-1]) + t, int(self.x_origins[0]), int(self.x_origins[-1]) + t)
+        return (
+            int(self.y_origins[0]),
+            int(self.y_origins[-1]) + t,
+            int(self.x_origins[0]),
+            int(self.x_origins[-1]) + t,
+        )
 
     def weight_sums(self) -> tuple[np.ndarray, np.ndarray]:
         """(block_h,) and (block_w,) float64 sums of the tiles' 1D windows over the block.
@@ -155,11 +165,13 @@ class TilePlan:
         """
         t = self.tile
         out = []
-        for origins, windows, (b0, b1) in ((self.y_origins, self.y_windows, self.block[:2]),
-                                           (self.x_origins, self.x_windows, self.block[2:])):
+        for origins, windows, (b0, b1) in (
+            (self.y_origins, self.y_windows, self.block[:2]),
+            (self.x_origins, self.x_windows, self.block[2:]),
+        ):
             d0 = int(origins[0])
             total = np.zeros(int(origins[-1]) + t - d0)
-            for origin, window in zip(origins, windows):
+            for origin, window in zip(origins, windows, strict=True):
                 total[int(origin) - d0 : int(origin) - d0 + t] += window
             out.append(total[b0 - d0 : b1 - d0])
         return out[0], out[1]
@@ -170,7 +182,12 @@ class TilePlan:
 
 
 def plan_block(
-    y: tuple[int, int], x: tuple[int, int], tile: int, overlap: int, align: int, blend: str = "gaussian",
+    y: tuple[int, int],
+    x: tuple[int, int],
+    tile: int,
+    overlap: int,
+    align: int,
+    blend: str = "gaussian",
     shape: tuple[int, int] | None = None,
 ) -> TilePlan:
     """Tiles for the output block ``y[0]:y[1], x[0]:x[1]`` of a slice of ``shape`` (H, W), with
@@ -182,6 +199,6 @@ def plan_block(
     if blend == "crop":
         wy, wx = crop_windows_1d(ys, tile), crop_windows_1d(xs, tile)
     else:
-        w = window_1d(blend, tile, overlap)
-        wy, wx = np.broadcast_to(w, (len(ys), tile)), np.broadcast_to(w, (len(xs), tile))
+        window = window_1d(blend, tile, overlap)
+        wy, wx = np.broadcast_to(window, (len(ys), tile)), np.broadcast_to(window, (len(xs), tile))
     return TilePlan((y[0], y[1], x[0], x[1]), tile, ys, xs, np.asarray(wy), np.asarray(wx))

@@ -3,13 +3,13 @@ slice by slice, so memory stays at one slice whatever the stack's size."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from emseg.errors import BadInputError
-from emseg.io.atomic import check_output
-from emseg.io.tiff import write_png, write_tiff
+from emseg.io.outputs import Output
 from emseg.io.zarr import open_ome
 from emseg.progress import Reporter, reporter_or_null
 
@@ -44,35 +44,50 @@ def export_store(
     if fmt == "png" and array.dtype not in (np.uint8, np.uint16):
         raise BadInputError(f"PNG holds 8- or 16-bit integers; {array.dtype} data needs --format tif")
     scale = 255 if label is not None else 1
-    check_output(output, overwrite, kind="file")
     progress = reporter_or_null(progress)
-    progress.start(f"export {output.name}", total=array.shape[0], unit="slices")
 
-    def planes():
+    def planes() -> Iterator[np.ndarray]:
         for z in range(array.shape[0]):
             plane = np.asarray(array[z])
             yield plane * np.uint8(scale) if scale != 1 else plane
             progress.advance(1)
 
     voxel = tuple(v * (2**level if i else 1) for i, v in enumerate(image.voxel_size))
-    tmp = output.parent / f".{output.name}.partial"
-    try:
+    # the earlier output (with --overwrite) stays until the new one is whole
+    with Output(output, overwrite=overwrite, kind="file" if fmt == "tif" else "slices", command="export") as out:
+        progress.start(f"export {output.name}", total=array.shape[0], unit="slices")
         if fmt == "tif":
-            write_tiff(tmp, planes(), array.shape, array.dtype, voxel)
+            write_tiff(out.path, planes(), array.shape, array.dtype, voxel)
         else:
-            tmp.mkdir(parents=True, exist_ok=True)
             width = max(4, len(str(array.shape[0] - 1)))
             for z, plane in enumerate(planes()):
-                write_png(tmp / f"slice_{z:0{width}d}.png", plane)
-        if output.exists():
-            import shutil
-
-            shutil.rmtree(output) if output.is_dir() else output.unlink()
-        tmp.rename(output)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
-        raise
-    progress.finish()
+                write_png(out.path / f"slice_{z:0{width}d}.png", plane)
+        progress.finish()
     return output
+
+
+def write_tiff(
+    path: Path, slices: Iterable[np.ndarray], shape: Sequence[int], dtype: np.dtype, voxel_size: Sequence[float]
+) -> None:
+    """Write an iterable of (Y, X) slices of ``dtype`` as one zlib-compressed BigTIFF whose
+    centimetre resolution tags carry the (y, x) voxel size in nm (ImageJ reads it)."""
+    import tifffile
+
+    with tifffile.TiffWriter(path, bigtiff=True) as tw:
+        for plane in slices:
+            tw.write(
+                np.asarray(plane, dtype=dtype),
+                compression="zlib",
+                predictor=True,
+                resolution=(1e7 / voxel_size[2], 1e7 / voxel_size[1]),
+                resolutionunit="CENTIMETER",
+                metadata=None,
+                contiguous=False,
+            )
+
+
+def write_png(path: Path, plane: np.ndarray) -> None:
+    """Write one (Y, X) uint8 or uint16 slice as PNG."""
+    from PIL import Image
+
+    Image.fromarray(np.ascontiguousarray(plane)).save(path)

@@ -8,109 +8,26 @@ a few bands whatever the stack's size. Reading the next band overlaps writing th
 
 from __future__ import annotations
 
-import datetime as _dt
 import logging
 import math
 import time
 from collections.abc import Iterator
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import zarr
 
-from emseg import __version__
 from emseg.config import IngestConfig
 from emseg.errors import BadInputError
-from emseg.io.atomic import atomic_directory
-from emseg.io.tiff import Stack, open_stack
-from emseg.io.zarr import LevelSpec, create_image_store, create_label, create_multiscale, pyramid_shapes
+from emseg.io.outputs import Output, provenance
+from emseg.io.pyramid import PyramidWriter, band_rows, pyramid_shapes
+from emseg.io.stacks import Stack, open_stack
+from emseg.io.zarr import LevelSpec, create_image_store, create_label, create_multiscale
 from emseg.progress import Reporter, reporter_or_null
 
 log = logging.getLogger(__name__)
 #: Largest band (bytes of source pixels) ingest holds at once.
 BAND_BYTES = 2**30
-
-
-def reduce2(band: np.ndarray, kind: str) -> np.ndarray:
-    """2x2 reduction in y and x of a (Z, Y, X) band: block mean ("mean", in the band's dtype,
-    rounded for integers) or block majority of a {0, 1} band ("majority", ties to 1).
-    Odd sizes are padded by edge replication, so the output is (Z, ceil(Y/2), ceil(X/2))."""
-    z, y, x = band.shape
-    if y % 2 or x % 2:
-        band = np.pad(band, ((0, 0), (0, y % 2), (0, x % 2)), mode="edge")
-    if kind == "majority":
-        acc = band[:, 0::2].astype(np.uint8) + band[:, 1::2]
-        acc = acc[:, :, 0::2] + acc[:, :, 1::2]
-        return (acc >= 2).astype(np.uint8)
-    if np.issubdtype(band.dtype, np.integer):
-        wide = np.int64 if band.dtype.itemsize >= 4 else np.int32 if band.dtype.itemsize == 2 else np.uint16
-        acc = band[:, 0::2].astype(wide) + band[:, 1::2]
-        acc = acc[:, :, 0::2] + acc[:, :, 1::2]
-        acc += 2
-        acc //= 4
-        return acc.astype(band.dtype)
-    work = np.float64 if band.dtype == np.float64 else np.float32
-    acc = band[:, 0::2].astype(work) + band[:, 1::2]
-    return ((acc[:, :, 0::2] + acc[:, :, 1::2]) * 0.25).astype(band.dtype)
-
-
-class PyramidWriter:
-    """Writes bands of level 0 in order and feeds the reduced levels chunk row by chunk row.
-
-    Writes run on ``pool`` (at most ``max_pending`` at once, so memory stays bounded) while the
-    caller reads and reduces the next band; :meth:`drain` waits for them and raises their errors.
-    """
-
-    def __init__(self, arrays: list[zarr.Array], kind: str, pool: ThreadPoolExecutor, max_pending: int = 1) -> None:
-        self.arrays = arrays
-        self.kind = kind
-        self._pool = pool
-        self._max_pending = max_pending
-        self._futures: deque[Future[None]] = deque()
-        self._pending: list[list[np.ndarray]] = [[] for _ in arrays]
-        self._start: list[int] = [0] * len(arrays)
-
-    def write(self, z0: int, y0: int, band: np.ndarray) -> None:
-        """Write level-0 rows ``y0:y0+len`` of slices ``z0:z0+band.shape[0]``; bands of one
-        z-group must arrive top to bottom."""
-        self._submit(0, (slice(z0, z0 + band.shape[0]), slice(y0, y0 + band.shape[1])), band)
-        last = y0 + band.shape[1] == self.arrays[0].shape[1]
-        for level in range(1, len(self.arrays)):
-            band = reduce2(band, self.kind)
-            self._push(level, z0, band, last)
-
-    def _submit(self, level: int, where: tuple[slice, slice], data: np.ndarray) -> None:
-        while len(self._futures) >= self._max_pending:
-            self._futures.popleft().result()
-        self._futures.append(self._pool.submit(self.arrays[level].__setitem__, where, data))
-
-    def drain(self) -> None:
-        while self._futures:
-            self._futures.popleft().result()
-
-    def _push(self, level: int, z0: int, band: np.ndarray, last: bool) -> None:
-        pending = self._pending[level]
-        pending.append(band)
-        rows = sum(b.shape[1] for b in pending)
-        chunk_rows = self.arrays[level].chunks[1]
-        if rows < chunk_rows and not last:
-            return
-        data = np.concatenate(pending, axis=1) if len(pending) > 1 else pending[0]
-        n = rows if last else (rows // chunk_rows) * chunk_rows
-        start = self._start[level]
-        self._submit(level, (slice(z0, z0 + data.shape[0]), slice(start, start + n)), data[:, :n])
-        rest = data[:, n:]
-        self._pending[level] = [rest] if rest.shape[1] else []
-        self._start[level] = 0 if last else start + n
-
-
-def band_rows(chunk_rows: int, n_levels: int, height: int, row_block: int = 1) -> int:
-    """Rows per band: the least common multiple of the chunk rows, 2^(levels-1) (so every level
-    gets whole rows) and the source's row block (so no strip is decoded twice), at most ``height``."""
-    return min(math.lcm(chunk_rows, 2 ** max(0, n_levels - 1), max(1, row_block)), height)
 
 
 def _bands(shape: tuple[int, int, int], zstep: int, ystep: int) -> Iterator[tuple[int, int, int, int]]:
@@ -138,18 +55,10 @@ def _check_config(config: IngestConfig) -> None:
     if config.shards is not None:
         if config.ngff == "0.4":
             raise BadInputError("--shards needs --ngff 0.5 (zarr v3); NGFF 0.4 has no sharding")
-        if len(config.shards) != 3 or any(int(s) < int(c) or int(s) % int(c) for s, c in zip(config.shards, config.chunks)):
+        if len(config.shards) != 3 or any(
+            int(s) < int(c) or int(s) % int(c) for s, c in zip(config.shards, config.chunks, strict=True)
+        ):
             raise BadInputError(f"--shards {config.shards}: each must be a multiple of the chunk size {config.chunks}")
-
-
-def provenance(command: str, **fields: Any) -> dict[str, Any]:
-    """The ``emseg`` block of a store's attributes: what wrote it, when, from what."""
-    return {
-        "version": __version__,
-        "command": command,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        **fields,
-    }
 
 
 def ingest_stack(
@@ -162,8 +71,8 @@ def ingest_stack(
     """Convert a TIFF stack, slice folder or 2D image (and optionally its labels) to OME-Zarr.
 
     The image keeps its dtype; labels are binarised (value > 0 -> 1, uint8) into
-    ``labels/cells``. Writes atomically: on any failure nothing exists under ``output``.
-    Returns ``output``.
+    ``labels/cells``. Writes through :class:`~emseg.io.outputs.Output`: on any failure nothing
+    new exists under ``output`` (an earlier output it was to replace stays). Returns ``output``.
     """
     _check_config(config)
     progress = reporter_or_null(progress)
@@ -218,8 +127,8 @@ def _write(
         labels=None if lab is None else lab.describe(),
         voxel_size_from=vs_source,
     )
-    with atomic_directory(output, config.overwrite) as tmp:
-        root = create_image_store(tmp, config.ngff, attrs={"emseg": prov})
+    with Output(output, overwrite=config.overwrite, kind="store", command="ingest") as out:
+        root = create_image_store(out.path, config.ngff, attrs={"emseg": prov})
         image_arrays = create_multiscale(root, spec, voxel_size, config.ngff, stack.path.stem)
         label_arrays = None if lab is None else create_label(root, "cells", spec, voxel_size, config.ngff)
         seen_label_values: set[float] = set()
@@ -242,7 +151,8 @@ def _write(
                         future = reader.submit(read, *bands[i + 1])
                     if floating and not np.isfinite(image).all():
                         raise BadInputError(
-                            f"{stack.path}: non-finite values (NaN or infinity) in slices {z0}-{z1 - 1}; fix the source first"
+                            f"{stack.path}: non-finite values (NaN or infinity) in slices {z0}-{z1 - 1}; "
+                            "fix the source first"
                         )
                     image_writer.write(z0, y0, image)
                     if label is not None and label_writer is not None:

@@ -1,8 +1,9 @@
 """OME-Zarr stores: create image and label groups with multiscales metadata, and open them.
 
 emseg writes NGFF 0.4 (zarr v2, ``/`` chunk keys) by default, the version napari and Fiji read
-today, and NGFF 0.5 (zarr v3, metadata under ``"ome"``, optional sharding) on request. A store
-holds one image group::
+today, and NGFF 0.5 (zarr v3, metadata under ``"ome"``, optional sharding) on request. What
+differs between the two lives in one :class:`Ngff` object per version (:data:`NGFF_04`,
+:data:`NGFF_05`). A store holds one image group::
 
     DATA.zarr/            multiscales image: arrays "0", "1", ... (2x downsampled in y and x)
     DATA.zarr/labels/     {"labels": ["cells"]}
@@ -11,22 +12,29 @@ holds one image group::
 All arrays are (z, y, x) with axes in nanometres; levels k > 0 are 2x2 block means of level k-1
 (block majority for labels), so level k has scale (z, 2^k y, 2^k x) and a translation of
 (2^k - 1)/2 pixels of level 0 in y and x.
+
+A store to open may come from anywhere: every zarr call on it sits in a small
+:func:`~emseg.io.untrusted.untrusted` block, and the JSON it holds is checked field by field,
+so malformed metadata is one :class:`BadInputError` line and a bug in emseg keeps its traceback.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import zarr
 
 from emseg.errors import BadInputError
+from emseg.io.pyramid import pyramid_shapes
+from emseg.io.untrusted import untrusted
 
-NGFF_VERSIONS = ("0.4", "0.5")
+#: How a store is opened: read only, read/write, ...
+OpenMode = Literal["r", "r+", "a", "w", "w-"]
 #: Largest array (elements) emseg opens: 2**50, a petavoxel; metadata claiming more is hostile.
 MAX_ELEMENTS = 2**50
 AXES = [
@@ -41,25 +49,120 @@ LABEL_COLORS = {
 }
 
 
-def pyramid_shapes(shape: Sequence[int], min_size: int = 1024) -> list[tuple[int, int, int]]:
-    """Level shapes: level 0 is ``shape``; each next level halves y and x (rounding up) until the
-    largest of y and x is at most ``min_size``."""
-    z, y, x = (int(s) for s in shape)
-    shapes = [(z, y, x)]
-    while max(y, x) > min_size and min(y, x) > 1:
-        y, x = math.ceil(y / 2), math.ceil(x / 2)
-        shapes.append((z, y, x))
-    return shapes
+# --- the NGFF versions ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Ngff:
+    """What one NGFF version fixes about a store: the zarr format, where the metadata goes,
+    where the version is written, the compressor and chunk keys, and whether shards exist."""
+
+    version: str
+    zarr_format: Literal[2, 3]
+    sharding: bool
+
+    def wrap(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """Group attributes holding the NGFF metadata ``payload`` ({"multiscales": ...} etc.)."""
+        raise NotImplementedError
+
+    def tag(self, entry: dict[str, Any]) -> dict[str, Any]:
+        """A multiscales or image-label entry with the version key this version puts in it."""
+        raise NotImplementedError
+
+    def codec_kwargs(self, clevel: int, dtype: np.dtype) -> dict[str, Any]:
+        """Keywords of ``zarr.Group.create_array``: Blosc zstd (bit-shuffled for 1-byte data)."""
+        raise NotImplementedError
+
+    def create_group(self, path: Path, attrs: dict[str, Any] | None = None) -> zarr.Group:
+        """A new, empty root group at ``path`` in this version's zarr format."""
+        return zarr.create_group(str(path), zarr_format=self.zarr_format, attributes=attrs or {})
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ngff04(Ngff):
+    """NGFF 0.4: zarr v2, metadata at the top level, "version" in each entry, numcodecs Blosc and
+    "/" chunk keys (what napari and Fiji read)."""
+
+    def wrap(self, payload: dict[str, Any]) -> dict[str, Any]:
+        return dict(payload)
+
+    def tag(self, entry: dict[str, Any]) -> dict[str, Any]:
+        return {"version": self.version, **entry}
+
+    def codec_kwargs(self, clevel: int, dtype: np.dtype) -> dict[str, Any]:
+        import numcodecs
+
+        shuffle = numcodecs.Blosc.BITSHUFFLE if np.dtype(dtype).itemsize == 1 else numcodecs.Blosc.SHUFFLE
+        return {
+            "compressors": numcodecs.Blosc(cname="zstd", clevel=clevel, shuffle=shuffle),
+            "chunk_key_encoding": {"name": "v2", "separator": "/"},
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ngff05(Ngff):
+    """NGFF 0.5: zarr v3, metadata under "ome" with the version beside it, zarr's BloscCodec,
+    named dimensions, optional sharding."""
+
+    def wrap(self, payload: dict[str, Any]) -> dict[str, Any]:
+        return {"ome": {"version": self.version, **payload}}
+
+    def tag(self, entry: dict[str, Any]) -> dict[str, Any]:
+        return dict(entry)
+
+    def codec_kwargs(self, clevel: int, dtype: np.dtype) -> dict[str, Any]:
+        from zarr.codecs import BloscCodec
+
+        shuffle: Literal["bitshuffle", "shuffle"] = "bitshuffle" if np.dtype(dtype).itemsize == 1 else "shuffle"
+        return {
+            "compressors": BloscCodec(cname="zstd", clevel=clevel, shuffle=shuffle),
+            "dimension_names": ["z", "y", "x"],
+        }
+
+
+NGFF_04: Ngff = _Ngff04("0.4", zarr_format=2, sharding=False)
+NGFF_05: Ngff = _Ngff05("0.5", zarr_format=3, sharding=True)
+NGFF_VERSIONS = (NGFF_04.version, NGFF_05.version)
+
+
+def ngff_for(version: str) -> Ngff:
+    """The :class:`Ngff` of ``version`` ("0.4" or "0.5"); BadInputError for any other."""
+    for ngff in (NGFF_04, NGFF_05):
+        if ngff.version == version:
+            return ngff
+    raise BadInputError(f"--ngff {version}: supported versions are {', '.join(NGFF_VERSIONS)}")
+
+
+def ngff_payload(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """The NGFF metadata in a group's attributes, whatever the version (0.5 nests it under
+    "ome"; its "version" key is left out)."""
+    ome = attrs.get("ome")
+    if isinstance(ome, dict):
+        return {k: v for k, v in ome.items() if k != "version"}
+    return dict(attrs)
+
+
+def detect_version(attrs: Mapping[str, Any]) -> str:
+    """The NGFF version a group's attributes declare: "ome"/"version" (0.5 and later), else the
+    first multiscales entry's "version", else "0.4". Not checked against :data:`NGFF_VERSIONS`
+    (use :func:`ngff_for` on it to write the same version)."""
+    ome = attrs.get("ome")
+    if isinstance(ome, dict):
+        return str(ome.get("version"))
+    ms = attrs.get("multiscales")
+    first = ms[0] if isinstance(ms, list) and ms else None
+    return str(first.get("version", "0.4")) if isinstance(first, dict) else "0.4"
+
+
+# --- writing -------------------------------------------------------------------------------------
 
 
 def clip_chunks(chunks: Sequence[int], shape: Sequence[int]) -> tuple[int, int, int]:
     """Chunk shape clipped to the array (a chunk never exceeds the array, never below 1)."""
-    return tuple(max(1, min(int(c), int(s))) for c, s in zip(chunks, shape))  # type: ignore[return-value]
+    return tuple(max(1, min(int(c), int(s))) for c, s in zip(chunks, shape, strict=False))  # type: ignore[return-value]
 
 
-def multiscales(
-    name: str, n_levels: int, voxel_size: Sequence[float], version: str
-) -> dict[str, Any]:
+def multiscales(name: str, n_levels: int, voxel_size: Sequence[float], version: str) -> dict[str, Any]:
     """The ``multiscales`` entry for an image of ``n_levels`` 2x-in-(y, x) levels."""
     datasets = []
     for level in range(n_levels):
@@ -78,34 +181,7 @@ def multiscales(
         "datasets": datasets,
         "type": "2x2 block mean in y and x",
     }
-    if version == "0.4":
-        entry = {"version": "0.4", **entry}
-    return entry
-
-
-def _ome_attrs(version: str, payload: dict[str, Any]) -> dict[str, Any]:
-    """Wrap NGFF metadata as the version wants it: top level for 0.4, under "ome" for 0.5."""
-    if version == "0.4":
-        return payload
-    return {"ome": {"version": version, **payload}}
-
-
-def _codec_kwargs(version: str, clevel: int, dtype: np.dtype) -> dict[str, Any]:
-    if version == "0.4":
-        import numcodecs
-
-        shuffle = numcodecs.Blosc.BITSHUFFLE if np.dtype(dtype).itemsize == 1 else numcodecs.Blosc.SHUFFLE
-        return {
-            "compressors": numcodecs.Blosc(cname="zstd", clevel=clevel, shuffle=shuffle),
-            "chunk_key_encoding": {"name": "v2", "separator": "/"},
-        }
-    from zarr.codecs import BloscCodec
-
-    shuffle = "bitshuffle" if np.dtype(dtype).itemsize == 1 else "shuffle"
-    return {
-        "compressors": BloscCodec(cname="zstd", clevel=clevel, shuffle=shuffle),
-        "dimension_names": ["z", "y", "x"],
-    }
+    return ngff_for(version).tag(entry)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,23 +207,29 @@ def create_multiscale(
     """Create the arrays "0", "1", ... of a multiscale image in ``group`` and write its metadata.
 
     Returns the arrays, level 0 first. Chunks are clipped to each level's shape; shards (NGFF 0.5
-    only) are clipped likewise and rounded to whole chunks.
+    only; ignored for 0.4) are clipped likewise and rounded to whole chunks.
     """
+    ngff = ngff_for(version)
     arrays = []
     for level, shape in enumerate(pyramid_shapes(spec.shape, spec.pyramid_min_size)):
         chunks = clip_chunks(spec.chunks, shape)
-        kwargs = _codec_kwargs(version, spec.clevel, np.dtype(spec.dtype))
-        if spec.shards is not None and version != "0.4":
+        kwargs = ngff.codec_kwargs(spec.clevel, np.dtype(spec.dtype))
+        if spec.shards is not None and ngff.sharding:
             shards = clip_chunks(spec.shards, shape)
-            kwargs["shards"] = tuple(max(c, (s // c) * c) for s, c in zip(shards, chunks))
+            kwargs["shards"] = tuple(max(c, (s // c) * c) for s, c in zip(shards, chunks, strict=False))
         arrays.append(
             group.create_array(
-                str(level), shape=shape, chunks=chunks, dtype=spec.dtype, fill_value=0,
+                str(level),
+                shape=shape,
+                chunks=chunks,
+                dtype=spec.dtype,
+                fill_value=0,
                 # Checking every chunk for emptiness costs more than it saves on EM data.
-                config={"write_empty_chunks": True}, **kwargs
+                config={"write_empty_chunks": True},
+                **kwargs,
             )
         )
-    attrs = _ome_attrs(version, {"multiscales": [multiscales(name, len(arrays), voxel_size, version)]})
+    attrs = ngff.wrap({"multiscales": [multiscales(name, len(arrays), voxel_size, version)]})
     if extra_attrs:
         attrs.update(extra_attrs)
     group.attrs.update(attrs)
@@ -156,39 +238,32 @@ def create_multiscale(
 
 def create_image_store(path: Path, version: str, attrs: dict[str, Any] | None = None) -> zarr.Group:
     """A new, empty root group at ``path`` for an OME-Zarr image of NGFF ``version``."""
-    if version not in NGFF_VERSIONS:
-        raise BadInputError(f"--ngff {version}: supported versions are {', '.join(NGFF_VERSIONS)}")
-    fmt = 2 if version == "0.4" else 3
-    return zarr.create_group(str(path), zarr_format=fmt, attributes=attrs or {})
+    return ngff_for(version).create_group(path, attrs)
 
 
 def create_label(
     image_group: zarr.Group, label_name: str, spec: LevelSpec, voxel_size: Sequence[float], version: str
 ) -> list[zarr.Array]:
     """Create ``labels/<label_name>`` (uint8 multiscale with image-label metadata) under the image."""
+    ngff = ngff_for(version)
     labels = image_group.require_group("labels")
-    existing = list(_ome(labels.attrs).get("labels", []))
+    existing = list(ngff_payload(labels.attrs).get("labels", []))
     if label_name not in existing:
         existing.append(label_name)
-    labels.attrs.update(_ome_attrs(version, {"labels": existing}))
+    labels.attrs.update(ngff.wrap({"labels": existing}))
     group = labels.create_group(label_name)
-    image_label = {
-        "colors": LABEL_COLORS.get(label_name, [{"label-value": 1, "rgba": [255, 0, 0, 128]}]),
-        "source": {"image": "../../"},
-    }
-    if version == "0.4":
-        image_label = {"version": "0.4", **image_label}
+    image_label = ngff.tag(
+        {
+            "colors": LABEL_COLORS.get(label_name, [{"label-value": 1, "rgba": [255, 0, 0, 128]}]),
+            "source": {"image": "../../"},
+        }
+    )
     arrays = create_multiscale(group, dataclasses.replace(spec, dtype="uint8"), voxel_size, version, label_name)
-    group.attrs.update(_ome_attrs(version, {**_ome(group.attrs), "image-label": image_label}))
+    group.attrs.update(ngff.wrap({**ngff_payload(group.attrs), "image-label": image_label}))
     return arrays
 
 
-def _ome(attrs: Any) -> dict[str, Any]:
-    """NGFF metadata of a group's attributes, whatever the version (0.5 nests it under "ome")."""
-    attrs = dict(attrs)
-    if "ome" in attrs and isinstance(attrs["ome"], dict):
-        return {k: v for k, v in attrs["ome"].items() if k != "version"}
-    return attrs
+# --- reading -------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
@@ -197,10 +272,11 @@ class OmeImage:
 
     path: Path
     group: zarr.Group
+    #: The NGFF version the store declares (may be one emseg does not write, e.g. "0.3").
     version: str
     levels: list[zarr.Array]
     voxel_size: tuple[float, float, float]
-    labels: dict[str, "OmeImage"]
+    labels: dict[str, OmeImage]
     attrs: dict[str, Any]
 
     @property
@@ -212,67 +288,97 @@ class OmeImage:
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.levels[0].shape)  # type: ignore[return-value]
 
+    @property
+    def ngff(self) -> Ngff:
+        """The :class:`Ngff` of this store's version (BadInputError for one emseg cannot write)."""
+        return ngff_for(self.version)
 
-def open_ome(path: str | Path, *, mode: str = "r") -> OmeImage:
+
+def open_ome(path: str | Path, *, mode: OpenMode = "r") -> OmeImage:
     """Open an OME-Zarr image written by emseg (or any NGFF 0.4/0.5 3D image).
 
     Raises :class:`BadInputError` with one clear line when ``path`` is missing, not a zarr group,
-    has no multiscales image, or carries metadata that does not make sense (a store from an
-    untrusted source can hold anything: every failure to read it is reported the same way).
+    has no multiscales image, or carries metadata that does not make sense.
     """
-    try:
-        return _open_ome(Path(path), mode, False)
-    except (BadInputError, MemoryError, KeyboardInterrupt):
-        raise
-    except Exception as exc:
-        raise BadInputError(f"{path}: malformed OME-Zarr metadata ({type(exc).__name__}: {exc})") from None
+    return _open_ome(Path(path), mode, is_label=False)
 
 
-def _open_ome(path: Path, mode: str, _label: bool) -> OmeImage:
+def _open_ome(path: Path, mode: OpenMode, is_label: bool) -> OmeImage:
     if not path.exists():
         raise BadInputError(f"{path}: no such file or directory")
-    try:
+    with untrusted(f"{path}: not a zarr group"):
         group = zarr.open_group(str(path), mode=mode)
-    except Exception as exc:  # zarr raises several types for "not a group"
-        raise BadInputError(f"{path}: not a zarr group ({type(exc).__name__}: {exc})") from None
-    raw_attrs = dict(group.attrs)
-    attrs = _ome(raw_attrs)
-    ms = attrs.get("multiscales")
+    with untrusted(f"{path}: malformed OME-Zarr metadata"):
+        raw_attrs = dict(group.attrs)
+    if "ome" in raw_attrs and not isinstance(raw_attrs["ome"], dict):
+        raise BadInputError(f'{path}: malformed OME-Zarr metadata ("ome" is not an object)')
+    ms = ngff_payload(raw_attrs).get("multiscales")
     if not isinstance(ms, list) or not ms or not isinstance(ms[0], dict):
         raise BadInputError(f"{path}: not an OME-Zarr image (no multiscales metadata)")
-    version = str(raw_attrs["ome"].get("version")) if "ome" in raw_attrs else str(ms[0].get("version", "0.4"))
-    try:
-        datasets = ms[0]["datasets"]
-        levels = [group[d["path"]] for d in datasets]
-        scale = next(t["scale"] for t in datasets[0]["coordinateTransformations"] if t["type"] == "scale")
-    except Exception as exc:
-        raise BadInputError(f"{path}: malformed multiscales metadata ({type(exc).__name__}: {exc})") from None
-    if not levels or any(not isinstance(a, zarr.Array) for a in levels):
+    paths, scale = _parse_multiscale(path, ms[0])
+    with untrusted(f"{path}: malformed multiscales metadata"):
+        nodes = [group[p] for p in paths]
+    levels = [a for a in nodes if isinstance(a, zarr.Array)]
+    if len(levels) != len(nodes):
         raise BadInputError(f"{path}: multiscales datasets are not arrays")
     if levels[0].ndim != 3 or len(scale) != 3:
         raise BadInputError(f"{path}: expected a 3D (z, y, x) image, found {levels[0].ndim} dimensions")
     if any(a.ndim != 3 or min(a.shape) < 1 for a in levels):
         raise BadInputError(f"{path}: a pyramid level is empty or not 3D")
     if any(math.prod(a.shape) > MAX_ELEMENTS for a in levels):
-        raise BadInputError(f"{path}: an array of shape {max((a.shape for a in levels), key=math.prod)} is larger than emseg accepts")
+        largest = max((a.shape for a in levels), key=math.prod)
+        raise BadInputError(f"{path}: an array of shape {largest} is larger than emseg accepts")
     if not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in scale):
         raise BadInputError(f"{path}: voxel size {scale} is not three positive numbers")
-    labels: dict[str, OmeImage] = {}
-    if not _label and "labels" in group:
-        for name in _ome(group["labels"].attrs).get("labels", []):
-            if f"labels/{name}" in group:
-                labels[name] = _open_ome(path / "labels" / str(name), mode, True)
-                if labels[name].shape != tuple(levels[0].shape):
-                    raise BadInputError(f"{path}: labels/{name} has shape {labels[name].shape}, the image {levels[0].shape}")
     return OmeImage(
         path=path,
         group=group,
-        version=version,
+        version=detect_version(raw_attrs),
         levels=levels,
         voxel_size=tuple(float(s) for s in scale),  # type: ignore[arg-type]
-        labels=labels,
+        labels={} if is_label else _open_labels(path, group, mode, tuple(levels[0].shape)),
         attrs=raw_attrs,
     )
+
+
+def _parse_multiscale(path: Path, entry: dict[str, Any]) -> tuple[list[str], list[Any]]:
+    """(dataset paths, level-0 scale) of a multiscales entry; BadInputError when malformed."""
+
+    def malformed(why: str) -> BadInputError:
+        return BadInputError(f"{path}: malformed multiscales metadata ({why})")
+
+    datasets = entry.get("datasets")
+    if not isinstance(datasets, list) or not datasets:
+        raise malformed("no datasets")
+    if not all(isinstance(d, dict) and isinstance(d.get("path"), str) for d in datasets):
+        raise malformed("each dataset needs a string path")
+    transforms = datasets[0].get("coordinateTransformations")
+    if not isinstance(transforms, list) or not all(isinstance(t, dict) for t in transforms):
+        raise malformed("coordinateTransformations is not a list of objects")
+    scale = next((t.get("scale") for t in transforms if t.get("type") == "scale"), None)
+    if not isinstance(scale, list):
+        raise malformed("level 0 has no scale transformation")
+    return [d["path"] for d in datasets], scale
+
+
+def _open_labels(path: Path, group: zarr.Group, mode: OpenMode, shape: tuple[int, ...]) -> dict[str, OmeImage]:
+    """The label images listed in ``labels/`` that exist, each of the image's shape."""
+    with untrusted(f"{path}: malformed labels metadata"):
+        label_attrs = dict(group["labels"].attrs) if "labels" in group else {}
+    names = ngff_payload(label_attrs).get("labels", [])
+    if not isinstance(names, list):
+        raise BadInputError(f"{path}: malformed labels metadata (labels is not a list)")
+    labels: dict[str, OmeImage] = {}
+    for name in names:
+        if not isinstance(name, str):
+            continue  # not a label name: nothing to open
+        with untrusted(f"{path}: malformed labels metadata"):
+            present = f"labels/{name}" in group
+        if present:
+            labels[name] = _open_ome(path / "labels" / name, mode, is_label=True)
+            if labels[name].shape != shape:
+                raise BadInputError(f"{path}: labels/{name} has shape {labels[name].shape}, the image {shape}")
+    return labels
 
 
 def emseg_attrs(image: OmeImage) -> dict[str, Any]:
@@ -283,4 +389,9 @@ def emseg_attrs(image: OmeImage) -> dict[str, Any]:
 
 def first_slice(prediction: OmeImage) -> int:
     """The input slice a prediction store's slice 0 corresponds to (``predict --slices A:B``)."""
-    return int((emseg_attrs(prediction).get("slices") or [0])[0])
+    slices = emseg_attrs(prediction).get("slices")
+    if not slices:
+        return 0
+    if isinstance(slices, list) and isinstance(slices[0], (int, float)) and math.isfinite(slices[0]):
+        return int(slices[0])
+    raise BadInputError(f"{prediction.path}: malformed emseg metadata (slices {slices!r})")

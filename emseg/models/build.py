@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from torch import nn
-
 from emseg.config import ModelConfig
 from emseg.errors import BadInputError
+from emseg.models.base import SegmentationNet
 from emseg.models.unet import UNet
 
 
-def build_model(config: ModelConfig) -> nn.Module:
+def build_model(config: ModelConfig) -> SegmentationNet:
     """The network a config describes; it has ``divisor`` and ``halo`` attributes."""
     if config.arch == "unet":
         if config.depth < 1 or config.base_channels < 1:

@@ -3,10 +3,11 @@
 A checkpoint file ``NAME.safetensors`` holds the model's tensors and, in its metadata, the
 whole run config as JSON (``emseg`` key): the file alone rebuilds its model and its intensity
 normalisation. A run directory holds ``best.safetensors``, ``last.safetensors``,
-``optimizer.safetensors`` (for ``--resume``) and a human-readable ``config.json``.
+``resume.safetensors`` (for ``--resume``) and a human-readable ``config.json``.
 
 Loading reads safetensors and JSON only: a file that is anything else (a pickle, say) is
-refused before a byte of it is interpreted.
+refused before a byte of it is interpreted. :func:`load_trained` rebuilds the eval-mode network a
+checkpoint describes; :func:`unwrap` reaches the plain network inside torch.compile and DDP.
 """
 
 from __future__ import annotations
@@ -18,20 +19,33 @@ from typing import Any
 import torch
 from torch import nn
 
+from emseg.config import TrainConfig, from_dict
+from emseg.device import resolve_device
 from emseg.errors import BadInputError
-from emseg.io.atomic import write_bytes_atomic
+from emseg.io.outputs import write_bytes_atomic
+from emseg.models.build import build_model
 
 META_KEY = "emseg"
 SAFETENSORS_SUFFIX = ".safetensors"
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain network inside torch.compile (``_orig_mod``) and DistributedDataParallel or
+    DataParallel (``.module``) wrappers, in any nesting; any other module is returned as is."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod  # type: ignore[assignment]
+        else:
+            return model
 
 
 def save_checkpoint(path: Path, model: nn.Module, meta: dict[str, Any]) -> Path:
     """Write the model's state (contiguous CPU copies) and ``meta`` atomically to ``path``."""
     from safetensors.torch import save
 
-    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
-    model = getattr(model, "module", model)  # DistributedDataParallel wrapper
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in unwrap(model).state_dict().items()}
     data = save(tensors, metadata={META_KEY: json.dumps(meta)})
     write_bytes_atomic(path, data)
     return path
@@ -75,7 +89,9 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         with safe_open(str(path), framework="pt", device="cpu") as fh:
             header = fh.metadata() or {}
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    except Exception as exc:
+    # An untrusted file: safetensors and torch raise many kinds of error on a malformed header or
+    # tensor (SafetensorError, RuntimeError, TypeError, ...); any of them means a bad checkpoint.
+    except Exception as exc:  # noqa: BLE001
         raise BadInputError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc})") from None
     if META_KEY not in header:
         raise BadInputError(f"{path}: not an emseg checkpoint (no emseg config in its header)")
@@ -86,6 +102,38 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     return tensors, meta
 
 
+def load_trained(
+    path: str | Path, device: str | torch.device = "cpu", *, compiled: bool = False, threads: int | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """(eval-mode model on ``device``, checkpoint meta) of a run directory or checkpoint. The meta
+    has ``config``, ``normalization`` {mean, std}, ``halo`` and ``divisor``; the model carries it
+    as ``emseg_meta``. ``compiled`` wraps it in ``torch.compile`` (static shapes; :func:`unwrap`
+    reaches the network); ``threads`` sets torch's CPU threads of this process (a dask worker
+    sharing the machine's cores)."""
+    tensors, meta = read_checkpoint(path)
+    try:
+        config = from_dict(TrainConfig, meta["config"])
+        norm = meta["normalization"]
+        float(norm["mean"]), float(norm["std"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BadInputError(f"{path}: checkpoint config is incomplete or from an incompatible emseg ({exc})") from None
+    model = build_model(config.model)
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as exc:
+        raise BadInputError(
+            f"{path}: weights do not fit the model its config describes ({str(exc).splitlines()[0]})"
+        ) from None
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    model.to(dev).eval()
+    model.emseg_meta = meta  # type: ignore[assignment]
+    if threads:
+        torch.set_num_threads(threads)
+    if compiled:
+        model = torch.compile(model, dynamic=False)  # type: ignore[assignment]
+    return model, meta
+
+
 def save_resume_point(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict[str, Any]) -> Path:
     """Everything ``--resume`` needs in one file, written atomically: the model's tensors
     (``model/...``), the optimizer's (``optim/N.key``), and as JSON its param groups and scalars
@@ -93,8 +141,7 @@ def save_resume_point(path: Path, model: nn.Module, optimizer: torch.optim.Optim
     state of different steps."""
     from safetensors.torch import save
 
-    model = getattr(getattr(model, "_orig_mod", model), "module", getattr(model, "_orig_mod", model))
-    tensors = {f"model/{k}": v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    tensors = {f"model/{k}": v.detach().to("cpu").contiguous() for k, v in unwrap(model).state_dict().items()}
     state = optimizer.state_dict()
     scalars: dict[str, dict[str, Any]] = {}
     for index, entry in state["state"].items():

@@ -24,17 +24,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from emseg import __version__
+from emseg._version import __version__
 from emseg.errors import BadInputError
-from emseg.io.atomic import atomic_directory
+from emseg.io.outputs import Output
+from emseg.models.checkpoint import load_trained
 
 ISBI_CITATION = {
     "text": "Arganda-Carreras et al. 2015, Crowdsourcing the creation of image segmentation algorithms for "
-            "connectomics, Frontiers in Neuroanatomy 9:142",
+    "connectomics, Frontiers in Neuroanatomy 9:142",
     "doi": "10.3389/fnana.2015.00142",
 }
-UNET_CITATION = {"text": "Ronneberger, Fischer and Brox 2015, U-Net: Convolutional Networks for Biomedical "
-                         "Image Segmentation, MICCAI", "doi": "10.1007/978-3-319-24574-4_28"}
+UNET_CITATION = {
+    "text": "Ronneberger, Fischer and Brox 2015, U-Net: Convolutional Networks for Biomedical "
+    "Image Segmentation, MICCAI",
+    "doi": "10.1007/978-3-319-24574-4_28",
+}
 
 
 class Probability(nn.Module):
@@ -63,7 +67,6 @@ def test_tensor(meta: dict[str, Any], divisor: int, halo: int) -> np.ndarray:
 
 def export_model(run: str | Path, output: str | Path, *, overwrite: bool = False, opset: int = 17) -> Path:
     """Export the model of ``run`` (a run directory or checkpoint) into the folder ``output``."""
-    from emseg.inference.model import load_trained
     from emseg.models.halo import measure_halo
 
     model, meta = load_trained(run, "cpu")
@@ -75,7 +78,8 @@ def export_model(run: str | Path, output: str | Path, *, overwrite: bool = False
     x = torch.from_numpy((raw - mean) / std)
     with torch.no_grad():
         expected = net(x).numpy()
-    with atomic_directory(output, overwrite, kind="run") as tmp:
+    with Output(output, overwrite=overwrite, kind="run", command="export-model") as out:
+        tmp = out.path
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # jit.trace is deprecated, TorchScript is what tools load
             traced = torch.jit.trace(net, x[..., : 2 * divisor, : 2 * divisor], check_trace=False)
@@ -105,9 +109,18 @@ def _onnx(net: nn.Module, x: torch.Tensor, path: Path, opset: int) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            torch.onnx.export(net, (x,), str(path), dynamo=False, input_names=["raw"], output_names=["probability"],
-                              dynamic_axes={"raw": axes, "probability": axes}, opset_version=opset)
-        except Exception as exc:  # pragma: no cover - exporter availability varies
+            torch.onnx.export(
+                net,
+                (x,),
+                str(path),
+                dynamo=False,
+                input_names=["raw"],
+                output_names=["probability"],
+                dynamic_axes={"raw": axes, "probability": axes},
+                opset_version=opset,
+            )
+        except (ImportError, RuntimeError) as exc:  # pragma: no cover - exporter availability varies
+            # torch.onnx's errors (OnnxExporterError, UnsupportedOperatorError) are RuntimeErrors
             raise BadInputError(f"ONNX export failed ({type(exc).__name__}: {exc})") from None
 
 
@@ -137,12 +150,23 @@ def _rdf(folder: Path, info: dict[str, Any], mean: float, std: float, divisor: i
     import yaml
 
     def space(axis: str) -> dict[str, Any]:
-        return {"type": "space", "id": axis, "size": {"min": max(divisor, 2 * halo + divisor), "step": divisor},
-                "unit": "nanometer", "scale": 4.0}
+        return {
+            "type": "space",
+            "id": axis,
+            "size": {"min": max(divisor, 2 * halo + divisor), "step": divisor},
+            "unit": "nanometer",
+            "scale": 4.0,
+        }
 
     def out_space(axis: str) -> dict[str, Any]:
-        return {"type": "space", "id": axis, "size": {"tensor_id": "raw", "axis_id": axis}, "halo": halo,
-                "unit": "nanometer", "scale": 4.0}
+        return {
+            "type": "space",
+            "id": axis,
+            "size": {"tensor_id": "raw", "axis_id": axis},
+            "halo": halo,
+            "unit": "nanometer",
+            "scale": 4.0,
+        }
 
     rdf = {
         "format_version": "0.5.4",
@@ -156,26 +180,42 @@ def _rdf(folder: Path, info: dict[str, Any], mean: float, std: float, divisor: i
         "covers": ["cover.png"],
         "tags": ["electron-microscopy", "segmentation", "unet", "2d", "membranes", "connectomics"],
         "version": "0.1.0",
-        "inputs": [{
-            "id": "raw",
-            "description": "raw EM slice (any intensity range; normalised by the preprocessing)",
-            "axes": [{"type": "batch"}, {"type": "channel", "channel_names": ["raw"]}, space("y"), space("x")],
-            "test_tensor": {"source": "test_input.npy", "sha256": _sha256(folder / "test_input.npy")},
-            "data": {"type": "float32"},
-            "preprocessing": [{"id": "fixed_zero_mean_unit_variance", "kwargs": {"mean": mean, "std": std}}],
-        }],
-        "outputs": [{
-            "id": "probability",
-            "description": "P(cell interior); membranes where it is below 0.5",
-            "axes": [{"type": "batch"}, {"type": "channel", "channel_names": ["cell"]}, out_space("y"), out_space("x")],
-            "test_tensor": {"source": "test_output.npy", "sha256": _sha256(folder / "test_output.npy")},
-            "data": {"type": "float32", "range": [0.0, 1.0]},
-        }],
+        "inputs": [
+            {
+                "id": "raw",
+                "description": "raw EM slice (any intensity range; normalised by the preprocessing)",
+                "axes": [{"type": "batch"}, {"type": "channel", "channel_names": ["raw"]}, space("y"), space("x")],
+                "test_tensor": {"source": "test_input.npy", "sha256": _sha256(folder / "test_input.npy")},
+                "data": {"type": "float32"},
+                "preprocessing": [{"id": "fixed_zero_mean_unit_variance", "kwargs": {"mean": mean, "std": std}}],
+            }
+        ],
+        "outputs": [
+            {
+                "id": "probability",
+                "description": "P(cell interior); membranes where it is below 0.5",
+                "axes": [
+                    {"type": "batch"},
+                    {"type": "channel", "channel_names": ["cell"]},
+                    out_space("y"),
+                    out_space("x"),
+                ],
+                "test_tensor": {"source": "test_output.npy", "sha256": _sha256(folder / "test_output.npy")},
+                "data": {"type": "float32", "range": [0.0, 1.0]},
+            }
+        ],
         "weights": {
-            "torchscript": {"source": "model.pt", "sha256": _sha256(folder / "model.pt"),
-                            "pytorch_version": torch.__version__.split("+")[0]},
-            "onnx": {"source": "model.onnx", "sha256": _sha256(folder / "model.onnx"), "opset_version": opset,
-                     "parent": "torchscript"},
+            "torchscript": {
+                "source": "model.pt",
+                "sha256": _sha256(folder / "model.pt"),
+                "pytorch_version": torch.__version__.split("+")[0],
+            },
+            "onnx": {
+                "source": "model.onnx",
+                "sha256": _sha256(folder / "model.onnx"),
+                "opset_version": opset,
+                "parent": "torchscript",
+            },
         },
         "config": {"emseg": info},
     }

@@ -26,6 +26,7 @@ def measure_halo(model: nn.Module, divisor: int, size: int = 768) -> int:
                 out = model(x)
                 c = size // 2
                 out[:, 0, c, c].sum().backward()
+            assert x.grad is not None  # x requires grad and reaches the output
             grad = x.grad[:, 0].abs().sum(0) > 0
             ys, xs = torch.nonzero(grad, as_tuple=True)
             if len(ys) == 0:

@@ -6,15 +6,17 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from emseg.errors import BadInputError
+from emseg.models.base import SegmentationNet
 
 
-class SmpUNet(nn.Module):
+class SmpUNet(SegmentationNet):
     """An ``smp.Unet`` with one input channel and one logit, exposing ``divisor`` and ``halo``."""
 
-    def __init__(self, encoder: str, encoder_weights: str | None = None, in_channels: int = 1, out_channels: int = 1) -> None:
+    def __init__(
+        self, encoder: str, encoder_weights: str | None = None, in_channels: int = 1, out_channels: int = 1
+    ) -> None:
         super().__init__()
         try:
             import segmentation_models_pytorch as smp
@@ -26,8 +28,14 @@ class SmpUNet(nn.Module):
             )
         except (KeyError, ValueError) as exc:
             raise BadInputError(f"--arch smp:{encoder}: {exc}") from None
-        except Exception as exc:  # download failures and the like
-            raise BadInputError(f"--arch smp:{encoder} with weights {encoder_weights!r}: {exc}") from None
+        except (OSError, RuntimeError) as exc:
+            if encoder_weights is None:  # nothing was downloaded: not a network failure but a bug
+                raise
+            # Downloading pretrained weights failed (no network, a hub error, a bad hash).
+            raise BadInputError(
+                f"--arch smp:{encoder} --encoder-weights {encoder_weights}: could not get the weights ({exc}); "
+                "they need internet, or use --encoder-weights none"
+            ) from None
         self.encoder_name = encoder
         self._halo: int | None = None
 

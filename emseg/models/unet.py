@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from emseg.models.base import SegmentationNet
+
 
 def receptive_field(depth: int) -> int:
     """Receptive field (pixels, one side to the other) of a :class:`UNet` of ``depth`` levels.
@@ -44,7 +46,7 @@ def _double_conv(c_in: int, c_out: int) -> nn.Sequential:
     )
 
 
-class UNet(nn.Module):
+class UNet(SegmentationNet):
     """U-Net: (B, in_channels, H, W) float -> (B, out_channels, H, W) logits.
 
     H and W must be multiples of ``2**depth``. ``depth=4, base_channels=64`` is the original
@@ -88,6 +90,6 @@ class UNet(nn.Module):
             skips.append(x)
             x = self.pool(x)
         x = self.bottleneck(x)
-        for up, merge, skip in zip(self.up, self.merge, reversed(skips)):
+        for up, merge, skip in zip(self.up, self.merge, reversed(skips), strict=True):
             x = merge(torch.cat([up(x), skip], dim=1))
         return self.head(x)

@@ -26,7 +26,8 @@ All geometric transforms compose into **one** sampling grid per sample: output p
 with ``c`` the centre of the input's central ``out_size`` crop, ``D`` the dihedral matrix,
 ``A`` the affine matrix and ``t`` the translation (the elastic displacement is in input
 pixels). ``A`` maps output to input coordinates, so a scale ``s`` shows structures ``1/s`` as
-large; the log-uniform range is symmetric in this respect for the default (0.8, 1.25). Each tensor is then resampled by a single batched ``grid_sample`` call: image and
+large; the log-uniform range is symmetric in this respect for the default (0.8, 1.25). Each
+tensor is then resampled by a single batched ``grid_sample`` call: image and
 weight map bilinear, label nearest (so it stays binary), ``padding_mode="reflection"``. The
 weight map is also clamped to each sample's input [min, max] so that rounding never leaves it.
 
@@ -148,16 +149,12 @@ def _draw(
     noise = None
     if config.elastic_p > 0:
         side = size + 2 * _elastic_radius(config)
-        noise = torch.rand(
-            batch, 2, side, side, generator=generator, device=gdev, dtype=torch.float32
-        )
+        noise = torch.rand(batch, 2, side, side, generator=generator, device=gdev, dtype=torch.float32)
         noise = _to(noise, device).mul_(2.0).sub_(1.0)
     return _to(u, device), noise
 
 
-def _geometry(
-    u: torch.Tensor, config: AugmentConfig, out_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _geometry(u: torch.Tensor, config: AugmentConfig, out_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, 16) uniforms -> (B, 2, 2) float32 matrices M = A @ D (acting on (x, y) column
     vectors) and (B, 2) float32 translations t in pixels."""
     b = u.shape[0]
@@ -193,9 +190,7 @@ def _geometry(
     return m, t
 
 
-def _elastic(
-    u: torch.Tensor, noise: torch.Tensor, config: AugmentConfig, out_size: int
-) -> torch.Tensor:
+def _elastic(u: torch.Tensor, noise: torch.Tensor, config: AugmentConfig, out_size: int) -> torch.Tensor:
     """(B, 2, L, L) U[-1, 1] noise -> (B, 2, out, out) float32 displacement (x, y) in pixels:
     separable Gaussian smoothing ('valid', so no border effect) scaled by alpha (0 where the
     sample is not deformed)."""
@@ -218,15 +213,11 @@ def _sample(x: torch.Tensor, grid: torch.Tensor, mode: str) -> torch.Tensor:
     """x (B, C, Hin, Win) any dtype, grid (B, out, out, 2) float32 in [-1, 1] (x, y) ->
     (B, C, out, out) in x's dtype; sampled in float32 (float64 if x is)."""
     work = torch.promote_types(x.dtype, torch.float32)
-    y = F.grid_sample(
-        x.to(work), grid.to(work), mode=mode, padding_mode="reflection", align_corners=False
-    )
+    y = F.grid_sample(x.to(work), grid.to(work), mode=mode, padding_mode="reflection", align_corners=False)
     return y.to(x.dtype)
 
 
-def _intensity(
-    image: torch.Tensor, u: torch.Tensor, config: AugmentConfig, generator: torch.Generator
-) -> torch.Tensor:
+def _intensity(image: torch.Tensor, u: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
     """Brightness/contrast jitter and Gaussian noise on the (B, C, out, out) image."""
     if config.intensity_p > 0:
         gate = (u[:, _INTENSITY_GATE] < config.intensity_p)[:, None, None, None]
@@ -238,17 +229,13 @@ def _intensity(
     if config.noise_p > 0:
         gate = (u[:, _NOISE_GATE] < config.noise_p)[:, None, None, None]
         std = _uniform(u[:, _NOISE_STD], *config.noise_std)[:, None, None, None].to(image.dtype)
-        noise = torch.randn(
-            image.shape, generator=generator, device=generator.device, dtype=image.dtype
-        )
+        noise = torch.randn(image.shape, generator=generator, device=generator.device, dtype=image.dtype)
         noise = _to(noise, image.device)
         image = torch.where(gate, image + noise * std, image)
     return image
 
 
-def _check(
-    image: torch.Tensor, label: torch.Tensor, weight: torch.Tensor | None, out_size: int
-) -> None:
+def _check(image: torch.Tensor, label: torch.Tensor, weight: torch.Tensor | None, out_size: int) -> None:
     if image.ndim != 4:
         raise ValueError(f"image must be (B, C, H, W), got shape {tuple(image.shape)}")
     if not image.is_floating_point():
@@ -258,9 +245,7 @@ def _check(
         if t is None:
             continue
         if t.ndim != 4 or t.shape[0] != b or t.shape[2:] != image.shape[2:]:
-            raise ValueError(
-                f"{name} shape {tuple(t.shape)} does not match image {tuple(image.shape)}"
-            )
+            raise ValueError(f"{name} shape {tuple(t.shape)} does not match image {tuple(image.shape)}")
         if t.device != image.device:
             raise ValueError(f"{name} is on {t.device}, image on {image.device}")
     if weight is not None and not weight.is_floating_point():

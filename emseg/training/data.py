@@ -2,7 +2,8 @@
 
 The raw slices, their binary labels and their U-Net weight maps live on the training device
 (on a GPU, cropping then costs no host work); random crops are gathered with mirror reflection
-at the slice edges, so a slice smaller than the crop's context still works.
+at the slice edges (``reflect_index``, the one reflection rule of emseg), so a slice smaller than
+the crop's context still works.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 from emseg.errors import BadInputError
+from emseg.inference.tiling import reflect_index
 from emseg.io.zarr import OmeImage, open_ome
 from emseg.training.weights import unet_weight_map
 
@@ -64,7 +66,9 @@ def open_training_store(path: str) -> OmeImage:
     if "cells" not in image.labels:
         raise BadInputError(f"{path}: has no labels/cells; ingest it with --labels to train on it")
     if image.labels["cells"].shape != image.shape:
-        raise BadInputError(f"{path}: labels/cells shape {image.labels['cells'].shape} differs from the image {image.shape}")
+        raise BadInputError(
+            f"{path}: labels/cells shape {image.labels['cells'].shape} differs from the image {image.shape}"
+        )
     return image
 
 
@@ -80,14 +84,6 @@ def normalization(raw: np.ndarray) -> tuple[float, float]:
     """Mean and standard deviation of the training slices' intensities (std at least 1e-6)."""
     values = raw.astype(np.float64)
     return float(values.mean()), float(max(values.std(), 1e-6))
-
-
-def _reflect(index: torch.Tensor, n: int) -> torch.Tensor:
-    if n == 1:
-        return torch.zeros_like(index)
-    period = 2 * (n - 1)
-    m = torch.remainder(index, period)
-    return torch.where(m >= n, period - m, m)
 
 
 class CropSampler:
@@ -108,7 +104,9 @@ class CropSampler:
         area = np.full(self.n, self.h * self.w, dtype=np.float64)
         self._p = torch.as_tensor(area / area.sum())
 
-    def sample(self, batch: int, size: int, crop: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def sample(
+        self, batch: int, size: int, crop: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``generator`` is a CPU generator (positions are drawn on the host, data stays put)."""
         slices = torch.multinomial(self._p, batch, replacement=True, generator=generator)
         u = torch.rand(batch, 2, generator=generator, dtype=torch.float64)
@@ -116,8 +114,8 @@ class CropSampler:
         for i in range(batch):
             cy = self._center(float(u[i, 0]), self.h, crop)
             cx = self._center(float(u[i, 1]), self.w, crop)
-            rows = _reflect(torch.arange(cy - size // 2, cy - size // 2 + size, device=self.device), self.h)
-            cols = _reflect(torch.arange(cx - size // 2, cx - size // 2 + size, device=self.device), self.w)
+            rows = reflect_index(torch.arange(cy - size // 2, cy - size // 2 + size, device=self.device), self.h)
+            cols = reflect_index(torch.arange(cx - size // 2, cx - size // 2 + size, device=self.device), self.w)
             z = int(slices[i])
             images.append(self.raw[z][rows][:, cols])
             labels.append(self.labels[z][rows][:, cols])

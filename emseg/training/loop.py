@@ -1,34 +1,42 @@
-"""fit(): the training loop, top to bottom.
+"""fit(): the training loop, top to bottom: one flat loop over global steps (nanoGPT's shape).
 
-Randomness comes only from generators seeded with (seed, epoch, step, rank): the same seed gives
-the same run on the CPU, and ``--resume`` continues exactly where the last checkpoint stopped.
+Epoch ``step // steps_per_epoch`` ends with validation and a checkpoint, and so does a stop at the
+time limit; the resume point is the next global step with the best score, the elapsed time and the
+metrics rows, so ``--resume`` is just ``range(step, total)``. Randomness comes only from generators
+seeded with (seed, epoch, step in the epoch, rank): the same seed gives the same run on the CPU,
+and a resumed run continues exactly where the last checkpoint stopped.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import math
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from emseg.config import TrainConfig
 from emseg.device import autocast_dtype, is_cuda
 from emseg.errors import BadInputError, EmsegRuntimeError
-from emseg.io.atomic import check_output
+from emseg.io.outputs import write_json_atomic
+from emseg.models.base import SegmentationNet
 from emseg.models.build import build_model
 from emseg.progress import Reporter, reporter_or_null
 from emseg.training import distributed as D
 from emseg.training.augment import augment_batch, context_size
 from emseg.training.data import CropSampler, load_slices, normalization, open_training_store, split_slices
 from emseg.training.losses import Loss, make_loss
-from emseg.training.run import RunDir
+from emseg.training.run_dir import RunDir
 from emseg.training.validate import validate
 
 log = logging.getLogger(__name__)
-RUN_FILES = ("config.json", "best.safetensors", "last.safetensors", "optimizer.safetensors", "metrics.csv", "curves.png", "ddp.json")
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def learning_rate(step: int, total: int, config: TrainConfig) -> float:
@@ -41,155 +49,265 @@ def learning_rate(step: int, total: int, config: TrainConfig) -> float:
     return floor + 0.5 * (config.lr - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def generators(seed: int, epoch: int, step: int, rank: int, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
-    """(host generator for crop positions, device generator for augmentation) of one step."""
+def generators(
+    seed: int, epoch: int, step: int, rank: int, device: torch.device
+) -> tuple[torch.Generator, torch.Generator]:
+    """(host generator for crop positions, device generator for augmentation) of one step;
+    ``step`` counts within the epoch."""
     key = ((seed * 1_000_003 + epoch) * 1_000_003 + step) * 1_009 + rank
     host = torch.Generator().manual_seed(key % 2**63)
     dev = torch.Generator(device=device).manual_seed((key * 31 + 7) % 2**63) if is_cuda(device) else host
     return host, dev
 
 
-def optimizer_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Loss,
-                   batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], amp: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One step on an augmented (image, label, weight) batch under autocast; (loss, logits)."""
-    image, label, weight = batch
-    with torch.autocast(image.device.type, dtype=amp, enabled=amp is not None):
-        logits = net(image)
-    loss = loss_fn(logits, label, weight)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss, logits
+def _readable(getter: Callable[[], Any]) -> Any:
+    """``getter()``, or None where torch refuses to read a setting (a RuntimeError: the program
+    mixed its older TF32 flags with the newer ``fp32_precision`` settings)."""
+    try:
+        return getter()
+    except RuntimeError:
+        return None
 
 
-def prepare_run_dir(path: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to mix runs: an existing run needs --resume or --overwrite (which removes only the
-    files emseg writes there)."""
-    if path.is_symlink():
-        raise BadInputError(f"{path}: is a symbolic link; give the real path of the run directory")
-    existing = [f for f in RUN_FILES if (path / f).exists()]
-    if existing and not resume and not overwrite:
-        raise BadInputError(f"{path}: already holds a run ({', '.join(existing)}); use --resume or --overwrite")
-    if overwrite and not resume:
-        for f in existing:
-            (path / f).unlink()
-    if not path.exists():
-        check_output(path, overwrite=False, kind="run")
-    path.mkdir(parents=True, exist_ok=True)
+def fp32_precisions() -> list[tuple[Any, str]]:
+    """(setting, value) of torch's ``fp32_precision`` for CUDA matmuls and cuDNN (torch >= 2.9)."""
+    settings = [
+        torch.backends.cuda.matmul,
+        getattr(torch.backends.cudnn, "conv", None),
+        getattr(torch.backends.cudnn, "rnn", None),
+    ]
+    return [(s, s.fp32_precision) for s in settings if s is not None and hasattr(s, "fp32_precision")]
 
 
-def fit(data: str | Path, run_dir: str | Path, config: TrainConfig, *, resume: bool = False,
-        overwrite: bool = False, progress: Reporter | None = None) -> dict[str, Any]:
-    """Train a network on ``data`` (an OME-Zarr store with labels/cells) into ``run_dir``."""
-    dist, device = D.init_distributed(config.device)
-    progress = reporter_or_null(progress if dist.is_main else None)
-    image = open_training_store(str(data))
-    train_idx, val_idx = split_slices(image.shape[0], config.val_slices)
-    with torch.random.fork_rng(devices=[]):  # the initial weights depend on the seed alone
+@contextlib.contextmanager
+def backend_flags(*, cudnn_benchmark: bool | None = None, tf32: bool | None = None) -> Iterator[None]:
+    """Set torch's process-wide speed flags for the block (None leaves one alone) and put back
+    what was there before, whatever happens in the block.
+
+    TF32 is switched with torch's long-standing calls (float32 matmul precision "high" and
+    ``cudnn.allow_tf32``), which keep its older and newer settings consistent; afterwards the older
+    settings are put back (where torch can read them) and then the newer ``fp32_precision`` ones.
+    """
+    cudnn = torch.backends.cudnn
+    benchmark, precisions = cudnn.benchmark, fp32_precisions()
+    matmul, conv = _readable(torch.get_float32_matmul_precision), _readable(lambda: cudnn.allow_tf32)
+    try:
+        if cudnn_benchmark is not None:
+            cudnn.benchmark = cudnn_benchmark
+        if tf32 is not None:
+            torch.set_float32_matmul_precision("high" if tf32 else "highest")
+            cudnn.allow_tf32 = tf32
+        yield
+    finally:
+        cudnn.benchmark = benchmark
+        if matmul is not None:
+            torch.set_float32_matmul_precision(matmul)
+        if conv is not None:
+            cudnn.allow_tf32 = conv
+        for setting, value in precisions:
+            setting.fp32_precision = value
+
+
+def seeded_model(config: TrainConfig) -> SegmentationNet:
+    """The network of ``config`` with initial weights that depend on the seed alone; refuses a
+    crop the network cannot take."""
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         model = build_model(config.model)
     if config.crop % model.divisor or config.crop < model.divisor:
         raise BadInputError(f"--crop {config.crop}: the model needs a multiple of {model.divisor}")
-    if dist.is_main:
-        prepare_run_dir(Path(run_dir), resume, overwrite)
-    D.barrier(dist)
-    run = RunDir(run_dir)
-    train = load_slices(image, train_idx, config.w0, config.sigma)
-    val = load_slices(image, val_idx, config.w0, config.sigma)
-    mean, std = normalization(train.raw)
-    sampler = CropSampler(train, mean, std, device)
-    model.to(device)
-    if is_cuda(device):
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if config.channels_last:  # faster on CUDA and on oneDNN CPUs alike
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    return model
+
+
+def draw_batch(sampler: CropSampler, config: TrainConfig, gens: tuple[torch.Generator, torch.Generator]) -> Batch:
+    """Augmented (B, 1, crop, crop) float32 images, {0, 1} labels and weights of one step."""
+    host, dev = gens
+    crops = sampler.sample(config.batch_size, context_size(config.crop, config.augment), config.crop, host)
+    image, label, weight = augment_batch(*crops, config.crop, config.augment, dev)
+    assert weight is not None  # the sampler always gives a weight map
+    if config.channels_last:
+        image = image.contiguous(memory_format=torch.channels_last)
+    return image, label, weight
+
+
+def autocast_context(
+    device: torch.device, dtype: torch.dtype | None
+) -> Callable[[], contextlib.AbstractContextManager]:
+    """The forward pass's autocast context as a zero-argument factory (off when ``dtype`` is None)."""
+    return functools.partial(torch.autocast, device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def optimizer_step(
+    net: Callable[[torch.Tensor], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Loss,
+    batch: Batch,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on an augmented batch, the forward pass under ``autocast()``; (loss, logits)."""
+    image, label, weight = batch
+    try:
+        with autocast():
+            logits = net(image)
+        loss = loss_fn(logits, label, weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    except torch.cuda.OutOfMemoryError:
+        raise EmsegRuntimeError(
+            f"out of GPU memory with --batch-size {image.shape[0]} and --crop {image.shape[-1]}; "
+            "try a smaller batch or crop"
+        ) from None
+    return loss, logits
+
+
+class EpochMeter:
+    """Loss and pixel accuracy summed on the device since the epoch began (or the run resumed)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss, self.correct = torch.zeros((), device=device), torch.zeros((), device=device)
+        self.steps, self.started, self.shown_loss = 0, time.perf_counter(), float("nan")
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, label: torch.Tensor) -> None:
+        self.loss += loss.detach()
+        self.correct += ((logits.detach() > 0) == (label > 0.5)).float().mean()
+        self.steps += 1
+
+    def crops_per_s(self, crops_per_step: int) -> float:
+        return self.steps * crops_per_step / max(time.perf_counter() - self.started, 1e-9)
+
+    def means(self) -> dict[str, float]:
+        n = max(self.steps, 1)
+        return {"train_loss": float(self.loss) / n, "train_accuracy": float(self.correct) / n}
+
+
+def save_epoch(
+    run: RunDir,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    meta: dict[str, Any],
+    row: dict[str, Any],
+    state: dict[str, Any],
+    steps_per_epoch: int,
+) -> None:
+    """Keep the best score in ``state`` (V_rand, else minus the training loss) and save the resume
+    point and checkpoints. The header also names the epoch and step in it, for people."""
+    score = row.get("v_rand", -row["train_loss"])
+    improved = score > state["best"]
+    state["best"] = max(state["best"], score)
+    step = state["step"]
+    saved = {"step": step, "epoch": step // steps_per_epoch, "next_step": step % steps_per_epoch, **state}
+    run.save(model, optimizer, meta, saved, improved, row)
+
+
+def fit(
+    data: str | Path,
+    run_dir: str | Path,
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: Reporter | None = None,
+) -> dict[str, Any]:
+    """Train a network on ``data`` (an OME-Zarr store with labels/cells) into ``run_dir``.
+
+    Returns a summary: the run directory, finished epochs, whether the time limit stopped the run,
+    the last validation scores, the best V_rand and the metrics rows.
+    """
+    dist, device = D.init_distributed(config.device)
+    progress = reporter_or_null(progress if dist.is_main else None)
+    image = open_training_store(str(data))
+    train_idx, val_idx = split_slices(image.shape[0], config.val_slices)
+    model = seeded_model(config)
     loss_fn = make_loss(config.loss)
-    meta = run.meta(config, {
-        "normalization": {"mean": mean, "std": std}, "halo": int(model.halo) if config.model.arch == "unet" else None, "divisor": int(model.divisor),
-        "parameters": sum(p.numel() for p in model.parameters()), "train_slices": train_idx, "val_slices": val_idx,
-        "data": {"path": str(Path(data).resolve()), "shape": list(image.shape), "voxel_size_nm": list(image.voxel_size)},
-    })
-    state = {"epoch": 0, "next_step": 0, "best": -math.inf, "elapsed": 0.0}
-    if resume:
-        state = {**state, **run.resume(model, optimizer, config)}
-    if dist.is_main:
-        run.write_config(meta)
-    net = torch.nn.parallel.DistributedDataParallel(model) if dist.enabled else model
-    step_fn = torch.compile(net) if config.compile else net
-    amp = autocast_dtype(device) if config.amp else None
-    ctx = context_size(config.crop, config.augment)
-    total = config.epochs * config.steps_per_epoch
-    progress.start("train", total=total, unit="steps")
-    progress.advance(state["epoch"] * config.steps_per_epoch + state["next_step"])
-    t0, stop, last_scores = time.perf_counter() - state["elapsed"], False, {}
-    for epoch in range(state["epoch"], config.epochs):
-        running = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device)
-        first = state["next_step"] if epoch == state["epoch"] else 0
-        steps_done, t_epoch, shown_loss = 0, time.perf_counter(), float("nan")
-        for step in range(first, config.steps_per_epoch):
+    run = RunDir(run_dir)
+    fast = True if is_cuda(device) else None
+    claim = run.claim(resume, overwrite) if dist.is_main else contextlib.nullcontext()
+    with backend_flags(cudnn_benchmark=fast, tf32=fast), claim:
+        D.barrier(dist)
+        train = load_slices(image, train_idx, config.w0, config.sigma)
+        val = load_slices(image, val_idx, config.w0, config.sigma)
+        mean, std = normalization(train.raw)
+        sampler = CropSampler(train, mean, std, device)
+        model.to(device)
+        if config.channels_last:  # faster on CUDA and on oneDNN CPUs alike
+            model = model.to(memory_format=torch.channels_last)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        meta = run.meta(
+            config,
+            {
+                "normalization": {"mean": mean, "std": std},
+                "halo": int(model.halo) if config.model.arch == "unet" else None,
+                "divisor": int(model.divisor),
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "train_slices": train_idx,
+                "val_slices": val_idx,
+                "data": {
+                    "path": str(Path(data).resolve()),
+                    "shape": list(image.shape),
+                    "voxel_size_nm": list(image.voxel_size),
+                },
+            },
+        )
+        state: dict[str, Any] = {"step": 0, "best": -math.inf, "elapsed": 0.0}
+        if resume:
+            state = run.resume(model, optimizer, config)
+        if dist.is_main:
+            run.write_config(meta)
+        net = torch.nn.parallel.DistributedDataParallel(model) if dist.enabled else model
+        forward = torch.compile(net) if config.compile else net
+        autocast = autocast_context(device, autocast_dtype(device) if config.amp else None)
+        validate_model = functools.partial(validate, model, val, mean, std, device, config, loss_fn, model.divisor)
+        per_epoch, total = config.steps_per_epoch, config.epochs * config.steps_per_epoch
+        progress.start("train", total=total, unit="steps")
+        progress.advance(state["step"])
+        t0, stop, scores, meter = time.perf_counter() - state["elapsed"], False, {}, EpochMeter(device)
+        for step in range(state["step"], total):
+            epoch, epoch_ends = step // per_epoch, (step + 1) % per_epoch == 0
+            lr = learning_rate(step, total, config)
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(epoch * config.steps_per_epoch + step, total, config)
-            host_gen, dev_gen = generators(config.seed, epoch, step, dist.rank, device)
-            image_b, label_b, weight_b = sampler.sample(config.batch_size, ctx, config.crop, host_gen)
-            image_b, label_b, weight_b = augment_batch(image_b, label_b, weight_b, config.crop, config.augment, dev_gen)
-            if config.channels_last:
-                image_b = image_b.contiguous(memory_format=torch.channels_last)
-            try:
-                loss, logits = optimizer_step(step_fn, optimizer, loss_fn, (image_b, label_b, weight_b), amp)
-            except torch.cuda.OutOfMemoryError:
-                raise EmsegRuntimeError(
-                    f"out of GPU memory with --batch-size {config.batch_size} and --crop {config.crop}; "
-                    "try a smaller batch or crop"
-                ) from None
-            running += loss.detach()
-            correct += ((logits.detach() > 0) == (label_b > 0.5)).float().mean()
-            steps_done += 1
-            state["next_step"] = step + 1
-            if steps_done % 10 == 0 or step + 1 == config.steps_per_epoch:  # one host sync per 10 steps
-                shown_loss = float(loss.detach())
-                if D.any_flag(not math.isfinite(float(running)), dist, device):
+                group["lr"] = lr
+            batch = draw_batch(sampler, config, generators(config.seed, epoch, step % per_epoch, dist.rank, device))
+            loss, logits = optimizer_step(forward, optimizer, loss_fn, batch, autocast)
+            meter.add(loss, logits, batch[1])
+            if meter.steps % 10 == 0 or epoch_ends:  # one host sync per 10 steps
+                meter.shown_loss = float(loss.detach())
+                if D.any_flag(not math.isfinite(float(meter.loss)), dist, device):
                     raise EmsegRuntimeError(
-                        f"the loss became non-finite at epoch {epoch} step {step}; stopped, the last good "
-                        f"checkpoint is kept in {run.path} (try a lower --lr)"
+                        f"the loss became non-finite at epoch {epoch} step {step % per_epoch}; stopped, the last "
+                        f"good checkpoint is kept in {run.path} (try a lower --lr)"
                     )
             over_time = config.time_limit is not None and time.perf_counter() - t0 > config.time_limit
             stop = D.any_flag(over_time, dist, device)
-            crops_per_s = steps_done * config.batch_size * dist.world / max(time.perf_counter() - t_epoch, 1e-9)
-            progress.advance(1, loss=shown_loss, crops_per_s=crops_per_s)
+            progress.advance(1, loss=meter.shown_loss, crops_per_s=meter.crops_per_s(config.batch_size * dist.world))
+            state["step"] = step + 1
+            if not (epoch_ends or stop):
+                continue
+            D.sync_buffers(model, dist)
+            row: dict[str, Any] = {"epoch": epoch, "step": step + 1, **meter.means(), "lr": lr}
+            if dist.is_main:
+                if val.indices and ((epoch + 1) % config.val_every == 0 or stop or epoch + 1 == config.epochs):
+                    scores = validate_model()
+                    row.update(scores)
+                state["elapsed"] = row["seconds"] = time.perf_counter() - t0
+                save_epoch(run, model, optimizer, meta, row, state, per_epoch)
+            D.barrier(dist)
+            meter = EpochMeter(device)
             if stop:
+                log.info(
+                    "time limit of %s s reached at epoch %d step %d", config.time_limit, epoch, step % per_epoch + 1
+                )
                 break
-        D.sync_buffers(model, dist)
-        global_step = epoch * config.steps_per_epoch + state["next_step"]
-        if state["next_step"] == config.steps_per_epoch:
-            state.update(epoch=epoch + 1, next_step=0)
-        row: dict[str, Any] = {
-            "epoch": epoch, "step": global_step,
-            "train_loss": float(running) / max(steps_done, 1), "train_accuracy": float(correct) / max(steps_done, 1),
-            "lr": optimizer.param_groups[0]["lr"],
-        }
-        if dist.is_main:
-            if val.indices and ((epoch + 1) % config.val_every == 0 or stop or epoch + 1 == config.epochs):
-                last_scores = validate(model, val, mean, std, device, config, loss_fn, model.divisor)
-                row.update(last_scores)
-            score = row.get("v_rand", -row["train_loss"])
-            best = score > state["best"]
-            state["best"] = max(state["best"], score)
-            state["elapsed"] = row["seconds"] = time.perf_counter() - t0
-            run.save(model, optimizer, meta, dict(state), best, row)
-        D.barrier(dist)
-        if stop:
-            log.info("time limit of %s s reached at epoch %d step %d", config.time_limit, epoch, state["next_step"])
-            break
-    digests = D.gather_digests(model, dist)
-    if dist.is_main and dist.enabled:
-        from emseg.io.atomic import write_json_atomic
-
-        write_json_atomic(run.path / "ddp.json", {"world_size": dist.world, "weights_sha256": digests})
-    progress.finish()
+        digests = D.gather_digests(model, dist)
+        if dist.is_main and dist.enabled:
+            write_json_atomic(run.path / "ddp.json", {"world_size": dist.world, "weights_sha256": digests})
+        progress.finish()
     D.shutdown(dist)
-    return {"run_dir": str(run.path), "epochs_done": state["epoch"], "stopped_early": stop, **last_scores,
-            "best_v_rand": state["best"] if val.indices else None, "rows": run.rows}
-
+    return {
+        "run_dir": str(run.path),
+        "epochs_done": state["step"] // per_epoch,
+        "stopped_early": stop,
+        **scores,
+        "best_v_rand": state["best"] if val.indices else None,
+        "rows": run.rows,
+    }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -9,15 +10,25 @@ import torch
 from torch import nn
 
 from emseg.config import TrainConfig
+from emseg.evaluation.metrics import evaluate_arrays
 from emseg.inference.engine import Engine, EngineSettings
 from emseg.inference.tiling import plan_block, read_reflected
-from emseg.metrics import evaluate_arrays
 from emseg.training.data import Annotated
 from emseg.training.losses import Loss, logits_of
 
 
+def _window(plane: np.ndarray, rows: slice, cols: slice) -> np.ndarray:
+    return plane[rows, cols]
+
+
 def predict_planes(
-    model: nn.Module, planes: np.ndarray, mean: float, std: float, device: torch.device, config: TrainConfig, divisor: int
+    model: nn.Module,
+    planes: np.ndarray,
+    mean: float,
+    std: float,
+    device: torch.device,
+    config: TrainConfig,
+    divisor: int,
 ) -> np.ndarray:
     """(N, H, W) raw slices -> (N, H, W) float32 P(cell), tiled and blended like ``emseg predict``."""
     settings = EngineSettings(
@@ -30,14 +41,20 @@ def predict_planes(
         for i, plane in enumerate(planes):
             plan = plan_block((0, plane.shape[0]), (0, plane.shape[1]), tile, overlap, divisor, shape=plane.shape)
             y0, y1, x0, x1 = plan.domain
-            region = read_reflected(lambda r, c: plane[r, c], plane.shape, y0, y1, x0, x1)
+            region = read_reflected(functools.partial(_window, plane), plane.shape, y0, y1, x0, x1)
             out[i] = engine.run_block(region, plan)[0]
     return out
 
 
 def validate(
-    model: nn.Module, data: Annotated, mean: float, std: float, device: torch.device, config: TrainConfig,
-    loss_fn: Loss, divisor: int,
+    model: nn.Module,
+    data: Annotated,
+    mean: float,
+    std: float,
+    device: torch.device,
+    config: TrainConfig,
+    loss_fn: Loss,
+    divisor: int,
 ) -> dict[str, Any]:
     """Scores of the model on the held-out slices (the model is left in training mode)."""
     try:

@@ -79,9 +79,7 @@ def _class_weights(cell: np.ndarray, balance: bool) -> np.ndarray:
     return np.where(cell, w_cell, w_mem)
 
 
-def _combine(
-    cell: np.ndarray, d1: np.ndarray, d2: np.ndarray, w0: float, sigma: float, balance: bool
-) -> np.ndarray:
+def _combine(cell: np.ndarray, d1: np.ndarray, d2: np.ndarray, w0: float, sigma: float, balance: bool) -> np.ndarray:
     """Class weights plus the border term on membrane pixels -> (H, W) float32."""
     w = _class_weights(cell, balance)
     membrane = ~cell
@@ -90,9 +88,7 @@ def _combine(
     return w.astype(np.float32)
 
 
-def unet_weight_map(
-    label: np.ndarray, *, w0: float = 10.0, sigma: float = 5.0, balance: bool = True
-) -> np.ndarray:
+def unet_weight_map(label: np.ndarray, *, w0: float = 10.0, sigma: float = 5.0, balance: bool = True) -> np.ndarray:
     """The U-Net weight map of one slice, exact within the cut-off (see the module docstring).
 
     label: (H, W) {0, 1} of any integer or bool dtype (every non-zero value counts as cell,

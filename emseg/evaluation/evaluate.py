@@ -8,9 +8,9 @@ from typing import Any
 import numpy as np
 
 from emseg.errors import BadInputError
-from emseg.io.tiff import TIFF_SUFFIXES, open_stack
+from emseg.evaluation.metrics import Scores, evaluate_arrays
+from emseg.io.stacks import TIFF_SUFFIXES, open_stack
 from emseg.io.zarr import first_slice, open_ome
-from emseg.metrics import Scores, evaluate_arrays
 
 
 def load_probabilities(pred: str | Path, n_slices: int, shape_yx: tuple[int, int]) -> tuple[Any, int]:
@@ -62,9 +62,7 @@ def evaluate_prediction(pred: str | Path, data: str | Path, slices: tuple[int, i
     n_pred = _pred_slices(pred, image.shape[0])
     lo, hi = slices if slices is not None else (offset, offset + n_pred)
     if not (0 <= lo < hi <= image.shape[0]) or lo < offset or hi > offset + n_pred:
-        raise BadInputError(
-            f"--slices {lo}:{hi}: the prediction covers data slices {offset}-{offset + n_pred - 1}"
-        )
+        raise BadInputError(f"--slices {lo}:{hi}: the prediction covers data slices {offset}-{offset + n_pred - 1}")
     prob = np.stack([read(z - offset) for z in range(lo, hi)])
     labels = np.asarray(truth[lo:hi])
     return evaluate_arrays(prob, labels)
@@ -75,3 +73,16 @@ def _pred_slices(pred: str | Path, n_data: int) -> int:
     if path.suffix.lower() in TIFF_SUFFIXES and path.is_file():
         return n_data
     return open_ome(path).shape[0]
+
+
+def evaluate(
+    pred: str | Path, data: str | Path, slices: tuple[int, int] | None = None, json_path: str | Path | None = None
+) -> dict[str, Any]:
+    """``emseg evaluate``: the scores of :func:`evaluate_prediction` as a dict, also written as
+    JSON to ``json_path`` when given."""
+    from emseg.io.outputs import write_json_atomic
+
+    result = evaluate_prediction(pred, data, slices).to_dict()
+    if json_path is not None:
+        write_json_atomic(Path(json_path), result)
+    return result

@@ -59,7 +59,6 @@ threshold (default 0.5), with ``P(cell) > threshold``.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -69,6 +68,7 @@ from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 
 from emseg.errors import BadInputError
+from emseg.system import available_cpus
 
 __all__ = [
     "DEFAULT_THRESHOLDS",
@@ -324,9 +324,7 @@ def rand_info_scores(
     truth_labels = np.asarray(truth_labels)
     pred_labels = np.asarray(pred_labels)
     if truth_labels.shape != pred_labels.shape:
-        raise BadInputError(
-            f"truth_labels {truth_labels.shape} and pred_labels {pred_labels.shape} differ in shape"
-        )
+        raise BadInputError(f"truth_labels {truth_labels.shape} and pred_labels {pred_labels.shape} differ in shape")
     for name, arr in (("truth_labels", truth_labels), ("pred_labels", pred_labels)):
         if not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool):
             raise BadInputError(f"{name} must be an integer label image, got {arr.dtype}")
@@ -373,9 +371,7 @@ def slice_scores(
     """
     prob, truth = np.asarray(prob), np.asarray(truth)
     if prob.ndim != 2 or prob.shape != truth.shape:
-        raise BadInputError(
-            f"prob {prob.shape} and truth {truth.shape} must be (Y, X) slices of one shape"
-        )
+        raise BadInputError(f"prob {prob.shape} and truth {truth.shape} must be (Y, X) slices of one shape")
     thresholds = _check_thresholds(thresholds)
     return _score_slices(_as_prob(prob)[None], _as_truth(truth)[None], thresholds)[0]
 
@@ -383,13 +379,10 @@ def slice_scores(
 def _workers(n_jobs: int) -> int:
     """Threads for the thinning: the watershed releases the GIL, so slices x thresholds can run
     side by side; at most 4, and no more than the CPUs this process may use."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(n_jobs, cpus or 1, 4))
+    return max(1, min(n_jobs, available_cpus(), 4))
 
 
-def _score_slices(
-    prob32: np.ndarray, cells_truth: np.ndarray, thresholds: tuple[float, ...]
-) -> list[SliceScores]:
+def _score_slices(prob32: np.ndarray, cells_truth: np.ndarray, thresholds: tuple[float, ...]) -> list[SliceScores]:
     """Scores of each slice: ``prob32`` (Z, Y, X) float32, ``cells_truth`` (Z, Y, X) bool."""
     truths = [_Truth.from_labels(ndi.label(c, structure=_FOUR)[0]) for c in cells_truth]
     # The cell masks of one slice are nested, so two thresholds giving as many cell pixels give
@@ -423,9 +416,7 @@ def _score_slices(
 # --- pixel scores -------------------------------------------------------------------------------
 
 
-def _pixel_pair(
-    prob: np.ndarray, truth: np.ndarray, threshold: float
-) -> tuple[np.ndarray, np.ndarray]:
+def _pixel_pair(prob: np.ndarray, truth: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
     """(predicted cells, true cells) as bool arrays, after checking shapes and values."""
     prob, truth = np.asarray(prob), np.asarray(truth)
     if prob.shape != truth.shape:
@@ -542,8 +533,7 @@ def evaluate_arrays(
     best_rand = int(np.argmax(mean[:, col["v_rand"]]))  # first maximum, as Fiji's strict ">"
     best_info = int(np.argmax(mean[:, col["v_info"]]))
     per_threshold = tuple(
-        {"threshold": t, **{name: float(mean[k, col[name]]) for name in SCORE_NAMES}}
-        for k, t in enumerate(thresholds)
+        {"threshold": t, **{name: float(mean[k, col[name]]) for name in SCORE_NAMES}} for k, t in enumerate(thresholds)
     )
     return Scores(
         pixel_error=err,

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from emseg.config import ISBI_VOXEL_SIZE_NM
+from emseg.config import ISBI_VOXEL_SIZE_NM, IngestConfig, ModelConfig, PredictConfig, TrainConfig
 from emseg.errors import BadInputError
 from emseg.progress import Reporter
 
@@ -24,6 +24,18 @@ log = logging.getLogger(__name__)
 
 ISBI_FILES = ("train-volume.tif", "train-labels.tif", "test-volume.tif")
 VAL_SLICES = (27, 28, 29)
+#: The scores the demo reports (of the validation slices).
+SCORE_KEYS = (
+    "v_rand",
+    "v_rand_threshold",
+    "v_info",
+    "v_info_threshold",
+    "pixel_accuracy",
+    "pixel_error",
+    "iou",
+    "dice",
+    "n_slices",
+)
 
 
 def find_isbi(data: str | Path | None) -> Path | None:
@@ -43,7 +55,8 @@ def find_isbi(data: str | Path | None) -> Path | None:
 
 
 def write_synthetic(folder: Path, shape: tuple[int, int, int] = (30, 512, 512), seed: int = 0) -> Path:
-    """Write a synthetic EM-like stack in the ISBI layout (train volume + labels, test volume)."""
+    """Write a synthetic EM-like stack in the ISBI layout into ``folder``: train volume (Z, Y, X)
+    uint8, its labels (255 = cell, 0 = membrane) and a test volume (seed + 1). Returns ``folder``."""
     import tifffile
 
     from emseg.synthetic import synthetic_stack
@@ -52,8 +65,10 @@ def write_synthetic(folder: Path, shape: tuple[int, int, int] = (30, 512, 512), 
     raw, labels = synthetic_stack(shape, seed=seed)
     test, _ = synthetic_stack(shape, seed=seed + 1)
     resolution = (1e7 / ISBI_VOXEL_SIZE_NM[2], 1e7 / ISBI_VOXEL_SIZE_NM[1])
-    for name, stack in zip(ISBI_FILES, (raw, labels, test)):
-        tifffile.imwrite(folder / name, stack, photometric="minisblack", resolution=resolution, resolutionunit="CENTIMETER")
+    for name, stack in zip(ISBI_FILES, (raw, labels, test), strict=True):
+        tifffile.imwrite(
+            folder / name, stack, photometric="minisblack", resolution=resolution, resolutionunit="CENTIMETER"
+        )
     return folder
 
 
@@ -89,6 +104,11 @@ def whole_slice_tile(shape_yx: tuple[int, ...], divisor: int) -> int:
     return tile if tile <= 1024 else 512
 
 
+def validation_slices(n: int) -> tuple[int, ...]:
+    """ISBI's 27-29 for a 30-slice stack, else the last tenth (at least one slice, never slice 0)."""
+    return VAL_SLICES if n == 30 else tuple(range(max(1, n - max(1, n // 10)), n))
+
+
 def run_demo(
     data: str | Path | None = None,
     output: str | Path = "emseg-demo",
@@ -98,8 +118,12 @@ def run_demo(
     progress: Reporter | None = None,
 ) -> DemoResult:
     """The whole flow; ``shape`` sizes the synthetic stack (ignored with ISBI data)."""
-    from emseg import api
     from emseg.device import device_name, resolve_device
+    from emseg.evaluation.evaluate import evaluate
+    from emseg.inference.predict import predict_store
+    from emseg.io.ingest import ingest_stack
+    from emseg.io.zarr import open_ome
+    from emseg.training.loop import fit
 
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
@@ -114,32 +138,52 @@ def run_demo(
         folder = write_synthetic(out / "synthetic", shape=shape)
     result = DemoResult(data=f"{source} ({folder})", device=device_name(dev))
 
-    train = api.ingest(folder / "train-volume.tif", out / "train.zarr", labels=folder / "train-labels.tif",
-                       voxel_size=ISBI_VOXEL_SIZE_NM, overwrite=True, progress=progress)
-    test = api.ingest(folder / "test-volume.tif", out / "test.zarr", voxel_size=ISBI_VOXEL_SIZE_NM,
-                      overwrite=True, progress=progress)
-    n = api.info(train)["shape"][0]
-    val = VAL_SLICES if n == 30 else tuple(range(max(1, n - max(1, n // 10)), n))
-    run = out / "run"
-    summary = api.train(
-        train, run, depth=plan.depth, base_channels=plan.base_channels, crop=plan.crop, batch_size=plan.batch_size,
-        steps_per_epoch=plan.steps_per_epoch, epochs=10_000, time_limit=budget * 60, val_slices=val,
-        device=device, overwrite=True, progress=progress,
+    ingest_config = IngestConfig(voxel_size=ISBI_VOXEL_SIZE_NM, overwrite=True)
+    train = ingest_stack(
+        folder / "train-volume.tif",
+        out / "train.zarr",
+        ingest_config,
+        labels=folder / "train-labels.tif",
+        progress=progress,
     )
-    divisor = 2**plan.depth
-    tile = whole_slice_tile(api.info(train)["shape"][1:], divisor)
-    pred_val = api.predict(run, train, out / "pred-val.zarr", tile=tile, slices=(val[0], val[-1] + 1),
-                           device=device, overwrite=True, progress=progress)
-    pred_test = api.predict(run, test, out / "pred-test.zarr", tile=tile, device=device, overwrite=True,
-                            progress=progress)
-    scores = api.evaluate(pred_val, train, json=out / "scores.json")
-    result.scores = {k: scores[k] for k in ("v_rand", "v_rand_threshold", "v_info", "v_info_threshold",
-                                            "pixel_accuracy", "pixel_error", "iou", "dice", "n_slices")}
+    test = ingest_stack(folder / "test-volume.tif", out / "test.zarr", ingest_config, progress=progress)
+    shape_zyx = open_ome(train).shape
+    val = validation_slices(shape_zyx[0])
+    run = out / "run"
+    train_config = TrainConfig(
+        model=ModelConfig(depth=plan.depth, base_channels=plan.base_channels),
+        crop=plan.crop,
+        batch_size=plan.batch_size,
+        steps_per_epoch=plan.steps_per_epoch,
+        epochs=10_000,
+        time_limit=budget * 60,
+        val_slices=val,
+        device=device,
+    )
+    summary = fit(train, run, train_config, overwrite=True, progress=progress)
+    tile = whole_slice_tile(tuple(shape_zyx[1:]), 2**plan.depth)
+    pred_val = predict_store(
+        run,
+        train,
+        out / "pred-val.zarr",
+        PredictConfig(tile=tile, slices=(val[0], val[-1] + 1), device=device, overwrite=True),
+        progress=progress,
+    )
+    pred_test = predict_store(
+        run, test, out / "pred-test.zarr", PredictConfig(tile=tile, device=device, overwrite=True), progress=progress
+    )
+    scores = evaluate(pred_val, train, None, out / "scores.json")
+    result.scores = {k: scores[k] for k in SCORE_KEYS}
     result.scores["epochs"] = len(summary["rows"])
     result.scores["steps"] = summary["rows"][-1]["step"] if summary["rows"] else 0
     result.outputs.update(
-        train=str(train), test=str(test), run=str(run), curves=str(run / "curves.png"),
-        prediction_validation=str(pred_val), prediction_test=str(pred_test), scores=str(out / "scores.json"),
+        train=str(train),
+        test=str(test),
+        run=str(run),
+        curves=str(run / "curves.png"),
+        prediction_validation=str(pred_val),
+        prediction_test=str(pred_test),
+        scores=str(out / "scores.json"),
         pictures_validation=str(_pictures(train, pred_val, val, out / "validation.png", with_truth=True)),
         pictures_test=str(_pictures(test, pred_test, (0, 10, 20), out / "test.png", with_truth=False)),
     )
@@ -148,8 +192,8 @@ def run_demo(
 
 def _pictures(data: Path, pred: Path, slices: tuple[int, ...], output: Path, with_truth: bool) -> Path:
     """Rows of image | truth | prediction | overlay (truth only for annotated slices)."""
+    from emseg.evaluation.evaluate import as_probability
     from emseg.io.zarr import first_slice, open_ome
-    from emseg.scoring import as_probability
     from emseg.viz import overlay, panel_rows
 
     image, prediction = open_ome(data), open_ome(pred)

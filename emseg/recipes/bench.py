@@ -7,7 +7,9 @@ each timed run. FLOPs come from ``torch.utils.flop_counter`` (a multiply-add cou
 
 from __future__ import annotations
 
+import json
 import logging
+import platform
 import statistics
 import tempfile
 import time
@@ -21,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from emseg.config import ModelConfig, TrainConfig
+from emseg.config import ISBI_VOXEL_SIZE_NM, IngestConfig, ModelConfig, PredictConfig, TrainConfig
 from emseg.device import autocast_dtype, device_name, synchronize
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,7 @@ PEAK_TFLOPS = {
 
 
 def peak_tflops(name: str, precision: str) -> float | None:
+    """The dense peak TFLOP/s of the GPU called ``name`` at ``precision``; None when unknown."""
     for key, table in PEAK_TFLOPS.items():
         if key in name:
             return table.get(precision)
@@ -73,88 +76,128 @@ def timed(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int
 
 @dataclass(frozen=True)
 class Variant:
+    """One way of running the forward pass."""
+
     name: str
     precision: str  # fp32 | tf32 | bf16
     channels_last: bool = False
-    compile: bool = False
+    compiled: bool = False
 
 
-def forward_variants(device: torch.device, compile: bool) -> list[Variant]:
+def forward_variants(device: torch.device, torch_compile: bool) -> list[Variant]:
+    """The variants worth timing on ``device`` (with ``torch_compile``, also a compiled one on CUDA)."""
     if device.type == "cuda":
-        out = [Variant("fp32", "fp32"), Variant("tf32", "tf32"), Variant("bf16", "bf16"),
-               Variant("bf16 + channels_last", "bf16", True)]
-        if compile:
+        out = [
+            Variant("fp32", "fp32"),
+            Variant("tf32", "tf32"),
+            Variant("bf16", "bf16"),
+            Variant("bf16 + channels_last", "bf16", True),
+        ]
+        if torch_compile:
             out.append(Variant("bf16 + channels_last + compile", "bf16", True, True))
         return out
     return [Variant("fp32", "fp32"), Variant("fp32 + channels_last", "fp32", True)]
 
 
-def forward_bench(model: nn.Module, device: torch.device, tile: int, batch: int, *, compile: bool = False,
-                  compile_mode: str = "max-autotune", warmup: int = 3, repeats: int = 5, inner: int = 3) -> list[dict]:
-    """MPix/s and TFLOP/s of the model's forward pass on (batch, 1, tile, tile) per variant."""
+def forward_bench(
+    model: nn.Module,
+    device: torch.device,
+    tile: int,
+    batch: int,
+    *,
+    torch_compile: bool = False,
+    compile_mode: str = "max-autotune",
+    warmup: int = 3,
+    repeats: int = 5,
+    inner: int = 3,
+) -> list[dict]:
+    """MPix/s and TFLOP/s of the model's forward pass on (batch, 1, tile, tile) per variant.
+
+    On CUDA each variant runs with cuDNN autotuning and TensorFloat-32 only for "tf32"; torch's
+    flags are put back afterwards. A variant the device cannot run (a CUDA error, out of memory,
+    torch.compile failing) is reported as a row with an ``error`` instead of a time."""
+    from emseg.training.loop import backend_flags
+
     model = model.to(device).eval()
     name = device_name(device)
+    cuda = device.type == "cuda"
     x0 = torch.randn(batch, 1, tile, tile, device=device)
     flops = count_flops(model, tuple(x0.shape))
-    rows = []
-    for v in forward_variants(device, compile):
-        if device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = v.precision == "tf32"
-            torch.backends.cudnn.benchmark = True
+    rows: list[dict] = []
+    for v in forward_variants(device, torch_compile):
         fmt = torch.channels_last if v.channels_last else torch.contiguous_format
-        net = model.to(memory_format=fmt)
+        net: Callable[..., Any] = model.to(memory_format=fmt)
         x = x0.contiguous(memory_format=fmt)
-        if v.compile:
+        if v.compiled:
             net = torch.compile(net, mode=compile_mode)
         amp = torch.autocast(device.type, dtype=torch.bfloat16) if v.precision == "bf16" else nullcontext()
 
-        def run() -> None:
+        def run(net: Callable[..., Any] = net, x: torch.Tensor = x, amp: Any = amp) -> None:
             with torch.inference_mode(), amp:
                 net(x)
 
+        flags = backend_flags(cudnn_benchmark=True, tf32=v.precision == "tf32") if cuda else nullcontext()
         try:
-            seconds = timed(run, device, warmup + (3 if v.compile else 0), repeats, inner)
-        except Exception as exc:  # a variant the device cannot run is reported, not fatal
+            with flags:
+                seconds = timed(run, device, warmup + (3 if v.compiled else 0), repeats, inner)
+        except (RuntimeError, ImportError) as exc:
+            # torch reports what a device cannot run (CUDA errors, out of memory, dynamo and
+            # inductor failures) as RuntimeError subclasses; a missing compiler backend may be an
+            # ImportError. Such a variant is a row with its error, not a failed benchmark.
             rows.append({"variant": v.name, "error": f"{type(exc).__name__}: {exc}"[:200]})
             continue
         peak = peak_tflops(name, v.precision)
         tflops = flops / seconds / 1e12
-        rows.append({
-            "variant": v.name, "tile": tile, "batch": batch, "ms": seconds * 1e3,
-            "mpix_per_s": batch * tile * tile / seconds / 1e6, "tflop_per_s": tflops,
-            "gflop_per_tile": flops / batch / 1e9, "fraction_of_peak": None if peak is None else tflops / peak,
-        })
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        rows.append(
+            {
+                "variant": v.name,
+                "tile": tile,
+                "batch": batch,
+                "ms": seconds * 1e3,
+                "mpix_per_s": batch * tile * tile / seconds / 1e6,
+                "tflop_per_s": tflops,
+                "gflop_per_tile": flops / batch / 1e9,
+                "fraction_of_peak": None if peak is None else tflops / peak,
+            }
+        )
     model.to(memory_format=torch.contiguous_format)
     return rows
 
 
-def untrained_checkpoint(path: Path, model_config: ModelConfig, mean: float = 128.0, std: float = 40.0, seed: int = 0) -> Path:
+def untrained_checkpoint(
+    path: Path, model_config: ModelConfig, mean: float = 128.0, std: float = 40.0, seed: int = 0
+) -> Path:
     """A run directory holding an untrained network of ``model_config`` (speed needs no training)."""
     from emseg.models.build import build_model
     from emseg.models.checkpoint import save_checkpoint
-    from emseg.training.run import RunDir
+    from emseg.training.run_dir import RunDir
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = build_model(model_config)
+        model: Any = build_model(model_config)  # a U-Net with halo and divisor
     run = RunDir(path)
     run.path.mkdir(parents=True, exist_ok=True)
-    meta = run.meta(TrainConfig(model=model_config), {
-        "normalization": {"mean": mean, "std": std}, "halo": int(model.halo) if model_config.arch == "unet" else None,
-        "divisor": int(model.divisor), "parameters": sum(p.numel() for p in model.parameters()), "untrained": True,
-    })
+    meta = run.meta(
+        TrainConfig(model=model_config),
+        {
+            "normalization": {"mean": mean, "std": std},
+            "halo": int(model.halo) if model_config.arch == "unet" else None,
+            "divisor": int(model.divisor),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "untrained": True,
+        },
+    )
     run.write_config(meta)
     save_checkpoint(run.last, model, meta)
     return run.path
 
 
 def synthetic_store(path: Path, slices: int, size: int) -> Path:
-    """An OME-Zarr stack of mirrored ISBI-like slices (emseg's synthetic generator)."""
+    """An OME-Zarr stack (slices, size, size) uint8 of mirrored ISBI-like slices (emseg's
+    synthetic generator)."""
     import tifffile
 
-    from emseg import api
+    from emseg.io.ingest import ingest_stack
     from emseg.synthetic import synthetic_stack, tile_isbi_like
 
     base, _ = synthetic_stack((min(slices, 4), 512, 512), seed=0)
@@ -162,25 +205,36 @@ def synthetic_store(path: Path, slices: int, size: int) -> Path:
     with tifffile.TiffWriter(tif, bigtiff=True) as tw:
         for z in range(slices):
             tw.write(tile_isbi_like(base[z % len(base)], (size, size)), contiguous=True, photometric="minisblack")
-    out = api.ingest(tif, path, voxel_size=(50, 4, 4), overwrite=True)
+    out = ingest_stack(tif, path, IngestConfig(voxel_size=ISBI_VOXEL_SIZE_NM, overwrite=True))
     tif.unlink()
     return out
 
 
-def predict_bench(run: Path, data: Path, work: Path, device: str, tile: int, overlap: int, batch: int,
-                  compile: bool = False, repeats: int = 2) -> dict:
+def predict_bench(
+    run: Path,
+    data: Path,
+    work: Path,
+    device: str,
+    tile: int,
+    overlap: int,
+    batch: int,
+    torch_compile: bool = False,
+    repeats: int = 2,
+) -> dict:
     """End-to-end ``predict``, zarr on disk to zarr on disk, timed in this process (model load,
     reading, inference, writing and pyramid included): one warm-up run, then the median of
     ``repeats`` runs."""
-    from emseg import api
+    from emseg.inference.predict import predict_store
     from emseg.io.zarr import open_ome
 
     out = work / "bench-pred.zarr"
+    config = PredictConfig(
+        tile=tile, overlap=overlap, batch_size=batch, device=device, compile=torch_compile, overwrite=True
+    )
 
     def once() -> float:
         t = time.perf_counter()
-        api.predict(run, data, out, tile=tile, overlap=overlap, batch_size=batch, device=device, compile=compile,
-                    overwrite=True)
+        predict_store(run, data, out, config)
         return time.perf_counter() - t
 
     once()
@@ -189,18 +243,20 @@ def predict_bench(run: Path, data: Path, work: Path, device: str, tile: int, ove
     return {"seconds": seconds, "mpix_per_s": shape[0] * shape[1] * shape[2] / seconds / 1e6, "stack": list(shape)}
 
 
-def monai_bench(run: Path, data: Path, device: torch.device, tile: int, overlap: int, batch: int,
-                compile: bool = False) -> dict:
+def monai_bench(
+    run: Path, data: Path, device: torch.device, tile: int, overlap: int, batch: int, torch_compile: bool = False
+) -> dict:
     """MONAI's ``sliding_window_inference`` on the same network, tile, overlap, gaussian blending
-    (sigma = tile / 8) and batch, over each slice already on the device as a normalised tensor."""
+    (sigma = tile / 8) and batch, over each slice already on the device as a normalised tensor.
+    Raises ImportError without MONAI."""
     from monai.inferers import sliding_window_inference
 
-    from emseg.inference.model import load_trained
     from emseg.io.zarr import open_ome
+    from emseg.models.checkpoint import load_trained
 
     model, meta = load_trained(run, device)
     model = model.to(memory_format=torch.channels_last)  # the layout emseg runs it in, on any device
-    net = torch.compile(model) if compile else model
+    net = torch.compile(model) if torch_compile else model
     norm = meta["normalization"]
     amp = autocast_dtype(device)
 
@@ -215,26 +271,47 @@ def monai_bench(run: Path, data: Path, device: torch.device, tile: int, overlap:
         x = ((torch.from_numpy(np.asarray(image.array[z])).to(device).float() - norm["mean"]) / norm["std"])[None, None]
         with torch.inference_mode():
             if z == 0:
-                sliding_window_inference(x[..., : 2 * tile, : 2 * tile], (tile, tile), batch, predictor,
-                                         overlap=overlap / tile, mode="gaussian", sigma_scale=0.125)
+                sliding_window_inference(
+                    x[..., : 2 * tile, : 2 * tile],
+                    (tile, tile),
+                    batch,
+                    predictor,
+                    overlap=overlap / tile,
+                    mode="gaussian",
+                    sigma_scale=0.125,
+                )
             synchronize(device)
             t = time.perf_counter()
-            sliding_window_inference(x, (tile, tile), batch, predictor, overlap=overlap / tile, mode="gaussian",
-                                     sigma_scale=0.125)
+            sliding_window_inference(
+                x, (tile, tile), batch, predictor, overlap=overlap / tile, mode="gaussian", sigma_scale=0.125
+            )
             synchronize(device)
             times.append(time.perf_counter() - t)
     pixels = image.shape[1] * image.shape[2]
     return {"seconds_per_slice": statistics.median(times), "mpix_per_s": pixels / statistics.median(times) / 1e6}
 
 
-def train_bench(store: Path, device: torch.device, model_config: ModelConfig, batch: int, crop: int, *,
-                steps: int = 10, warmup: int = 3, repeats: int = 3, compile: bool = False) -> dict:
+def train_bench(
+    store: Path,
+    device: torch.device,
+    model_config: ModelConfig,
+    batch: int,
+    crop: int,
+    *,
+    steps: int = 10,
+    warmup: int = 3,
+    repeats: int = 3,
+    torch_compile: bool = False,
+) -> dict:
     """Training steps/s with the full augmentation, and the share of a step spent sampling and
-    augmenting."""
+    augmenting (the two are timed separately, so under load the share can exceed 1).
+
+    The steps are the training loop's own (:func:`emseg.training.loop.draw_batch` and
+    :func:`~emseg.training.loop.optimizer_step`, weighted BCE, bf16 autocast on CUDA) with the
+    loop's torch flags."""
     from emseg.models.build import build_model
-    from emseg.training.augment import augment_batch, context_size
     from emseg.training.data import CropSampler, load_slices, normalization, open_training_store
-    from emseg.training.loop import generators, optimizer_step
+    from emseg.training.loop import autocast_context, backend_flags, draw_batch, generators, optimizer_step
     from emseg.training.losses import weighted_bce
 
     image = open_training_store(str(store))
@@ -242,32 +319,33 @@ def train_bench(store: Path, device: torch.device, model_config: ModelConfig, ba
     mean, std = normalization(data.raw)
     sampler = CropSampler(data, mean, std, device)
     model = build_model(model_config).to(device)
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.backends.cudnn.benchmark = True
     model = model.to(memory_format=torch.channels_last)
-    net = torch.compile(model) if compile else model
+    net = torch.compile(model) if torch_compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    config = TrainConfig(crop=crop, batch_size=batch)
-    ctx = context_size(crop, config.augment)
-    amp = autocast_dtype(device)
+    config = TrainConfig(model=model_config, crop=crop, batch_size=batch)
+    autocast = autocast_context(device, autocast_dtype(device))
     counter = iter(range(10**9))
 
     def data_step() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        host, dev = generators(0, 0, next(counter), 0, device)
-        x, y, w = sampler.sample(batch, ctx, crop, host)
-        return augment_batch(x, y, w, crop, config.augment, dev)
+        return draw_batch(sampler, config, generators(0, 0, next(counter), 0, device))
 
-    def train_step() -> None:
-        x, y, w = data_step()
-        optimizer_step(net, opt, weighted_bce, (x.contiguous(memory_format=torch.channels_last), y, w), amp)
+    def one_step() -> None:
+        optimizer_step(net, opt, weighted_bce, data_step(), autocast)
 
-    step_s = timed(train_step, device, warmup, repeats, steps)
-    aug_s = timed(data_step, device, 1, repeats, steps)
+    fast = True if device.type == "cuda" else None
+    with backend_flags(cudnn_benchmark=fast, tf32=fast):
+        step_s = timed(one_step, device, warmup, repeats, steps)
+        aug_s = timed(data_step, device, 1, repeats, steps)
     return {
-        "batch": batch, "crop": crop, "model": {"depth": model_config.depth, "base_channels": model_config.base_channels},
-        "steps_per_s": 1 / step_s, "crops_per_s": batch / step_s, "mpix_per_s": batch * crop * crop / step_s / 1e6,
-        "augmentation_ms": aug_s * 1e3, "step_ms": step_s * 1e3, "augmentation_share": aug_s / step_s,
+        "batch": batch,
+        "crop": crop,
+        "model": {"depth": model_config.depth, "base_channels": model_config.base_channels},
+        "steps_per_s": 1 / step_s,
+        "crops_per_s": batch / step_s,
+        "mpix_per_s": batch * crop * crop / step_s / 1e6,
+        "augmentation_ms": aug_s * 1e3,
+        "step_ms": step_s * 1e3,
+        "augmentation_share": aug_s / step_s,
     }
 
 
@@ -290,18 +368,25 @@ CPU_SIZES = BenchSizes(256, 1, 1024, 2, 4, 256, ModelConfig(depth=3, base_channe
 QUICK_SIZES = BenchSizes(64, 2, 256, 1, 2, 64, ModelConfig(depth=2, base_channels=8))
 
 
-def run_bench(device: torch.device, model: str | Path | None = None, *, compile: bool = False,
-              skip_monai: bool = False, quick: bool = False) -> dict:
+def run_bench(
+    device: torch.device,
+    model: str | Path | None = None,
+    *,
+    torch_compile: bool = False,
+    skip_monai: bool = False,
+    quick: bool = False,
+) -> dict:
     """Everything ``emseg bench`` reports, as a JSON-ready dict."""
-    import platform
-
-    import emseg
-    from emseg.inference.model import load_trained
+    from emseg._version import __version__
+    from emseg.models.checkpoint import load_trained
 
     sizes = QUICK_SIZES if quick else GPU_SIZES if device.type == "cuda" else CPU_SIZES
     result: dict[str, Any] = {
-        "device": device_name(device), "emseg": emseg.__version__, "torch": torch.__version__,
-        "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M"),
+        "device": device_name(device),
+        "emseg": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
         "cuda": torch.version.cuda if device.type == "cuda" else None,
     }
     with tempfile.TemporaryDirectory(prefix="emseg-bench-") as tmp:
@@ -320,43 +405,94 @@ def run_bench(device: torch.device, model: str | Path | None = None, *, compile:
             run, label = work / "default", "default U-Net (depth 4, 64 base channels), untrained"
             small = sizes.small_model
             small_run = untrained_checkpoint(work / "small", small) if small else run
-            small_label = f"U-Net depth {small.depth}, {small.base_channels} base channels, untrained" if small else label
+            small_label = (
+                f"U-Net depth {small.depth}, {small.base_channels} base channels, untrained" if small else label
+            )
         result["forward"] = {
-            "model": label, "parameters": sum(p.numel() for p in net.parameters()),
-            "rows": forward_bench(net, device, sizes.forward_tile, sizes.forward_batch, compile=compile,
-                                  warmup=1 if quick else 3, repeats=5 if device.type == "cuda" else 3,
-                                  inner=3 if device.type == "cuda" else 1),
+            "model": label,
+            "parameters": sum(p.numel() for p in net.parameters()),
+            "rows": forward_bench(
+                net,
+                device,
+                sizes.forward_tile,
+                sizes.forward_batch,
+                torch_compile=torch_compile,
+                warmup=1 if quick else 3,
+                repeats=5 if device.type == "cuda" else 3,
+                inner=3 if device.type == "cuda" else 1,
+            ),
         }
         store = synthetic_store(work / "bench.zarr", sizes.predict_slices, sizes.predict_size)
         dev = str(device)
         tile = 128 if quick else 512
         overlap = tile // 8
-        result["predict"] = {"model": small_label, "tile": tile, "overlap": overlap, "batch": 8,
-                             "emseg": predict_bench(small_run, store, work, dev, tile, overlap, 8, compile)}
+        result["predict"] = {
+            "model": small_label,
+            "tile": tile,
+            "overlap": overlap,
+            "batch": 8,
+            "emseg": predict_bench(small_run, store, work, dev, tile, overlap, 8, torch_compile),
+        }
         if not skip_monai:
             try:
-                monai = monai_bench(small_run, store, device, tile, overlap, 8, compile)
+                monai = monai_bench(small_run, store, device, tile, overlap, 8, torch_compile)
                 result["predict"]["monai_in_memory"] = monai
                 result["predict"]["ratio"] = result["predict"]["emseg"]["mpix_per_s"] / monai["mpix_per_s"]
             except ImportError:
                 result["predict"]["monai_in_memory"] = "not installed (pip install monai)"
         train_store_path = train_store(work)
-        train_model = ModelConfig() if model is None and device.type == "cuda" and not quick else (
-            sizes.small_model if model is None else load_trained(model, "cpu")[1]["config"]["model"])
+        train_model = (
+            ModelConfig()
+            if model is None and device.type == "cuda" and not quick
+            else (sizes.small_model if model is None else load_trained(model, "cpu")[1]["config"]["model"])
+        )
         if isinstance(train_model, dict):
             train_model = ModelConfig(**train_model)
-        result["train"] = train_bench(train_store_path, device, train_model, sizes.train_batch, sizes.train_crop,
-                                      steps=10 if device.type == "cuda" else 2, compile=compile,
-                                      repeats=2 if quick else 3, warmup=1 if quick else 3)
+        assert train_model is not None
+        result["train"] = train_bench(
+            train_store_path,
+            device,
+            train_model,
+            sizes.train_batch,
+            sizes.train_crop,
+            steps=10 if device.type == "cuda" else 2,
+            torch_compile=torch_compile,
+            repeats=2 if quick else 3,
+            warmup=1 if quick else 3,
+        )
+    return result
+
+
+def bench(
+    device: str = "auto",
+    model: str | Path | None = None,
+    *,
+    torch_compile: bool = False,
+    monai: bool = True,
+    quick: bool = False,
+    json_path: str | Path | None = None,
+) -> dict[str, Any]:
+    """``emseg bench``: :func:`run_bench` on the device ``device`` names, also written as JSON to
+    ``json_path`` when given (values JSON cannot hold are written as text)."""
+    from emseg.device import resolve_device
+    from emseg.io.outputs import write_json_atomic
+
+    result = run_bench(resolve_device(device), model, torch_compile=torch_compile, skip_monai=not monai, quick=quick)
+    if json_path is not None:
+        write_json_atomic(Path(json_path), json.loads(json.dumps(result, default=str)))
     return result
 
 
 def train_store(work: Path, data: Path | None = None, shape: tuple[int, int, int] = (8, 512, 512)) -> Path:
     """An annotated store to train on: the ISBI stacks (``data`` or found nearby), else a
     synthetic EM-like stack of ``shape``."""
-    from emseg import api
-    from emseg.quickstart import find_isbi, write_synthetic
+    from emseg.io.ingest import ingest_stack
+    from emseg.recipes.demo import find_isbi, write_synthetic
 
     folder = find_isbi(data) or write_synthetic(work / "synthetic", shape=shape)
-    return api.ingest(folder / "train-volume.tif", work / "train.zarr", labels=folder / "train-labels.tif",
-                      voxel_size=(50, 4, 4), overwrite=True)
+    return ingest_stack(
+        folder / "train-volume.tif",
+        work / "train.zarr",
+        IngestConfig(voxel_size=ISBI_VOXEL_SIZE_NM, overwrite=True),
+        labels=folder / "train-labels.tif",
+    )

@@ -1,21 +1,25 @@
 """Lazy readers for image stacks: multi-page TIFF / BigTIFF (ImageJ and OME-TIFF included),
-folders of TIFF or PNG slices, and single 2D images; TIFF and PNG export.
+folders of TIFF or PNG slices, and single 2D images.
 
 A :class:`Stack` knows its shape, dtype and voxel size from headers alone and reads any band
 ``[z0:z1, y0:y1, :]`` on demand, so ingesting never holds more than a band in memory. Every
 failure a user can cause (missing path, not an image, truncated file, mismatched slices) is a
 :class:`BadInputError` with one clear line.
+
+Every call into tifffile or PIL on the user's file sits in its own small
+:func:`~emseg.io.untrusted.untrusted` block: what they raise on a corrupt file becomes a
+:class:`BadInputError`, while a bug in emseg's own code keeps its traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import re
 import threading
 import warnings
-import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +27,8 @@ from typing import Any
 import numpy as np
 
 from emseg.errors import BadInputError
+from emseg.io.metadata import tiff_voxel_size
+from emseg.io.untrusted import untrusted
 
 log = logging.getLogger(__name__)
 _PIL_LOCK = threading.Lock()
@@ -37,12 +43,19 @@ MAX_SLICE_PIXELS = 2**32
 MAX_SLICES = 2**24
 #: Luminance weights (ITU-R BT.601) for RGB -> grayscale.
 RGB_WEIGHTS = np.array([0.299, 0.587, 0.114])
-#: Nanometres per unit name found in TIFF / ImageJ / OME metadata.
-UNIT_NM = {
-    "nm": 1.0, "nanometer": 1.0, "nanometre": 1.0,
-    "um": 1e3, "µm": 1e3, "\u03bcm": 1e3, "micron": 1e3, "micrometer": 1e3, "micrometre": 1e3,
-    "mm": 1e6, "millimeter": 1e6, "cm": 1e7, "centimeter": 1e7, "m": 1e9, "meter": 1e9,
-    "a": 0.1, "å": 0.1, "angstrom": 0.1, "pm": 1e-3,
+#: PIL image mode -> (dtype, channels) of the decoded array.
+PIL_MODES = {
+    "1": (np.dtype(np.bool_), 1),
+    "L": (np.dtype(np.uint8), 1),
+    "P": (np.dtype(np.uint8), 3),
+    "I;16": (np.dtype(np.uint16), 1),
+    "I;16B": (np.dtype(np.uint16), 1),
+    "I;16L": (np.dtype(np.uint16), 1),
+    "I": (np.dtype(np.int32), 1),
+    "F": (np.dtype(np.float32), 1),
+    "RGB": (np.dtype(np.uint8), 3),
+    "RGBA": (np.dtype(np.uint8), 4),
+    "LA": (np.dtype(np.uint8), 1),
 }
 
 
@@ -72,23 +85,19 @@ class Stack:
         RGB sources are converted to grayscale (BT.601 weights) in the source dtype.
         """
         y1 = self.shape[1] if y1 is None else y1
-        try:
-            data = self._read(z0, z1, y0, y1)
-        except BadInputError:
-            raise
-        except MemoryError:
-            raise
-        except Exception as exc:
-            raise BadInputError(
-                f"{self.path}: could not read slices {z0}-{z1 - 1} ({type(exc).__name__}: {exc}); "
-                "the file is truncated or corrupt"
-            ) from None
+        data = self._read(z0, z1, y0, y1)
         if self.rgb:
             data = to_grayscale(data, self.dtype)
         expected = (z1 - z0, y1 - y0, self.shape[2])
         if data.shape != expected:
-            raise BadInputError(f"{self.path}: slices {z0}-{z1 - 1} have shape {data.shape[1:]}, expected {expected[1:]}")
+            raise BadInputError(
+                f"{self.path}: slices {z0}-{z1 - 1} have shape {data.shape[1:]}, expected {expected[1:]}"
+            )
         return data
+
+    def _decoding(self, z0: int, z1: int) -> contextlib.AbstractContextManager[None]:
+        """Reports a decoder failure on slices ``z0:z1`` as a truncated or corrupt file."""
+        return untrusted(f"{self.path}: could not read slices {z0}-{z1 - 1}", "; the file is truncated or corrupt")
 
     def _read(self, z0: int, z1: int, y0: int, y1: int) -> np.ndarray:  # pragma: no cover
         raise NotImplementedError
@@ -96,7 +105,7 @@ class Stack:
     def close(self) -> None:
         pass
 
-    def __enter__(self) -> "Stack":
+    def __enter__(self) -> Stack:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -147,18 +156,24 @@ class TiffStack(Stack):
     """
 
     def __init__(self, path: Path) -> None:
+        self.path = path
+        self._tif: Any = None
+        self._fd: int | None = None
+        try:
+            self._open(path)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, path: Path) -> None:
         import tifffile
         import zarr
 
-        self.path = path
-        try:
+        with untrusted(f"{path}: not a readable TIFF"):
             self._tif = tifffile.TiffFile(path)
             series = self._tif.series[0]
             axes, shape = series.axes, tuple(series.shape)
             self.dtype = np.dtype(series.dtype)
-        except Exception as exc:
-            self.close()
-            raise BadInputError(f"{path}: not a readable TIFF ({type(exc).__name__}: {exc})") from None
         self.rgb = False
         if axes and axes[-1] == "S" and shape[-1] in (3, 4):
             self.rgb = True
@@ -166,33 +181,31 @@ class TiffStack(Stack):
         elif axes and axes[-1] == "S" and shape[-1] == 1:
             axes, shape = axes[:-1], shape[:-1]
         if "C" in axes and shape[axes.index("C")] > 1:
-            self.close()
             raise BadInputError(
                 f"{path}: {shape[axes.index('C')]} channels; emseg segments one channel (extract it first)"
             )
         if len(shape) < 2:
-            self.close()
             raise BadInputError(f"{path}: not an image (shape {shape})")
         _check_size(path, shape, self.dtype)
         self._series_shape = shape
         self.shape = (int(math.prod(shape[:-2])), int(shape[-2]), int(shape[-1]))
-        try:
-            self._z = zarr.open(series.aszarr(), mode="r")
-        except Exception as exc:
-            self.close()
-            raise BadInputError(f"{path}: not a readable TIFF ({type(exc).__name__}: {exc})") from None
+        with untrusted(f"{path}: not a readable TIFF"):
+            # level 0: a pyramidal OME-TIFF would otherwise open as a group of all its levels
+            z = zarr.open(series.aszarr(level=0), mode="r")
+        if not isinstance(z, zarr.Array):
+            raise BadInputError(f"{path}: not a readable TIFF (its first series is not one image)")
+        self._z = z
         self.voxel_size = tiff_voxel_size(self._tif)
         # Uncompressed data stored in one contiguous block (ImageJ, tifffile, many scanners) is
         # read with pread at exact offsets: no decoding and no strip larger than the band.
         self._offset = series.dataoffset if series.dataoffset is not None and not series.is_multifile else None
         self._file_dtype = np.dtype(series.dtype).newbyteorder(self._tif.byteorder)
-        self._fd = os.open(path, os.O_RDONLY) if self._offset is not None else None
         if self._offset is not None:
+            self._fd = os.open(path, os.O_RDONLY)
             samples = 1 if not self.rgb else int(series.shape[-1])
             self._row_items = self.shape[2] * samples
             end = self._offset + self.shape[0] * self.shape[1] * self._row_items * self._file_dtype.itemsize
             if end > os.fstat(self._fd).st_size:
-                self.close()
                 raise BadInputError(f"{path}: file is truncated ({os.path.getsize(path)} bytes, header needs {end})")
         #: Rows the source stores together: bands aligned to it never decode a strip twice.
         self.row_block = 1 if self._offset is not None else int(self._z.chunks[len(self._series_shape) - 2])
@@ -201,18 +214,19 @@ class TiffStack(Stack):
         if self._offset is not None:
             return self._pread(z0, z1, y0, y1)
         lead = self._series_shape[:-2]
-        if not lead:
-            data = np.asarray(self._z[y0:y1])[None]
-        elif len(lead) == 1:
-            data = np.asarray(self._z[z0:z1, y0:y1])
-        else:
-            planes = [np.asarray(self._z[np.unravel_index(z, lead) + (slice(y0, y1),)]) for z in range(z0, z1)]
-            data = np.stack(planes)
+        if len(lead) <= 1:  # (Y, X[, S]) or (Z, Y, X[, S])
+            keys: list[tuple[int | slice, ...]] = [(slice(z0, z1), slice(y0, y1)) if lead else (slice(y0, y1),)]
+        else:  # several leading axes flattened into z: one plane each
+            keys = [(*(int(i) for i in np.unravel_index(z, lead)), slice(y0, y1)) for z in range(z0, z1)]
+        with self._decoding(z0, z1):
+            planes = [np.asarray(self._z[key]) for key in keys]
+        data = planes[0] if len(lead) == 1 else np.stack(planes)
         if data.ndim == 4 and not self.rgb:  # a single-sample axis
             data = data[..., 0]
         return data
 
     def _pread(self, z0: int, z1: int, y0: int, y1: int) -> np.ndarray:
+        assert self._fd is not None and self._offset is not None
         itemsize = self._file_dtype.itemsize
         row_bytes = self._row_items * itemsize
         plane_bytes = self.shape[1] * row_bytes
@@ -225,7 +239,13 @@ class TiffStack(Stack):
         for a, b in planes:
             start = self._offset + a * plane_bytes + y0 * row_bytes
             nbytes = (b - a - 1) * plane_bytes + (y1 - y0) * row_bytes
-            buf = os.pread(self._fd, nbytes, start)
+            try:
+                buf = os.pread(self._fd, nbytes, start)
+            except OSError as exc:  # EIO on a damaged disk or file
+                raise BadInputError(
+                    f"{self.path}: could not read slices {z0}-{z1 - 1} ({type(exc).__name__}: {exc}); "
+                    "the file is truncated or corrupt"
+                ) from None
             if len(buf) != nbytes:
                 raise BadInputError(f"{self.path}: file is truncated at slice {a}")
             data = np.frombuffer(buf, dtype=self._file_dtype)
@@ -257,7 +277,7 @@ class FolderStack(Stack):
             shapes.append(shape)
             dtypes.append(dtype)
         first, dtype0 = shapes[0], dtypes[0]
-        for f, shape, dtype in zip(files, shapes, dtypes):
+        for f, shape, dtype in zip(files, shapes, dtypes, strict=True):
             if shape[:2] != first[:2]:
                 raise BadInputError(
                     f"{path}: slices have different sizes ({files[0].name} is {first[1]}x{first[0]}, "
@@ -271,29 +291,23 @@ class FolderStack(Stack):
         _check_size(path, first, dtype0)
         self.dtype = dtype0
         self.shape = (len(files), int(first[0]), int(first[1]))
+        #: The shape every decoded slice must have: (Y, X), or (Y, X, C) for RGB(A).
+        self._slice_shape = self.shape[1:] + ((int(first[2]),) if self.rgb else ())
         self.voxel_size = None
         if files[0].suffix.lower() in TIFF_SUFFIXES:
-            import tifffile
-
-            try:
-                with tifffile.TiffFile(files[0]) as tif:
-                    vs = tiff_voxel_size(tif)
-                self.voxel_size = None if vs is None else (1.0, vs[1], vs[2])
-                if vs is not None:
-                    log.info("slice folder: y/x voxel size from %s, z unknown", files[0].name)
-            except Exception:
-                self.voxel_size = None
+            self.voxel_size = _slice_voxel_size(files[0])
         self._cache: tuple[int, np.ndarray] | None = None
 
     def _slice(self, z: int) -> np.ndarray:
         if self._cache is not None and self._cache[0] == z:
             return self._cache[1]
         f = self.files[z]
-        data = _read_image(f)
+        with self._decoding(z, z + 1):
+            data = _read_image(f)
         if data.ndim == 3 and data.shape[2] == 1:
             data = data[..., 0]
-        if data.shape[:2] != self.shape[1:]:
-            raise BadInputError(f"{f}: shape {data.shape[:2]} differs from the header's {self.shape[1:]}")
+        if data.shape != self._slice_shape:
+            raise BadInputError(f"{f}: shape {data.shape} differs from the header's {self._slice_shape}")
         self._cache = (z, data)
         return data
 
@@ -301,59 +315,63 @@ class FolderStack(Stack):
         return np.stack([self._slice(z)[y0:y1] for z in range(z0, z1)])
 
 
-def _header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
-    """(shape, dtype) of a 2D image file from its header, without decoding pixels."""
-    suffix = path.suffix.lower()
-    try:
-        if suffix in TIFF_SUFFIXES:
-            import tifffile
+def _slice_voxel_size(path: Path) -> tuple[float, float, float] | None:
+    """(1, y, x) nm of a slice folder from the resolution of its first TIFF slice (z unknown)."""
+    import tifffile
 
+    # The file's header was parsed by _header just before; only a file changed since fails here.
+    try:
+        with tifffile.TiffFile(path) as tif:
+            vs = tiff_voxel_size(tif)
+    except (OSError, ValueError):  # tifffile.TiffFileError is a ValueError
+        return None
+    if vs is None:
+        return None
+    log.info("slice folder: y/x voxel size from %s, z unknown", path.name)
+    return (1.0, vs[1], vs[2])
+
+
+def _header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) of a 2D image file from its header, without decoding pixels: (Y, X) or
+    (Y, X, C)."""
+    unreadable = f"{path}: not a readable image"
+    if path.suffix.lower() in TIFF_SUFFIXES:
+        import tifffile
+
+        with untrusted(unreadable):
             with tifffile.TiffFile(path) as tif:
                 series = tif.series[0]
                 shape = tuple(int(s) for s in series.shape)
-                axes = series.axes
+                axes = str(series.axes)
                 dtype = np.dtype(series.dtype)
-            if len([s for s, a in zip(shape, axes) if a not in "YXS" and s > 1]) > 0:
-                raise BadInputError(f"{path}: a slice folder must hold 2D images; this file has shape {shape}")
-            keep = [s for s, a in zip(shape, axes) if a in "YXS"]
-            return tuple(keep), dtype
-        from PIL import Image
+        if len([s for s, a in zip(shape, axes, strict=False) if a not in "YXS" and s > 1]) > 0:
+            raise BadInputError(f"{path}: a slice folder must hold 2D images; this file has shape {shape}")
+        keep = [s for s, a in zip(shape, axes, strict=False) if a in "YXS"]
+        return tuple(keep), dtype
+    from PIL import Image
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:  # reads the header only
-                mode, (w, h) = img.mode, img.size
-            if w * h > MAX_SLICE_PIXELS:
-                raise BadInputError(f"{path}: slice of {(h, w)} pixels is larger than emseg accepts")
-            with _PIL_LOCK:
-                saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, MAX_SLICE_PIXELS
-                try:
-                    with Image.open(path) as img:
-                        img.verify()
-                finally:
-                    Image.MAX_IMAGE_PIXELS = saved
-        dtype, channels = _pil_mode(mode, path)
-        return ((h, w) if channels == 1 else (h, w, channels)), dtype
-    except BadInputError:
-        raise
-    except Exception as exc:
-        raise BadInputError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from None
-
-
-def _pil_mode(mode: str, path: Path) -> tuple[np.dtype, int]:
-    table = {
-        "1": (np.dtype(np.bool_), 1), "L": (np.dtype(np.uint8), 1), "P": (np.dtype(np.uint8), 3),
-        "I;16": (np.dtype(np.uint16), 1), "I;16B": (np.dtype(np.uint16), 1), "I;16L": (np.dtype(np.uint16), 1),
-        "I": (np.dtype(np.int32), 1), "F": (np.dtype(np.float32), 1),
-        "RGB": (np.dtype(np.uint8), 3), "RGBA": (np.dtype(np.uint8), 4), "LA": (np.dtype(np.uint8), 1),
-    }
-    if mode not in table:
+    with untrusted(unreadable), warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as img:  # reads the header only
+            mode, (w, h) = str(img.mode), img.size
+    if w * h > MAX_SLICE_PIXELS:
+        raise BadInputError(f"{path}: slice of {(h, w)} pixels is larger than emseg accepts")
+    with untrusted(unreadable), _PIL_LOCK:
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, MAX_SLICE_PIXELS
+        try:
+            with Image.open(path) as img:
+                img.verify()
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+    if mode not in PIL_MODES:
         raise BadInputError(f"{path}: unsupported PNG mode {mode}")
-    return table[mode]
+    dtype, channels = PIL_MODES[mode]
+    return ((h, w) if channels == 1 else (h, w, channels)), dtype
 
 
 def _read_image(path: Path) -> np.ndarray:
-    """Decode a whole 2D image file: (Y, X) or (Y, X, C)."""
+    """Decode a whole 2D image file: (Y, X) or (Y, X, C). Calls tifffile or PIL only: the caller
+    handles what they raise on a corrupt file."""
     if path.suffix.lower() in TIFF_SUFFIXES:
         import tifffile
 
@@ -367,7 +385,7 @@ def _read_image(path: Path) -> np.ndarray:
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, MAX_SLICE_PIXELS
         try:
-            img = Image.open(path)
+            img: Image.Image = Image.open(path)
         finally:
             Image.MAX_IMAGE_PIXELS = saved
         with img:
@@ -382,8 +400,7 @@ def _read_image(path: Path) -> np.ndarray:
 def list_slices(folder: Path) -> list[Path]:
     """Image files of a slice folder in natural order (hidden files skipped)."""
     files = [
-        p for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
+        p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
     ]
     return sorted(files, key=natural_key)
 
@@ -401,8 +418,8 @@ def open_stack(source: str | Path) -> Stack:
         files = list_slices(path)
         if not files:
             raise BadInputError(f"{path}: folder holds no .tif, .tiff or .png slices")
-        suffixes = {f.suffix.lower() in TIFF_SUFFIXES for f in files}
-        if len(suffixes) > 1:
+        kinds = {f.suffix.lower() in TIFF_SUFFIXES for f in files}
+        if len(kinds) > 1:
             raise BadInputError(f"{path}: folder mixes TIFF and PNG slices; keep one format")
         return FolderStack(files, path)
     suffix = path.suffix.lower()
@@ -420,96 +437,3 @@ def _looks_like_tiff(path: Path) -> bool:
     except OSError:
         return False
     return head in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
-
-
-# --- voxel size from TIFF metadata -------------------------------------------------------------
-
-
-def tiff_voxel_size(tif: Any) -> tuple[float, float, float] | None:
-    """(z, y, x) voxel size in nm from OME-XML, ImageJ metadata or a centimetre resolution tag;
-    None when the file carries none (inch-based resolutions are screen settings, not voxels)."""
-    try:
-        if tif.is_ome and tif.ome_metadata:
-            vs = _ome_voxel_size(tif.ome_metadata)
-            if vs is not None:
-                return vs
-        page = tif.pages[0]
-        xy = _resolution_nm(page, tif.imagej_metadata if tif.is_imagej else None)
-        if xy is None:
-            return None
-        z = 1.0
-        ij = tif.imagej_metadata if tif.is_imagej else None
-        if ij and "spacing" in ij:
-            unit_nm = UNIT_NM.get(str(ij.get("unit", "micron")).strip().lower().replace("\\u00b5", "µ"), None)
-            if unit_nm is not None:
-                z = float(ij["spacing"]) * unit_nm
-        return (z, xy[0], xy[1])
-    except Exception:  # metadata is a courtesy: never fail an ingest on it
-        log.debug("could not parse TIFF resolution metadata", exc_info=True)
-        return None
-
-
-def _resolution_nm(page: Any, imagej: dict | None) -> tuple[float, float] | None:
-    xres, yres = page.tags.get("XResolution"), page.tags.get("YResolution")
-    if xres is None or yres is None:
-        return None
-    xr = xres.value[0] / xres.value[1] if xres.value[1] else 0.0
-    yr = yres.value[0] / yres.value[1] if yres.value[1] else 0.0
-    if xr <= 0 or yr <= 0:
-        return None
-    if imagej and "unit" in imagej:
-        unit = str(imagej["unit"]).strip().lower()
-        unit_nm = UNIT_NM.get(unit) or UNIT_NM.get(unit.replace("\\u00b5", "µ"))
-        if unit_nm is None:
-            return None
-        return (unit_nm / yr, unit_nm / xr)
-    unit_tag = page.tags.get("ResolutionUnit")
-    if unit_tag is not None and int(unit_tag.value) == 3:  # centimetre
-        return (1e7 / yr, 1e7 / xr)
-    return None
-
-
-def _ome_voxel_size(xml: str) -> tuple[float, float, float] | None:
-    root = ET.fromstring(xml)
-    pixels = next((el for el in root.iter() if el.tag.endswith("Pixels")), None)
-    if pixels is None:
-        return None
-    out = []
-    for axis in ("Z", "Y", "X"):
-        value = pixels.get(f"PhysicalSize{axis}")
-        unit = pixels.get(f"PhysicalSize{axis}Unit", "µm")
-        factor = UNIT_NM.get(unit.strip().lower())
-        if value is None or factor is None:
-            if axis == "Z":
-                out.append(1.0)
-                continue
-            return None
-        out.append(float(value) * factor)
-    return (out[0], out[1], out[2])
-
-
-# --- export ----------------------------------------------------------------------------------
-
-
-def write_tiff(path: Path, slices: Any, shape: Sequence[int], dtype: np.dtype, voxel_size: Sequence[float]) -> None:
-    """Write an iterable of (Y, X) slices as one compressed BigTIFF (ImageJ-readable resolution)."""
-    import tifffile
-
-    with tifffile.TiffWriter(path, bigtiff=True) as tw:
-        for z, plane in enumerate(slices):
-            tw.write(
-                np.asarray(plane, dtype=dtype),
-                compression="zlib",
-                predictor=True,
-                resolution=(1e7 / voxel_size[2], 1e7 / voxel_size[1]),
-                resolutionunit="CENTIMETER",
-                metadata=None,
-                contiguous=False,
-            )
-
-
-def write_png(path: Path, plane: np.ndarray) -> None:
-    """Write one (Y, X) uint8 or uint16 slice as PNG."""
-    from PIL import Image
-
-    Image.fromarray(np.ascontiguousarray(plane)).save(path)

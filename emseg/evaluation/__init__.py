@@ -1,0 +1,1 @@
+"""How good a segmentation is: the ISBI 2012 metrics (``metrics``) and ``emseg evaluate`` (``evaluate``)."""

@@ -1,0 +1,157 @@
+"""``emseg predict``: a trained network over every block of an OME-Zarr image.
+
+The steps of :func:`predict_store`: validate the checkpoint, the settings and the input; plan
+the output store (the input's chunks and pyramid depth, probabilities plus a membranes label)
+and its blocks; open the output (:class:`~emseg.io.outputs.Output`: locked, written into a hidden
+partial, resumable); run the unfinished blocks (:mod:`~emseg.inference.schedule`); build the
+pyramid levels from level 0; mark the store complete and commit it under its name.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import zarr
+
+from emseg.config import PredictConfig, to_dict
+from emseg.errors import BadInputError
+from emseg.inference.blocks import Run, plan_blocks
+from emseg.inference.engine import OUTPUT_DTYPES
+from emseg.inference.schedule import execute
+from emseg.inference.tiling import check_tiling
+from emseg.io.outputs import Output, is_emseg_store, provenance
+from emseg.io.pyramid import build_levels
+from emseg.io.zarr import LevelSpec, OmeImage, create_image_store, create_label, create_multiscale, open_ome
+from emseg.models.checkpoint import read_checkpoint, resolve_checkpoint
+from emseg.progress import Reporter, reporter_or_null
+
+log = logging.getLogger(__name__)
+
+#: Settings that may differ between an interrupted run and its ``--resume``.
+RUNTIME_ONLY = ("device", "batch_size", "threads", "workers", "scheduler", "compile", "overwrite", "resume")
+
+
+def predict_store(
+    model: str | Path, data: str | Path, output: str | Path, config: PredictConfig, progress: Reporter | None = None
+) -> Path:
+    """Predict every block of ``data`` (level 0, slices ``config.slices``) into the OME-Zarr store
+    ``output``: P(cell) in ``config.dtype`` and ``labels/membranes`` (uint8, P < threshold), both
+    (Z, Y, X) with the input's chunks, voxel size and pyramid depth. Returns ``output``."""
+    progress = reporter_or_null(progress)
+    model_path, meta = _checked_model(model, config)
+    image, z_range = _checked_input(data, config)
+    final = Path(output).absolute()
+    if _already_complete(final, config):
+        log.info("%s is complete; nothing to resume", final)
+        return final
+    shape = (z_range[1] - z_range[0], *image.shape[1:])
+    chunks = (1, int(image.array.chunks[1]), int(image.array.chunks[2]))
+    spec = LevelSpec(shape=shape, dtype=config.dtype, chunks=chunks, pyramid_min_size=_pyramid_min(image))
+    prov = provenance(
+        "predict",
+        model=str(model_path),
+        data=str(image.path.resolve()),
+        slices=list(z_range),
+        settings={k: v for k, v in to_dict(config).items() if k not in ("overwrite", "resume")},
+        model_meta={k: meta.get(k) for k in ("halo", "divisor", "normalization", "parameters")},
+    )
+
+    def create(path: Path) -> None:
+        root = create_image_store(path, image.version, attrs={"emseg": {**prov, "complete": False}})
+        create_multiscale(root, spec, image.voxel_size, image.version, "probabilities")
+        create_label(root, "membranes", spec, image.voxel_size, image.version)
+
+    with Output(
+        final,
+        overwrite=config.overwrite,
+        kind="store",
+        command="predict",
+        create=create,
+        resume_record=_resume_record(model_path, image, config),
+        resume=config.resume,
+    ) as out:
+        run = Run(
+            str(model_path),
+            str(image.path.resolve()),
+            str(out.path),
+            str(out.done_dir),
+            config,
+            int(meta.get("divisor") or 1),
+        )
+        blocks = plan_blocks(run, z_range, image.shape, chunks)
+        done = out.done_names()
+        todo = [b for b in blocks if b.name not in done]
+        if out.resumed:
+            log.info("resuming: %d of %d blocks already done", len(blocks) - len(todo), len(blocks))
+        progress.start("predict", total=len(blocks), unit="blocks")
+        progress.advance(len(blocks) - len(todo))
+        execute(todo, config, progress)
+        progress.finish()
+        build_levels(out.path, "mean")
+        build_levels(out.path / "labels" / "membranes", "majority")
+        zarr.open_group(str(out.path), mode="r+").attrs["emseg"] = {**prov, "complete": True}
+    return final
+
+
+def _checked_model(model: str | Path, config: PredictConfig) -> tuple[Path, dict[str, Any]]:
+    """(checkpoint path, its meta), after checking the settings the checkpoint must allow."""
+    model_path = resolve_checkpoint(model).resolve()
+    _, meta = read_checkpoint(model_path)
+    check_tiling(config.tile, config.overlap, int(meta.get("divisor") or 1), config.blend)
+    if config.dtype not in OUTPUT_DTYPES:
+        raise BadInputError(f"--dtype {config.dtype}: expected uint8, float16 or float32")
+    if not 0 <= config.threshold <= 1:
+        raise BadInputError(f"--threshold {config.threshold}: must be within [0, 1]")
+    if config.batch_size < 1 or config.threads < 1:
+        raise BadInputError("--batch-size and the thread count must be at least 1")
+    return model_path, meta
+
+
+def _checked_input(data: str | Path, config: PredictConfig) -> tuple[OmeImage, tuple[int, int]]:
+    """(the input image, the slice range [z0, z1) to predict)."""
+    image = open_ome(data)
+    if image.array.ndim != 3:
+        raise BadInputError(f"{data}: expected a (z, y, x) image")
+    z0, z1 = config.slices or (0, image.shape[0])
+    if not 0 <= z0 < z1 <= image.shape[0]:
+        raise BadInputError(f"--slices {z0}:{z1}: {data} has slices 0-{image.shape[0] - 1}")
+    return image, (z0, z1)
+
+
+def _already_complete(final: Path, config: PredictConfig) -> bool:
+    """Whether ``--resume`` (without ``--overwrite``) finds the output already whole; refuses an
+    existing output that neither option allows, or one emseg did not write."""
+    if final.is_symlink() or not final.exists():
+        return False  # a symlink is refused when the output is opened
+    if not (config.overwrite or config.resume):
+        raise BadInputError(f"{final}: already exists (use --overwrite to replace it, or --resume)")
+    if not is_emseg_store(final):
+        raise BadInputError(f"{final}: exists and was not written by emseg; refusing to replace it")
+    return config.resume and not config.overwrite
+
+
+def _resume_record(model: Path, image: OmeImage, config: PredictConfig) -> dict[str, Any]:
+    """What an interrupted run must share with its ``--resume``: the model file (size and time),
+    the input and every setting that changes the output."""
+    stat = model.stat()
+    kept = {k: v for k, v in to_dict(config).items() if k not in RUNTIME_ONLY}
+    return {
+        "model": str(model),
+        "model_size": stat.st_size,
+        "model_mtime": stat.st_mtime,
+        "data": str(image.path.resolve()),
+        "config": kept,
+    }
+
+
+def _pyramid_min(image: OmeImage) -> int:
+    """The input's own pyramid depth: stop where its smallest level stops."""
+    levels = image.levels
+    if len(levels) <= 1:
+        return max(image.shape[1:])
+    return max(levels[-1].shape[1:])
+
+
+__all__ = ["predict_store"]

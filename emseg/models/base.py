@@ -1,0 +1,19 @@
+"""What every emseg network exposes besides ``forward``: its size divisor and its halo."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+class SegmentationNet(nn.Module):
+    """A network from (B, 1, H, W) normalised images to (B, 1, H, W) logits of P(cell)."""
+
+    @property
+    def divisor(self) -> int:
+        """Height and width of the input must be multiples of this."""
+        raise NotImplementedError
+
+    @property
+    def halo(self) -> int:
+        """Pixels of context on each side that can influence an output pixel."""
+        raise NotImplementedError

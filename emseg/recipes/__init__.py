@@ -1,0 +1,1 @@
+"""Flows built on the layers below (demo, bench, pictures): they never call ``emseg.api``."""

@@ -1,0 +1,205 @@
+"""The run directory of one training run: config.json, checkpoints, the resume point, metrics.csv
+and curves.png, each written atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from emseg._version import __version__
+from emseg.config import TrainConfig, from_dict, to_dict
+from emseg.errors import BadInputError
+from emseg.io.outputs import OutputLock, check_output, write_bytes_atomic, write_json_atomic
+from emseg.models.checkpoint import load_resume_point, save_checkpoint, save_resume_point
+
+COLUMNS = (
+    "epoch",
+    "step",
+    "train_loss",
+    "train_accuracy",
+    "val_loss",
+    "val_accuracy",
+    "val_iou",
+    "v_rand",
+    "v_info",
+    "lr",
+    "seconds",
+)
+FORMAT = "emseg-checkpoint/1"
+RESUME_POINT = "resume.safetensors"
+#: The resume point's name in runs written before it was renamed; ``--resume`` still reads it.
+LEGACY_RESUME_POINT = "optimizer.safetensors"
+#: Every file emseg writes into a run directory (``--overwrite`` removes these and only these).
+RUN_FILES = (
+    "config.json",
+    "best.safetensors",
+    "last.safetensors",
+    RESUME_POINT,
+    LEGACY_RESUME_POINT,
+    "metrics.csv",
+    "curves.png",
+    "ddp.json",
+)
+
+
+class RunDir:
+    """Writes and reads the files of one training run."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.rows: list[dict[str, Any]] = []
+
+    @property
+    def last(self) -> Path:
+        return self.path / "last.safetensors"
+
+    @property
+    def best(self) -> Path:
+        return self.path / "best.safetensors"
+
+    @property
+    def resume_point(self) -> Path:
+        """Weights, optimizer state, loop state and metrics rows in one file, for ``--resume``."""
+        return self.path / RESUME_POINT
+
+    @contextlib.contextmanager
+    def claim(self, resume: bool, overwrite: bool) -> Iterator[None]:
+        """Hold the run directory while the block writes it: a second emseg writing it is refused
+        (a lock beside it); an existing run needs ``resume`` or ``overwrite`` (which removes only
+        the files emseg writes there)."""
+        if self.path.is_symlink():
+            raise BadInputError(f"{self.path}: is a symbolic link; give the real path of the run directory")
+        if not self.path.exists():
+            check_output(self.path, overwrite=False, kind="run")
+        lock = OutputLock(self.path, "train")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
+        except OSError as exc:  # an unwritable parent: the lock lives beside the run directory
+            raise BadInputError(
+                f"{self.path}: cannot lock it for writing in {self.path.parent} ({exc.strerror or exc})"
+            ) from None
+        try:
+            existing = [f for f in RUN_FILES if (self.path / f).exists()]
+            if existing and not resume and not overwrite:
+                raise BadInputError(
+                    f"{self.path}: already holds a run ({', '.join(existing)}); use --resume or --overwrite"
+                )
+            if overwrite and not resume:
+                for f in existing:
+                    (self.path / f).unlink()
+            self.path.mkdir(exist_ok=True)
+            yield
+        finally:
+            lock.release()
+
+    def meta(self, config: TrainConfig, extra: dict[str, Any]) -> dict[str, Any]:
+        return {"format": FORMAT, "emseg_version": __version__, "config": to_dict(config), **extra}
+
+    def write_config(self, meta: dict[str, Any]) -> None:
+        write_json_atomic(self.path / "config.json", meta)
+
+    def save(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        meta: dict[str, Any],
+        state: dict[str, Any],
+        best: bool,
+        row: dict[str, Any],
+    ) -> None:
+        """Save the resume point (weights, optimizer, loop state and metrics rows in one atomic
+        file) first, then last (+ best) weights, metrics.csv and curves.png for people."""
+        self.rows = [r for r in self.rows if r["epoch"] != row["epoch"]] + [row]
+        save_resume_point(
+            self.resume_point, model, optimizer, {"state": state, "config": meta["config"], "rows": self.rows}
+        )
+        (self.path / LEGACY_RESUME_POINT).unlink(missing_ok=True)  # superseded by the file just written
+        save_checkpoint(self.last, model, {**meta, "state": state})
+        if best:
+            save_checkpoint(self.best, model, {**meta, "state": state})
+        self.write_metrics()
+
+    def resume(self, model: nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig) -> dict[str, Any]:
+        """Restore weights, optimizer and metrics rows from the resume point (an older run's
+        optimizer.safetensors when there is no resume.safetensors); refuse an incompatible config.
+
+        Returns the loop state: ``step`` (the next global step, counted with ``config``'s steps per
+        epoch), ``best`` (score) and ``elapsed`` (seconds).
+        """
+        path = self.resume_point
+        if not path.is_file() and (self.path / LEGACY_RESUME_POINT).is_file():
+            path = self.path / LEGACY_RESUME_POINT
+        if not path.is_file():
+            raise BadInputError(f"--resume: {self.path} holds no {RESUME_POINT} to resume from")
+        tensors, extra = load_resume_point(path, optimizer)
+        saved = from_dict(TrainConfig, extra["config"])
+        if saved.model != config.model or saved.val_slices != config.val_slices:
+            raise BadInputError(
+                f"--resume: {self.path} was trained with model {saved.model} and validation slices "
+                f"{saved.val_slices}; the options given differ (model {config.model}, {config.val_slices})"
+            )
+        getattr(model, "module", model).load_state_dict(tensors)
+        self.rows = list(extra.get("rows", []))
+        state = extra["state"]
+        if "step" in state:
+            epoch, in_epoch = divmod(int(state["step"]), saved.steps_per_epoch)
+        else:  # written by an emseg that counted (epoch, step in it)
+            epoch, in_epoch = int(state["epoch"]), int(state["next_step"])
+        # finished epochs stay finished when --steps-per-epoch changes on resume
+        step = epoch * config.steps_per_epoch + min(in_epoch, config.steps_per_epoch)
+        return {"step": step, "best": float(state["best"]), "elapsed": float(state["elapsed"])}
+
+    def write_metrics(self) -> None:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for r in self.rows:
+            writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in COLUMNS})
+        write_bytes_atomic(self.path / "metrics.csv", buf.getvalue().encode())
+        self.plot()
+
+    def plot(self) -> None:
+        """curves.png: loss, pixel accuracy and V_rand / V_info per epoch."""
+        import matplotlib
+
+        matplotlib.use("Agg", force=True)
+        import matplotlib.pyplot as plt
+
+        epochs = [r["epoch"] for r in self.rows]
+
+        def series(key: str) -> tuple[list, list]:
+            pts = [(r["epoch"], r[key]) for r in self.rows if isinstance(r.get(key), (int, float))]
+            return [p[0] for p in pts], [p[1] for p in pts]
+
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+        for ax, keys, title in (
+            (axes[0], ("train_loss", "val_loss"), "loss"),
+            (axes[1], ("train_accuracy", "val_accuracy"), "pixel accuracy"),
+            (axes[2], ("v_rand", "v_info", "val_iou"), "validation scores"),
+        ):
+            for key in keys:
+                x, y = series(key)
+                if x:
+                    ax.plot(x, y, marker="o" if len(x) < 30 else None, label=key.replace("_", " "))
+            ax.set_title(title)
+            ax.set_xlabel("epoch")
+            ax.grid(alpha=0.3)
+            ax.legend()
+            if epochs:
+                ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=90)
+        plt.close(fig)
+        write_bytes_atomic(self.path / "curves.png", buf.getvalue())
+
+
+__all__ = ["RunDir", "COLUMNS", "FORMAT", "RESUME_POINT", "LEGACY_RESUME_POINT", "RUN_FILES"]
