@@ -9,8 +9,10 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional, TypeVar
@@ -43,17 +45,86 @@ app = typer.Typer(
 stdout = Console()
 stderr = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
+#: Seconds between progress lines when stderr is not a terminal (EMSEG_PROGRESS_INTERVAL overrides).
+PROGRESS_INTERVAL_S = 10.0
+
+
+class PlainReporter:
+    """A :class:`emseg.progress.Reporter` for a stderr that is not a terminal (a log file, a batch
+    job): one line at the start, then one every ``interval`` seconds (what, done/total, rate, ETA),
+    and one at the end."""
+
+    def __init__(self, interval: float | None = None) -> None:
+        env = os.environ.get("EMSEG_PROGRESS_INTERVAL")
+        self.interval = interval if interval is not None else float(env) if env else PROGRESS_INTERVAL_S
+        self._what, self._unit, self._done = "", "", 0.0
+        self._total: float | None = None
+        self._t0 = self._last = 0.0
+        self._info = ""
+
+    def start(self, description: str, total: float | None, unit: str = "") -> None:
+        self._what, self._total, self._unit, self._done = description, total, unit, 0.0
+        self._t0 = self._last = time.monotonic()
+        self._info = ""
+        size = "" if total is None else f" ({total:.0f} {unit or 'units'})"
+        self._write(f"{description}: started{size}")
+
+    def advance(self, amount: float = 1, **fields: Any) -> None:
+        self._done += amount
+        self._info = "  ".join(f"{k.replace('_', ' ')} {_fmt(v)}" for k, v in fields.items())
+        now = time.monotonic()
+        if now - self._last >= self.interval:
+            self._last = now
+            self._write(self._line(now))
+
+    def finish(self) -> None:
+        if self._what:
+            self._write(f"{self._line(time.monotonic())}, done")
+        self._what = ""
+
+    def _line(self, now: float) -> str:
+        elapsed = max(now - self._t0, 1e-9)
+        rate = self._done / elapsed
+        unit = self._unit or "units"
+        line = f"{self._what}: {self._done:.0f}"
+        if self._total:
+            line += f"/{self._total:.0f} {unit} ({self._done / self._total:.0%})"
+        else:
+            line += f" {unit}"
+        line += f", {rate:.3g} {unit}/s, {_duration(elapsed)} elapsed"
+        if self._total and self._done < self._total:
+            line += f", ETA {_duration((self._total - self._done) / rate if rate > 0 else float('inf'))}"
+        return f"{line}  {self._info}" if self._info else line
+
+    @staticmethod
+    def _write(text: str) -> None:
+        sys.stderr.write(f"emseg: {text}\n")
+        sys.stderr.flush()
+
+
+def _duration(seconds: float) -> str:
+    """``75.4`` -> ``1m15s``; hours as ``2h05m``."""
+    if seconds == float("inf"):
+        return "unknown"
+    whole = int(round(seconds))
+    if whole >= 3600:
+        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+    return f"{whole // 60}m{whole % 60:02d}s"
 
 
 class RichReporter:
-    """A :class:`emseg.progress.Reporter` drawing rich progress bars with ETA on stderr."""
+    """A :class:`emseg.progress.Reporter` drawing rich progress bars with ETA on stderr; when
+    stderr is not a terminal it prints plain progress lines instead (:class:`PlainReporter`)."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled and stderr.is_terminal
+        self._plain = PlainReporter() if enabled and not stderr.is_terminal else None
         self._progress: Progress | None = None
         self._task: Any = None
 
     def start(self, description: str, total: float | None, unit: str = "") -> None:
+        if self._plain is not None:
+            self._plain.start(description, total, unit)
         if not self.enabled:
             return
         if self._progress is None:
@@ -73,12 +144,16 @@ class RichReporter:
         self._task = self._progress.add_task(description, total=total, unit=unit, info="")
 
     def advance(self, amount: float = 1, **fields: Any) -> None:
+        if self._plain is not None:
+            self._plain.advance(amount, **fields)
         if self._progress is None or self._task is None:
             return
         info = "  ".join(f"{k.replace('_', ' ')} {_fmt(v)}" for k, v in fields.items())
         self._progress.update(self._task, advance=amount, info=info)
 
     def finish(self) -> None:
+        if self._plain is not None:
+            self._plain.finish()
         if self._progress is not None and self._task is not None:
             self._progress.refresh()
         self._task = None

@@ -187,6 +187,14 @@ class ModelConfig:
 
 
 LOSSES = ("weighted-bce", "bce", "dice", "bce+dice")
+#: "auto": bf16 autocast where the device computes bf16 natively (CUDA with native bf16, CPUs with
+#: AVX512-BF16 or AMX), else fp32; "fp32" and "bf16" force one.
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def _choice(value: str, choices: tuple[str, ...], option: str) -> None:
+    if value not in choices:
+        raise BadInputError(f"{option} {value!r}: expected one of {', '.join(choices)}")
 
 
 @dataclass(frozen=True)
@@ -216,8 +224,10 @@ class TrainConfig:
     #: Stop cleanly at the first step past this many seconds (then validate and save).
     time_limit: float | None = None
     device: str = "auto"
-    #: bf16 autocast on CUDA.
+    #: Autocast (mixed precision) at all; ``precision`` says which.
     amp: bool = True
+    #: "auto", "fp32" or "bf16" (see PRECISIONS).
+    precision: str = "auto"
     channels_last: bool = True
     compile: bool = False
     #: Validation tiles (full held-out slices, through the predict engine).
@@ -230,6 +240,7 @@ class TrainConfig:
         if self.val_slices is not None:
             object.__setattr__(self, "val_slices", slice_list(self.val_slices))
         _at_least(self, 1, "epochs", "steps_per_epoch", "batch_size", "crop", "val_every")
+        _choice(self.precision, PRECISIONS, "--precision")
         _positive(self, "lr", "time_limit")
 
 
@@ -261,14 +272,53 @@ class PredictConfig:
     #: Address of an existing dask.distributed scheduler (tcp://HOST:PORT).
     scheduler: str | None = None
     compile: bool = False
+    #: "auto", "fp32" or "bf16" (see PRECISIONS).
+    precision: str = "auto"
     overwrite: bool = False
     resume: bool = False
 
     def __post_init__(self) -> None:
+        _choice(self.precision, PRECISIONS, "--precision")
         if self.slices is not None:
             object.__setattr__(self, "slices", slice_range(self.slices))
         _at_least(self, 1, "tile", "batch_size", "block", "threads", "workers")
         _at_least(self, 0, "overlap")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what a file emseg reads may make it allocate; each can be raised with the
+    environment variable named in its comment (for data that really is that large)."""
+
+    #: Pixels of one slice (EMSEG_MAX_SLICE_PIXELS): 2**32, e.g. 65536 x 65536.
+    max_slice_pixels: int = 2**32
+    #: Bytes one TIFF strip or tile decodes to at once (EMSEG_MAX_DECODE_BYTES): 1 GiB.
+    max_decode_bytes: int = 2**30
+    #: Model depth (EMSEG_MAX_DEPTH), first-level channels (EMSEG_MAX_CHANNELS) and estimated
+    #: parameter count (EMSEG_MAX_PARAMETERS) a checkpoint or the options may ask for.
+    max_depth: int = 8
+    max_channels: int = 1024
+    max_parameters: int = 2 * 10**9
+    #: Bytes of one zarr chunk (EMSEG_MAX_CHUNK_BYTES) and of one array (EMSEG_MAX_ARRAY_BYTES).
+    max_chunk_bytes: int = 2**31
+    max_array_bytes: int = 2**50
+    #: Bytes a training crop batch or a prediction tile batch may need (EMSEG_MAX_BATCH_BYTES).
+    max_batch_bytes: int = 2**36
+
+    @classmethod
+    def from_env(cls) -> Limits:
+        """The defaults, with every ``EMSEG_<FIELD>`` environment variable that is set replacing its field."""
+        import os
+
+        changes: dict[str, int] = {}
+        for f in dataclasses.fields(cls):
+            name = "EMSEG_" + f.name.upper()
+            if os.environ.get(name):
+                try:
+                    changes[f.name] = int(float(os.environ[name]))
+                except ValueError:
+                    raise BadInputError(f"{name}={os.environ[name]!r}: expected a number") from None
+        return dataclasses.replace(cls(), **changes)
 
 
 def merge(cls: type[T], config: T | None = None, **changes: Any) -> T:
@@ -336,6 +386,7 @@ __all__ = [
     "ModelConfig",
     "TrainConfig",
     "PredictConfig",
+    "Limits",
     "LOSSES",
     "ISBI_VOXEL_SIZE_NM",
     "merge",
