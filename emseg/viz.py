@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from emseg._version import __version__
+
 
 def _figure(n_rows: int, n_cols: int, size: float = 4.0):  # type: ignore[no-untyped-def]
     import matplotlib
@@ -67,6 +69,8 @@ def panel_rows(rows: Sequence[dict[str, np.ndarray]], output: Path, titles: Sequ
             axes[i][0].text(-0.05, 0.5, titles[i], transform=axes[i][0].transAxes, rotation=90, ha="right", va="center")
     fig.tight_layout()
     output.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output, dpi=100)
+    # the format is given: the output may be a hidden partial whose name does not end in .png;
+    # the Software text marks the file as emseg's, so --overwrite may replace it
+    fig.savefig(output, dpi=100, format="png", metadata={"Software": f"emseg {__version__}"})
     plt.close(fig)
     return output

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from emseg.errors import BadInputError
-from emseg.io.outputs import Output
+from emseg.io.outputs import Output, software_tag
 from emseg.io.zarr import open_ome
 from emseg.progress import Reporter, reporter_or_null
 
@@ -41,23 +41,29 @@ def export_store(
     if not 0 <= level < len(image.levels):
         raise BadInputError(f"--level {level}: {source} has levels 0-{len(image.levels) - 1}")
     array = image.levels[level]
-    if fmt == "png" and array.dtype not in (np.uint8, np.uint16):
+    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        if array.dtype != np.bool_:
+            raise BadInputError(f"{source}: pixel type {array.dtype} cannot be exported (integers, floats or bool)")
+    if fmt == "png" and array.dtype not in (np.uint8, np.uint16, np.bool_):
         raise BadInputError(f"PNG holds 8- or 16-bit integers; {array.dtype} data needs --format tif")
-    scale = 255 if label is not None else 1
+    # a mask is written as 0/255 so it is visible; instance IDs (uint32/uint64 labels) as they are
+    binary = (label is not None and array.dtype == np.uint8) or array.dtype == np.bool_
+    dtype = np.dtype(np.uint8) if array.dtype == np.bool_ else array.dtype
     progress = reporter_or_null(progress)
 
     def planes() -> Iterator[np.ndarray]:
         for z in range(array.shape[0]):
             plane = np.asarray(array[z])
-            yield plane * np.uint8(scale) if scale != 1 else plane
+            yield (plane != 0).astype(np.uint8) * np.uint8(255) if binary else plane
             progress.advance(1)
 
     voxel = tuple(v * (2**level if i else 1) for i, v in enumerate(image.voxel_size))
     # the earlier output (with --overwrite) stays until the new one is whole
-    with Output(output, overwrite=overwrite, kind="file" if fmt == "tif" else "slices", command="export") as out:
+    kind = "file" if fmt == "tif" else "slices"
+    with Output(output, overwrite=overwrite, kind=kind, command="export", inputs=[source]) as out:
         progress.start(f"export {output.name}", total=array.shape[0], unit="slices")
         if fmt == "tif":
-            write_tiff(out.path, planes(), array.shape, array.dtype, voxel)
+            write_tiff(out.path, planes(), array.shape, dtype, voxel)
         else:
             width = max(4, len(str(array.shape[0] - 1)))
             for z, plane in enumerate(planes()):
@@ -70,7 +76,8 @@ def write_tiff(
     path: Path, slices: Iterable[np.ndarray], shape: Sequence[int], dtype: np.dtype, voxel_size: Sequence[float]
 ) -> None:
     """Write an iterable of (Y, X) slices of ``dtype`` as one zlib-compressed BigTIFF whose
-    centimetre resolution tags carry the (y, x) voxel size in nm (ImageJ reads it)."""
+    centimetre resolution tags carry the (y, x) voxel size in nm (ImageJ reads it) and whose
+    Software tag marks it as emseg's (``--overwrite`` replaces only such a file)."""
     import tifffile
 
     with tifffile.TiffWriter(path, bigtiff=True) as tw:
@@ -82,12 +89,15 @@ def write_tiff(
                 resolution=(1e7 / voxel_size[2], 1e7 / voxel_size[1]),
                 resolutionunit="CENTIMETER",
                 metadata=None,
+                software=software_tag(),
                 contiguous=False,
             )
 
 
 def write_png(path: Path, plane: np.ndarray) -> None:
-    """Write one (Y, X) uint8 or uint16 slice as PNG."""
-    from PIL import Image
+    """Write one (Y, X) uint8 or uint16 slice as PNG, marked as emseg's (a Software text chunk)."""
+    from PIL import Image, PngImagePlugin
 
-    Image.fromarray(np.ascontiguousarray(plane)).save(path)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Software", software_tag())
+    Image.fromarray(np.ascontiguousarray(plane)).save(path, format="PNG", pnginfo=info)

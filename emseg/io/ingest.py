@@ -19,7 +19,7 @@ import numpy as np
 
 from emseg.config import IngestConfig
 from emseg.errors import BadInputError
-from emseg.io.outputs import Output, provenance
+from emseg.io.outputs import Output, check_inputs, provenance
 from emseg.io.pyramid import PyramidWriter, band_rows, pyramid_shapes
 from emseg.io.stacks import Stack, open_stack
 from emseg.io.zarr import LevelSpec, create_image_store, create_label, create_multiscale
@@ -77,6 +77,7 @@ def ingest_stack(
     _check_config(config)
     progress = reporter_or_null(progress)
     output = Path(output)
+    check_inputs(output, [source, labels])
     with open_stack(source) as stack:
         lab = open_stack(labels) if labels is not None else None
         try:
@@ -127,7 +128,8 @@ def _write(
         labels=None if lab is None else lab.describe(),
         voxel_size_from=vs_source,
     )
-    with Output(output, overwrite=config.overwrite, kind="store", command="ingest") as out:
+    inputs = [stack.path, None if lab is None else lab.path]
+    with Output(output, overwrite=config.overwrite, kind="store", command="ingest", inputs=inputs) as out:
         root = create_image_store(out.path, config.ngff, attrs={"emseg": prov})
         image_arrays = create_multiscale(root, spec, voxel_size, config.ngff, stack.path.stem)
         label_arrays = None if lab is None else create_label(root, "cells", spec, voxel_size, config.ngff)

@@ -3,8 +3,11 @@
 Every command that writes an output (ingest, export, export-model, predict) goes through
 :class:`Output`:
 
-1. check: a symbolic link is refused; an existing output needs ``--overwrite`` and must be one
-   emseg wrote; the parent must be a writable directory;
+1. check: an output that is, lies inside, contains or links to one of the command's inputs is
+   refused (with or without ``--overwrite``); a symbolic link, a FIFO, socket or device node is
+   refused; an existing output needs ``--overwrite`` and must carry emseg's marker (a store's
+   ``emseg`` attributes, a TIFF's Software tag, a PNG's Software text, a JSON file's ``emseg``
+   key); the parent must be a writable directory;
 2. lock ``.NAME.lock`` beside the output (flock): a second writer of the same output is refused;
 3. clear what dead runs left: their partials are removed, and a previous output they had moved
    aside but not yet replaced is put back;
@@ -30,8 +33,9 @@ import fcntl
 import json
 import os
 import shutil
+import stat
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -49,9 +53,16 @@ SETTINGS_FILE = "settings.json"
 #: What an output is, which decides its partial (a folder or a file) and what an existing output
 #: must be before ``--overwrite`` replaces it:
 #: "store" an OME-Zarr store (only a store emseg wrote is replaced); "run" a folder emseg fills
-#: (a run directory, an exported model); "file" one file (export to .tif); "slices" a folder of
-#: PNG slices (export --format png). An existing "file" or "slices" output may be either.
+#: (a run directory, an exported model: replaced when it holds emseg's JSON); "file" one file
+#: (a TIFF, PNG or JSON emseg wrote); "slices" a folder of PNG slices emseg wrote. An existing
+#: "file" or "slices" output may be either.
 KINDS = ("store", "run", "file", "slices")
+#: The marker emseg writes into the files it makes: a TIFF's Software tag and a PNG's Software
+#: text start with it; a JSON file emseg writes is an object with this key.
+MARKER = "emseg"
+#: Files an exported model or run directory holds whose ``emseg`` key marks the folder as emseg's.
+RUN_MARKERS = ("emseg-model.json", "config.json")
+RUN_MARKER_KEYS = (MARKER, "emseg_version")
 
 
 # --- single files ---------------------------------------------------------------------------
@@ -105,20 +116,164 @@ def is_emseg_store(path: Path) -> bool:
     return False
 
 
-def check_output(final: Path, overwrite: bool, *, kind: str = "store") -> None:
-    """Refuse an output emseg may not write: a symlink, an existing path without ``overwrite``,
-    something emseg did not write (see :data:`KINDS`), or an unwritable or non-directory parent."""
+def software_tag() -> str:
+    """What emseg writes as the Software of the TIFF and PNG files it makes."""
+    return f"{MARKER} {__version__}"
+
+
+def _png_is_emseg(path: Path) -> bool:
+    """Whether a PNG carries a ``Software`` text chunk naming emseg (read from its chunks before
+    the image data, at most 1 MiB; nothing is decoded)."""
+    with open(path, "rb") as fh:
+        if fh.read(8) != b"\x89PNG\r\n\x1a\n":
+            return False
+        seen = 0
+        while seen < 2**20:
+            head = fh.read(8)
+            if len(head) < 8:
+                return False
+            size, kind = int.from_bytes(head[:4], "big"), head[4:]
+            if kind in (b"IDAT", b"IEND") or size > 2**20:
+                return False
+            body = fh.read(size)
+            fh.seek(4, os.SEEK_CUR)
+            seen += size + 12
+            if kind == b"tEXt" and body.startswith(b"Software\0" + MARKER.encode()):
+                return True
+    return False
+
+
+def _tiff_is_emseg(path: Path) -> bool:
+    """Whether a TIFF's first page has a Software tag naming emseg."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            software = getattr(tif.pages[0], "software", "")
+            return isinstance(software, str) and software.startswith(MARKER)
+    # a user's file tifffile cannot parse: whatever it raises, it is not one emseg wrote
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _json_is_emseg(path: Path, keys: tuple[str, ...] = (MARKER,)) -> bool:
+    try:
+        info = os.lstat(path)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > 2**26:  # never read a FIFO or a device
+            return False
+        obj = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(obj, dict) and any(k in obj for k in keys)
+
+
+def is_emseg_file(path: Path) -> bool:
+    """Whether the regular file ``path`` is a TIFF, PNG or JSON emseg wrote (its marker says so)."""
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return False
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except OSError:
+        return False
+    if head.startswith(b"\x89PNG"):
+        return _png_is_emseg(path)
+    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return _tiff_is_emseg(path)
+    if head.lstrip()[:1] == b"{":
+        return _json_is_emseg(path)
+    return False
+
+
+def is_emseg_output(path: Path, kind: str) -> bool:
+    """Whether the existing ``path`` is an output of ``kind`` emseg wrote, which ``--overwrite``
+    may replace: a store with emseg's attributes, a run folder holding emseg's JSON, a file with
+    emseg's marker, or a folder of PNG slices that all carry it."""
+    if path.is_symlink() or not (path.is_dir() or path.is_file()):
+        return False
+    if kind == "store":
+        return path.is_dir() and is_emseg_store(path)
+    if kind == "run":
+        return path.is_dir() and any(_json_is_emseg(path / name, RUN_MARKER_KEYS) for name in RUN_MARKERS)
+    if path.is_file():
+        return is_emseg_file(path)
+    entries = list(path.iterdir())
+    return bool(entries) and all(p.suffix.lower() == ".png" and is_emseg_file(p) for p in entries)
+
+
+def _real(path: Path) -> Path:
+    return Path(os.path.realpath(path))
+
+
+def _samefile(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _relation(output: Path, source: Path) -> str | None:
+    """How ``output`` overlaps ``source`` after resolving links: "is", "lies inside",
+    "contains", or None. Hard links are found by :func:`os.path.samefile`."""
+    out, src = _real(output), _real(source)
+    if out == src or _samefile(output, source):
+        return "is"
+    if src in out.parents:
+        return "lies inside"
+    if out in src.parents:
+        return "contains"
+    for parent in out.parents:  # a parent of the output may be a hard-linked name of the input folder
+        if parent.exists() and _samefile(parent, source):
+            return "lies inside"
+    return None
+
+
+def check_inputs(final: str | Path, inputs: Iterable[str | Path | None]) -> None:
+    """Refuse an output that is, lies inside, contains or links to one of ``inputs`` (symlinks
+    resolved), with or without ``--overwrite``: emseg never writes over what it reads."""
+    final = Path(final).absolute()
+    for source in inputs:
+        if source is None:
+            continue
+        relation = _relation(final, Path(source).absolute())
+        if relation is not None:
+            raise BadInputError(
+                f"{final}: the output {relation} the input {source}; emseg never writes over what it reads "
+                "(choose another output path)"
+            )
+
+
+def check_output(
+    final: Path, overwrite: bool, *, kind: str = "store", inputs: Iterable[str | Path | None] = ()
+) -> None:
+    """Refuse an output emseg may not write: one that overlaps an input (:func:`check_inputs`), a
+    symlink, anything but a regular file or folder, an existing path without ``overwrite``,
+    something emseg did not write (:func:`is_emseg_output`), or an unwritable or non-directory
+    parent."""
+    check_inputs(final, inputs)
     if final.is_symlink():
         raise BadInputError(f"{final}: is a symbolic link; give the real path of the output")
-    if final.exists():
+    try:
+        mode: int | None = os.lstat(final).st_mode
+    except FileNotFoundError:
+        mode = None
+    except NotADirectoryError:
+        raise BadInputError(f"{final}: a parent of the output is a file, not a directory") from None
+    except OSError as exc:
+        raise BadInputError(f"{final}: cannot examine the destination ({exc.strerror or exc})") from None
+    if mode is not None:
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise BadInputError(
+                f"{final}: is not a regular file or folder (a FIFO, socket or device); emseg never writes it"
+            )
         if not overwrite:
             raise BadInputError(f"{final}: already exists (use --overwrite to replace it)")
-        if kind in ("file", "slices") and final.is_dir() and any(p.suffix.lower() != ".png" for p in final.iterdir()):
-            raise BadInputError(f"{final}: is a folder holding other files than PNG slices; refusing to replace it")
-        if kind == "store" and not is_emseg_store(final):
-            raise BadInputError(f"{final}: exists and was not written by emseg; refusing to overwrite it")
+        if not is_emseg_output(final, kind):
+            raise BadInputError(
+                f"{final}: exists and was not written by emseg (it carries no emseg marker); refusing to replace it"
+            )
     existing = final.parent
-    while not existing.exists():
+    while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
         raise BadInputError(f"{final}: {existing} is not a directory")
@@ -237,6 +392,7 @@ class Output:
     ``command`` names the writer in the lock. Give ``resume_record`` (JSON-ready) to make the
     output resumable: a run with ``resume=True`` then continues an interrupted one whose record
     is equal (:attr:`resumed`; :attr:`done_dir` holds its done-markers) and refuses another.
+    ``inputs`` are what the command reads: an output overlapping one is refused (:func:`check_inputs`).
     ``create(path)`` builds fresh content (not called when resuming); a resume record is saved
     only after it returned, so a run killed while creating is never resumed.
     """
@@ -251,6 +407,7 @@ class Output:
         resume_record: dict[str, Any] | None = None,
         resume: bool = False,
         create: Callable[[Path], None] | None = None,
+        inputs: Iterable[str | Path | None] = (),
     ) -> None:
         if kind not in KINDS:
             raise ValueError(f"kind {kind!r}: expected one of {KINDS}")
@@ -261,6 +418,7 @@ class Output:
         self.resumed = False
         self._record = resume_record
         self._create = create
+        self._inputs = [Path(p) for p in inputs if p is not None]
         self._lock = OutputLock(self.final, command)
         if resume_record is not None:
             self._partial = self.final.parent / f".{self.final.name}{PARTIAL_TAG}"
@@ -290,7 +448,7 @@ class Output:
     # -- enter ------------------------------------------------------------------------------
 
     def __enter__(self) -> Output:
-        check_output(self.final, self.overwrite, kind=self.kind)
+        check_output(self.final, self.overwrite, kind=self.kind, inputs=self._inputs)
         try:
             self.final.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -298,7 +456,8 @@ class Output:
         self._lock.acquire()
         try:
             clear_leftovers(self.final)  # may put back a previous output a dead run had moved aside
-            check_output(self.final, self.overwrite, kind=self.kind)  # again, now that no other emseg writes it
+            # again, now that no other emseg writes it
+            check_output(self.final, self.overwrite, kind=self.kind, inputs=self._inputs)
             if self.resumable:
                 self._start_resumable()
             else:
@@ -352,7 +511,7 @@ class Output:
                     self._abandon()
                     raise self._failed(err) from err
                 return
-            self._abandon()
+            self._abandon(fresh_and_refused=isinstance(exc, BadInputError))
             if isinstance(exc, OSError):
                 raise self._failed(exc) from exc
         finally:
@@ -374,17 +533,27 @@ class Output:
         if self.resumable:
             _remove(self._partial)
 
-    def _abandon(self) -> None:
-        """After a failure: a resumable output keeps its partial for ``--resume``; any other loses it."""
+    def _abandon(self, fresh_and_refused: bool = False) -> None:
+        """After a failure: a resumable output keeps its partial for ``--resume``; any other loses
+        it, and so does a resumable one refused as bad input before a piece of it was done."""
         if not self.resumable:
             _remove(self._partial)
+        elif fresh_and_refused and not self.resumed and self._partial.is_dir():
+            done = self._partial / DONE_DIR
+            if not (done.is_dir() and any(done.iterdir())):
+                _remove(self._partial)
 
 
 __all__ = [
     "KINDS",
     "Output",
     "OutputLock",
+    "MARKER",
+    "check_inputs",
     "check_output",
+    "is_emseg_file",
+    "is_emseg_output",
+    "software_tag",
     "clear_leftovers",
     "is_emseg_store",
     "provenance",

@@ -20,12 +20,13 @@ import os
 import re
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from emseg.config import Limits
 from emseg.errors import BadInputError
 from emseg.io.metadata import tiff_voxel_size
 from emseg.io.untrusted import untrusted
@@ -37,8 +38,9 @@ TIFF_SUFFIXES = {".tif", ".tiff", ".btf", ".tf8", ".tf2"}
 PNG_SUFFIXES = {".png"}
 IMAGE_SUFFIXES = TIFF_SUFFIXES | PNG_SUFFIXES
 #: A header may not make emseg allocate more than this for one slice (protects against hostile
-#: files that claim absurd sizes): 2**32 pixels, e.g. 65536 x 65536.
-MAX_SLICE_PIXELS = 2**32
+#: files that claim absurd sizes): 2**32 pixels, e.g. 65536 x 65536 (the default of
+#: :class:`~emseg.config.Limits`; EMSEG_MAX_SLICE_PIXELS raises it).
+MAX_SLICE_PIXELS = Limits.max_slice_pixels
 #: Nor more slices than this.
 MAX_SLICES = 2**24
 #: Luminance weights (ITU-R BT.601) for RGB -> grayscale.
@@ -140,8 +142,12 @@ def _check_size(path: Path, shape: Sequence[int], dtype: np.dtype) -> None:
     pixels = math.prod(int(s) for s in shape[-2:])
     if any(int(s) <= 0 for s in shape):
         raise BadInputError(f"{path}: empty image (shape {tuple(shape)})")
-    if pixels > MAX_SLICE_PIXELS:
-        raise BadInputError(f"{path}: slice of {tuple(shape[-2:])} pixels is larger than emseg accepts")
+    limit = Limits.from_env().max_slice_pixels
+    if pixels > limit:
+        raise BadInputError(
+            f"{path}: slice of {tuple(shape[-2:])} pixels is more than the limit of {limit} pixels "
+            "(raise it with EMSEG_MAX_SLICE_PIXELS when the data really is that large)"
+        )
     if math.prod(int(s) for s in shape[:-2]) > MAX_SLICES:
         raise BadInputError(f"{path}: {math.prod(int(s) for s in shape[:-2])} slices is more than emseg accepts")
     if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating) or dtype == np.bool_):
@@ -169,11 +175,13 @@ class TiffStack(Stack):
         import tifffile
         import zarr
 
-        with untrusted(f"{path}: not a readable TIFF"):
-            self._tif = tifffile.TiffFile(path)
-            series = self._tif.series[0]
-            axes, shape = series.axes, tuple(series.shape)
-            self.dtype = np.dtype(series.dtype)
+        with _tifffile_errors() as errors:
+            with untrusted(f"{path}: not a readable TIFF"):
+                self._tif = tifffile.TiffFile(path)
+                series = self._tif.series[0]
+                axes, shape = series.axes, tuple(series.shape)
+                self.dtype = np.dtype(series.dtype)
+            check_tiff_pages(self._tif, path, errors)
         self.rgb = False
         if axes and axes[-1] == "S" and shape[-1] in (3, 4):
             self.rgb = True
@@ -331,6 +339,88 @@ def _slice_voxel_size(path: Path) -> tuple[float, float, float] | None:
     return (1.0, vs[1], vs[2])
 
 
+#: What tifffile logs (and then carries on without) when pages of a file cannot all be read:
+#: a broken chain of pages, a series it could not shape. Other errors it logs (one unreadable
+#: private tag, say) leave the pixels intact and are not refused.
+_LOST_PAGES = (
+    "page offset",
+    "offset to page",
+    "next page",
+    "circular reference",
+    "corrupted tag list",
+    "failed to reshape",
+    "does not match",
+    "metadata invalid",
+    "incorrect Strip",
+    "missing data",
+)
+
+
+class _LogErrors(logging.Handler):
+    """Collects what tifffile logs at ERROR level while it parses a file about pages it could
+    not reach (:data:`_LOST_PAGES`)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if any(s in message for s in _LOST_PAGES):
+            self.messages.append(message)
+
+
+@contextlib.contextmanager
+def _tifffile_errors() -> Iterator[_LogErrors]:
+    handler = _LogErrors()
+    logger = logging.getLogger("tifffile")
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+
+
+def check_tiff_pages(tif: Any, path: Path, errors: _LogErrors) -> None:
+    """Check every page of an open ``tifffile.TiffFile`` from its headers alone, before a pixel
+    is decoded: all pages reachable (a truncated multi-page file is an error, not a shorter
+    stack), every strip or tile inside the file, every page within the slice limit, and no
+    compressed strip or tile decoding to more than ``Limits.max_decode_bytes`` at once."""
+    limits = Limits.from_env()
+    size = path.stat().st_size
+    with untrusted(f"{path}: not a readable TIFF"):
+        pages = [tif.pages[i] for i in range(len(tif.pages))]
+        for page in pages:
+            if page is None:
+                continue
+            key = page.keyframe
+            pixels = int(key.imagewidth) * int(key.imagelength) * int(key.imagedepth)
+            if pixels > limits.max_slice_pixels:
+                raise BadInputError(
+                    f"{path}: page of {key.imagelength} x {key.imagewidth} pixels is more than the limit of "
+                    f"{limits.max_slice_pixels} pixels (raise it with EMSEG_MAX_SLICE_PIXELS)"
+                )
+            if int(key.compression) != 1:
+                chunk = math.prod(int(c) for c in key.chunks) * int(key.samplesperpixel if len(key.chunks) < 3 else 1)
+                nbytes = chunk * max(1, int(key.bitspersample) // 8)
+                if nbytes > limits.max_decode_bytes:
+                    raise BadInputError(
+                        f"{path}: one compressed strip or tile of {tuple(key.chunks)} decodes to "
+                        f"{nbytes / 2**30:.2f} GiB, more than the limit of {limits.max_decode_bytes / 2**30:.2f} GiB "
+                        "(raise it with EMSEG_MAX_DECODE_BYTES when the data really is that large)"
+                    )
+            for offset, count in zip(page.dataoffsets, page.databytecounts, strict=False):
+                if count and int(offset) + int(count) > size:
+                    raise BadInputError(
+                        f"{path}: page {page.index} has data beyond the end of the file ({size} bytes); "
+                        "the file is truncated"
+                    )
+    if errors.messages:
+        raise BadInputError(
+            f"{path}: not all pages can be read ({errors.messages[0]}); the file is truncated or corrupt"
+        )
+
+
 def _header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
     """(shape, dtype) of a 2D image file from its header, without decoding pixels: (Y, X) or
     (Y, X, C)."""
@@ -338,12 +428,18 @@ def _header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
     if path.suffix.lower() in TIFF_SUFFIXES:
         import tifffile
 
-        with untrusted(unreadable):
-            with tifffile.TiffFile(path) as tif:
-                series = tif.series[0]
-                shape = tuple(int(s) for s in series.shape)
-                axes = str(series.axes)
-                dtype = np.dtype(series.dtype)
+        with _tifffile_errors() as errors:
+            with untrusted(unreadable):
+                tif = tifffile.TiffFile(path)
+            try:
+                with untrusted(unreadable):
+                    series = tif.series[0]
+                    shape = tuple(int(s) for s in series.shape)
+                    axes = str(series.axes)
+                    dtype = np.dtype(series.dtype)
+                check_tiff_pages(tif, path, errors)
+            finally:
+                tif.close()
         if len([s for s, a in zip(shape, axes, strict=False) if a not in "YXS" and s > 1]) > 0:
             raise BadInputError(f"{path}: a slice folder must hold 2D images; this file has shape {shape}")
         keep = [s for s, a in zip(shape, axes, strict=False) if a in "YXS"]

@@ -29,6 +29,7 @@ from typing import Any, Literal
 import numpy as np
 import zarr
 
+from emseg.config import Limits
 from emseg.errors import BadInputError
 from emseg.io.pyramid import pyramid_shapes
 from emseg.io.untrusted import untrusted
@@ -330,6 +331,7 @@ def _open_ome(path: Path, mode: OpenMode, is_label: bool) -> OmeImage:
         raise BadInputError(f"{path}: an array of shape {largest} is larger than emseg accepts")
     if not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in scale):
         raise BadInputError(f"{path}: voxel size {scale} is not three positive numbers")
+    _check_chunks(path, levels)
     return OmeImage(
         path=path,
         group=group,
@@ -339,6 +341,29 @@ def _open_ome(path: Path, mode: OpenMode, is_label: bool) -> OmeImage:
         labels={} if is_label else _open_labels(path, group, mode, tuple(levels[0].shape)),
         attrs=raw_attrs,
     )
+
+
+def _check_chunks(path: Path, levels: Sequence[zarr.Array]) -> None:
+    """Refuse chunks (and shards) a reader could not sanely decode: a zero or negative side, or
+    one chunk larger than ``Limits.max_chunk_bytes`` (EMSEG_MAX_CHUNK_BYTES raises it)."""
+    limit = Limits.from_env().max_chunk_bytes
+    for a in levels:
+        with untrusted(f"{path}: malformed array metadata"):
+            chunks = tuple(int(c) for c in a.chunks)
+            sharded = getattr(a, "shards", None)
+            shards = tuple(int(s) for s in sharded) if sharded else None
+            itemsize = int(np.dtype(a.dtype).itemsize)
+        for unit in (chunks, shards):
+            if unit is None:
+                continue
+            if len(unit) != a.ndim or min(unit) < 1:
+                raise BadInputError(f"{path}: malformed array metadata (chunks {unit} for shape {a.shape})")
+            nbytes = math.prod(unit) * itemsize
+            if unit is chunks and nbytes > limit:  # a shard is read chunk by chunk
+                raise BadInputError(
+                    f"{path}: one chunk of {unit} ({nbytes / 2**30:.2f} GiB) is more than the limit of "
+                    f"{limit / 2**30:.2f} GiB (raise it with EMSEG_MAX_CHUNK_BYTES, or rechunk the store)"
+                )
 
 
 def _parse_multiscale(path: Path, entry: dict[str, Any]) -> tuple[list[str], list[Any]]:

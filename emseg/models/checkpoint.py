@@ -12,18 +12,20 @@ checkpoint describes; :func:`unwrap` reaches the plain network inside torch.comp
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from emseg.config import TrainConfig, from_dict
+from emseg.config import ModelConfig, TrainConfig, from_dict
 from emseg.device import resolve_device
 from emseg.errors import BadInputError
 from emseg.io.outputs import write_bytes_atomic
-from emseg.models.build import build_model
+from emseg.models.build import build_model, check_model_config
 
 META_KEY = "emseg"
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -102,6 +104,39 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     return tensors, meta
 
 
+def checked_config(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> TrainConfig:
+    """The training config of a checkpoint, after refusing one a model cannot safely come from:
+    an incomplete config, a model outside :class:`~emseg.config.Limits` (checked before anything
+    is built), a normalisation whose mean is not finite or whose std is not a positive number, or
+    weights that are not all finite."""
+    try:
+        config = from_dict(TrainConfig, meta["config"])
+        norm = meta["normalization"]
+        mean, std = float(norm["mean"]), float(norm["std"])
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise BadInputError(f"{path}: checkpoint config is incomplete or from an incompatible emseg ({exc})") from None
+    if not isinstance(config.model, ModelConfig):
+        raise BadInputError(f"{path}: checkpoint config is incomplete (its model is {config.model!r})")
+    check_model_config(config.model, source=f"{path}: checkpoint config")
+    if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
+        raise BadInputError(
+            f"{path}: checkpoint normalisation mean {mean} / std {std} is unusable (a finite mean and a "
+            "positive std are needed); the checkpoint is corrupt"
+        )
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise BadInputError(f"{path}: weight {name} holds NaN or infinite values; the checkpoint is corrupt")
+    return config
+
+
+def check_trained(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """(checkpoint path, meta) after loading the model once on the CPU: everything
+    :func:`load_trained` refuses is refused here, in the calling process, before any output exists."""
+    resolved = resolve_checkpoint(path)
+    _, meta = load_trained(resolved, "cpu")
+    return resolved, meta
+
+
 def load_trained(
     path: str | Path, device: str | torch.device = "cpu", *, compiled: bool = False, threads: int | None = None
 ) -> tuple[nn.Module, dict[str, Any]]:
@@ -111,20 +146,16 @@ def load_trained(
     reaches the network); ``threads`` sets torch's CPU threads of this process (a dask worker
     sharing the machine's cores)."""
     tensors, meta = read_checkpoint(path)
-    try:
-        config = from_dict(TrainConfig, meta["config"])
-        norm = meta["normalization"]
-        float(norm["mean"]), float(norm["std"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise BadInputError(f"{path}: checkpoint config is incomplete or from an incompatible emseg ({exc})") from None
-    model = build_model(config.model)
+    config = checked_config(path, tensors, meta)
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    # offline always: an smp encoder is built without pretrained weights, then the saved ones load
+    model = build_model(dataclasses.replace(config.model, encoder_weights=None))
     try:
         model.load_state_dict(tensors)
     except RuntimeError as exc:
         raise BadInputError(
             f"{path}: weights do not fit the model its config describes ({str(exc).splitlines()[0]})"
         ) from None
-    dev = device if isinstance(device, torch.device) else resolve_device(device)
     model.to(dev).eval()
     model.emseg_meta = meta  # type: ignore[assignment]
     if threads:
@@ -160,14 +191,21 @@ def load_resume_point(path: Path, optimizer: torch.optim.Optimizer) -> tuple[dic
     tensors, meta = read_checkpoint(path)
     model: dict[str, torch.Tensor] = {}
     state: dict[int, dict[str, Any]] = {}
-    for name, tensor in tensors.items():
-        kind, rest = name.split("/", 1)
-        if kind == "model":
-            model[rest] = tensor
-        else:
-            index, key = rest.split(".", 1)
-            state.setdefault(int(index), {})[key] = tensor
-    for index, values in meta["scalars"].items():
-        state.setdefault(int(index), {}).update(values)
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    try:
+        for name, tensor in tensors.items():
+            kind, rest = name.split("/", 1)
+            if kind == "model":
+                model[rest] = tensor
+            else:
+                index, key = rest.split(".", 1)
+                state.setdefault(int(index), {})[key] = tensor
+        for index, values in meta["scalars"].items():
+            state.setdefault(int(index), {}).update(values)
+        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise BadInputError(
+            f"--resume: {path} does not fit this model (saved with other model settings, e.g. another --depth: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else exc!r}); give the options it was "
+            "trained with, or start afresh with --overwrite"
+        ) from None
     return model, meta.get("extra", {})

@@ -9,6 +9,7 @@ import torch
 
 from emseg.config import AugmentConfig, PreviewConfig, TrainConfig
 from emseg.errors import BadInputError
+from emseg.io.outputs import Output, check_output
 from emseg.training.augment import augment_batch, context_size, identity_config
 from emseg.training.data import CropSampler, load_slices, normalization, open_training_store
 from emseg.viz import overlay, panel_rows
@@ -26,9 +27,12 @@ def augment_preview_png(
     z: int = 0,
     config: PreviewConfig | None = None,
     augment: AugmentConfig | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Save a PNG: a crop of slice ``z`` with its mask and weight map, then ``config.samples``
-    augmented image/mask/weight triples drawn with ``augment`` (default: training's)."""
+    augmented image/mask/weight triples drawn with ``augment`` (default: training's). An existing
+    ``output`` is replaced only with ``overwrite`` and only when emseg wrote it."""
+    check_output(Path(output).absolute(), overwrite, kind="file", inputs=[data])
     config = config or PreviewConfig()
     augment = augment or AugmentConfig()
     train = TrainConfig()
@@ -49,4 +53,6 @@ def augment_preview_png(
     )
     assert ww is not None
     rows += [_row(a[i], m[i], ww[i], f"augmented {i + 1}") for i in range(n)]
-    return panel_rows(rows, Path(output))
+    with Output(output, overwrite=overwrite, kind="file", command="augment-preview", inputs=[data]) as out:
+        panel_rows(rows, out.path)
+    return Path(output)

@@ -8,6 +8,7 @@ import numpy as np
 
 from emseg.errors import BadInputError
 from emseg.evaluation.evaluate import as_probability
+from emseg.io.outputs import Output, check_output
 from emseg.io.zarr import first_slice, open_ome
 from emseg.viz import overlay, panel_rows
 
@@ -16,13 +17,20 @@ MAX_SIDE = 2048
 
 
 def show_slice(
-    data: str | Path, output: str | Path, z: int = 0, pred: str | Path | None = None, level: int | None = None
+    data: str | Path,
+    output: str | Path,
+    z: int = 0,
+    pred: str | Path | None = None,
+    level: int | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Save a PNG of slice ``z``: the image, its ``labels/cells`` mask when present, and with
     ``pred`` the predicted P(cell) and an overlay of the predicted membranes.
 
     ``level`` picks a pyramid level; by default the finest whose largest side is at most 2048 px.
+    An existing ``output`` is replaced only with ``overwrite`` and only when emseg wrote it.
     """
+    check_output(Path(output).absolute(), overwrite, kind="file", inputs=[data, pred])
     image = open_ome(data)
     if not 0 <= z < image.shape[0]:
         raise BadInputError(f"--slice {z}: {data} has slices 0-{image.shape[0] - 1}")
@@ -45,4 +53,6 @@ def show_slice(
         prob = as_probability(np.asarray(prediction.levels[min(level, len(prediction.levels) - 1)][zp]), pred)
         row["prob: P(cell)"] = prob
         row["overlay: predicted membranes"] = overlay(raw, prob < 0.5)
-    return panel_rows([row], Path(output))
+    with Output(output, overwrite=overwrite, kind="file", command="show", inputs=[data, pred]) as out:
+        panel_rows([row], out.path)
+    return Path(output)
