@@ -21,11 +21,28 @@ def main() -> None:
     bench = load(folder, "bench.json")
     if bench:
         for r in bench["forward"]["rows"]:
-            if "error" not in r:
-                peak = "" if r["fraction_of_peak"] is None else f", {r['fraction_of_peak']:.0%} of peak"
-                rows.append(
-                    (f"forward {r['variant']}", f"{r['mpix_per_s']:.0f} MPix/s, {r['tflop_per_s']:.0f} TFLOP/s{peak}")
+            if "error" in r:
+                rows.append((f"forward {r['variant']}", f"ERROR {r['error'][:100]}"))
+                continue
+            peak = "" if r["fraction_of_peak"] is None else f", {r['fraction_of_peak']:.0%} of peak"
+            rows.append(
+                (f"forward {r['variant']}", f"{r['mpix_per_s']:.3g} MPix/s, {r['tflop_per_s']:.3g} TFLOP/s{peak}")
+            )
+        if bench["forward"].get("bf16_gain"):
+            rows.append(("forward bf16 / fp32 (channels_last)", f"{bench['forward']['bf16_gain']:.2f}x"))
+        pb = bench.get("predict", {})
+        if isinstance(pb.get("emseg"), dict):
+            ratio = f", emseg/MONAI {pb['ratio']:.2f}" if isinstance(pb.get("ratio"), float) else ""
+            stack = " x ".join(map(str, pb["emseg"]["stack"]))
+            rows.append((f"predict {stack} (bench)", f"{pb['emseg']['mpix_per_s']:.3g} MPix/s{ratio}"))
+        tb = bench.get("train")
+        if isinstance(tb, dict):
+            rows.append(
+                (
+                    f"train {tb['batch']} x {tb['crop']}^2 (bench)",
+                    f"{tb['steps_per_s']:.3g} steps/s, augmentation {tb['augmentation_share']:.0%} of a step",
                 )
+            )
     pred = load(folder, "predict.json")
     if pred:
         e2e = pred["emseg_end_to_end"]

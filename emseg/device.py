@@ -6,6 +6,8 @@ without it is a :class:`BadInputError`, never a silent fallback.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
+
 import torch
 
 from emseg.errors import BadInputError
@@ -32,13 +34,68 @@ def is_cuda(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CUDA (when supported), none on the CPU."""
-    if is_cuda(device) and torch.cuda.is_bf16_supported():
+def cuda_native_bf16(device: torch.device) -> bool:
+    """Whether the CUDA ``device`` computes bf16 natively (compute capability 8.0, Ampere, or
+    newer); ``torch.cuda.is_bf16_supported()`` alone also counts emulation (V100, T4)."""
+    if not is_cuda(device) or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
+    """The CPU feature flags of ``/proc/cpuinfo`` (or of the given text); empty where unreadable."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+                cpuinfo = f.read(1 << 16)
+        except OSError:
+            return frozenset()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags") and ":" in line:
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def cpu_native_bf16(flags: frozenset[str] | None = None) -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX-BF16); oneDNN emulates bf16 on
+    other AVX-512 CPUs, slower than fp32."""
+    flags = cpu_flags() if flags is None else flags
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The autocast dtype for ``precision`` ("auto", "fp32" or "bf16") on ``device``; None means
+    fp32 (no autocast). "auto" is bf16 where the device computes it natively (CUDA compute
+    capability 8.0+, CPUs with AVX512-BF16 or AMX), fp16 on older CUDA GPUs, else fp32."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
         return torch.bfloat16
+    if precision != "auto":
+        raise ValueError(f"precision must be auto, fp32 or bf16, not {precision!r}")
     if is_cuda(device):
-        return torch.float16
-    return None
+        return torch.bfloat16 if cuda_native_bf16(device) else torch.float16
+    return torch.bfloat16 if device.type == "cpu" and cpu_native_bf16() else None
+
+
+def device_context(device: torch.device) -> AbstractContextManager:
+    """Makes ``device`` the current CUDA device in this thread (streams, events and new tensors
+    go there); nothing on the CPU. Each thread that launches CUDA work enters it: the current
+    device is per thread and starts at GPU 0."""
+    return torch.cuda.device(device) if is_cuda(device) else nullcontext()
+
+
+def worker_device(spec: str, worker: int, cuda_count: int, share: bool = False) -> str:
+    """The device of dask worker number ``worker`` for ``--device spec`` when ``cuda_count`` CUDA
+    GPUs are visible: with "auto" or "cuda" each worker gets its own GPU (``cuda:worker %
+    cuda_count``); ``share`` (or an explicit "cuda:N", or the CPU) keeps them all on ``spec``.
+    Two workers fall on one GPU only when there are more workers than GPUs."""
+    spec = (spec or "auto").strip().lower()
+    if spec == "cpu" or spec.startswith("cuda:") or share or cuda_count <= 0:
+        return spec
+    if spec in ("auto", "cuda"):
+        return f"cuda:{worker % cuda_count}"
+    return spec
 
 
 def device_name(device: torch.device) -> str:

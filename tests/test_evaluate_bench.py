@@ -13,7 +13,7 @@ import torch
 import emseg
 from emseg.errors import BadInputError
 from emseg.models.unet import UNet
-from emseg.recipes.bench import count_flops, forward_bench
+from emseg.recipes.bench import bf16_gain, count_flops, forward_bench
 
 
 def test_perfect_tiff_prediction_scores_one(isbi_zarr, isbi_arrays, tmp_path, cli):
@@ -83,9 +83,10 @@ def test_flops_match_the_reference_u_net():
 
 def test_forward_bench_reports_each_variant():
     rows = forward_bench(UNet(depth=2, base_channels=4), torch.device("cpu"), 64, 2, warmup=1, repeats=2)
-    assert [r["variant"] for r in rows] == ["fp32", "fp32 + channels_last"]
+    assert [r["variant"] for r in rows] == ["fp32", "fp32 + channels_last", "bf16 + channels_last"]
     for r in rows:
         assert r["mpix_per_s"] > 0 and r["tflop_per_s"] > 0 and r["fraction_of_peak"] is None
+    assert bf16_gain(rows) == rows[2]["mpix_per_s"] / rows[1]["mpix_per_s"]
 
 
 @pytest.mark.slow
@@ -95,6 +96,7 @@ def test_bench_quick_runs_end_to_end(tmp_path, cli):
     assert result.exit_code == 0, result.stderr
     r = json.loads(out.read_text())
     assert r["predict"]["emseg"]["mpix_per_s"] > 0 and r["train"]["steps_per_s"] > 0
+    assert "bf16 + channels_last" in [row["variant"] for row in r["forward"]["rows"]] and r["forward"]["bf16_gain"] > 0
     # the share is a ratio of two separately timed medians: under load it can exceed 1, so only
     # its presence and sanity are checked, never its value
     for key in ("augmentation_share", "augmentation_ms", "step_ms", "crops_per_s", "mpix_per_s"):

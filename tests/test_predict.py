@@ -167,7 +167,8 @@ def test_crop_blending_with_enough_overlap_equals_one_whole_slice_pass(model_run
         dtype="float32",
         device="cpu",
         batch_size=3,
-        config=PredictConfig(block=128),
+        precision="fp32",  # the reference is an fp32 pass with the checkpoint's normalisation
+        config=PredictConfig(block=128, normalization="checkpoint"),
     )
     tiled = open_ome(out).array[0]
     whole = _whole_slice(model_run, raw[0])
@@ -185,7 +186,8 @@ def test_gaussian_blending_at_overlap_64_is_close_to_the_whole_slice(model_run, 
         overlap=64,
         dtype="float32",
         device="cpu",
-        config=PredictConfig(block=128),
+        precision="fp32",
+        config=PredictConfig(block=128, normalization="checkpoint"),
     )
     diff = np.abs(open_ome(out).array[0] - _whole_slice(model_run, raw[0]))
     record_property("gaussian_overlap64_max_abs_diff", float(diff.max()))
@@ -214,6 +216,8 @@ def test_output_is_ome_zarr_with_membranes_and_the_input_pyramid(model_run, tmp_
         "0.4",
         "--slices",
         "1:2",
+        "--normalization",
+        "checkpoint",  # uniform noise has no EM percentiles to map
         "-q",
     )
     assert result.exit_code == 0, result.stderr
@@ -247,12 +251,14 @@ def test_tta_averages_the_eight_dihedral_views(model_run):
     model = emseg.load_model(model_run)
     tiles = np.random.default_rng(1).integers(0, 255, (2, 64, 64)).astype(np.uint8)
     norm = model.emseg_meta["normalization"]
-    with Engine(model, torch.device("cpu"), norm["mean"], norm["std"], EngineSettings(tta=True, batch_size=2)) as eng:
+    with Engine(
+        model, torch.device("cpu"), norm["mean"], norm["std"], EngineSettings(tta=True, batch_size=2, precision="fp32")
+    ) as eng:
         got = eng.predict_tiles(tiles)
     x = (torch.from_numpy(tiles.astype(np.float32))[:, None] - norm["mean"]) / norm["std"]
     with torch.no_grad():
-        views = [dihedral_inverse(torch.sigmoid(model(dihedral(x, k))), k) for k in range(8)]
-    np.testing.assert_allclose(got, torch.stack(views).mean(0)[:, 0].numpy(), atol=1e-5)
+        views = [dihedral_inverse(model(dihedral(x, k)), k) for k in range(8)]  # logits, averaged
+    np.testing.assert_allclose(got, torch.sigmoid(torch.stack(views).mean(0))[:, 0].numpy(), atol=1e-5)
     for k in range(8):
         assert torch.equal(dihedral_inverse(dihedral(x, k), k), x)
 
@@ -460,3 +466,26 @@ def test_a_failing_model_fails_every_waiting_block_instead_of_hanging():
                 assert "device fell over" in str(exc)
             else:
                 pytest.fail("a failed block returned a result")
+
+
+def test_bf16_prediction_is_close_to_fp32(model_run, isbi_arrays, tmp_path):
+    data = _store(tmp_path, isbi_arrays[0][:1, :256, :256])
+    got = {}
+    for precision in ("fp32", "bf16"):
+        out = emseg.predict(
+            model_run,
+            data,
+            tmp_path / f"{precision}.zarr",
+            tile=128,
+            dtype="float32",
+            device="cpu",
+            precision=precision,
+        )
+        got[precision] = open_ome(out).array[0]
+    diff = np.abs(got["bf16"] - got["fp32"])
+    assert 0 < diff.max() < 0.1 and diff.mean() < 0.01  # bf16 really ran, and agrees
+
+
+def test_unknown_precision_is_refused(model_run, isbi_zarr, tmp_path, cli):
+    result = cli("predict", model_run, isbi_zarr, "-o", tmp_path / "p.zarr", "--precision", "fp8", "-q")
+    assert result.exit_code == 2 and "--precision" in result.stderr

@@ -15,6 +15,7 @@ import dataclasses
 import os
 import threading
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,9 @@ class Run:
     run_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
     #: torch CPU threads of a worker process (a local cluster shares the cores among workers).
     torch_threads: int | None = None
+    #: (mean, std) for this input stack (emseg.models.normalization.stack_normalization); None
+    #: uses the checkpoint's.
+    normalization: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -84,12 +88,14 @@ def axis_blocks(length: int, chunk: int, target: int) -> list[tuple[int, int]]:
 
 def plan_blocks(
     run: Run, z_range: tuple[int, int], shape: tuple[int, int, int], chunks: tuple[int, int, int]
-) -> list[Block]:
-    """Every block of input slices ``z_range`` of a (Z, Y, X) ``shape`` stored in ``chunks``
-    (output slice 0 is input slice ``z_range[0]``)."""
+) -> tuple[int, Iterator[Block]]:
+    """(how many, every block) of input slices ``z_range`` of a (Z, Y, X) ``shape`` stored in
+    ``chunks`` (output slice 0 is input slice ``z_range[0]``). The blocks come from a generator,
+    so a stack of millions of blocks never holds them all in memory."""
     ys = axis_blocks(shape[1], chunks[1], run.config.block)
     xs = axis_blocks(shape[2], chunks[2], run.config.block)
-    return [Block(run, z, z - z_range[0], y, x) for z in range(*z_range) for y in ys for x in xs]
+    count = (z_range[1] - z_range[0]) * len(ys) * len(xs)
+    return count, (Block(run, z, z - z_range[0], y, x) for z in range(*z_range) for y in ys for x in xs)
 
 
 # --- per-process caches (safe to drop) ------------------------------------------------------
@@ -99,22 +105,59 @@ _ARRAYS: dict[tuple, Any] = {}
 _LOCK = threading.Lock()
 
 
+def worker_index() -> int | None:
+    """This process's dask worker number (a local cluster names its workers 0, 1, ...; a name
+    ending in digits counts too); None outside a dask.distributed worker."""
+    try:
+        from distributed import get_worker
+
+        name = get_worker().name
+    except (ImportError, ValueError):  # not in a worker
+        return None
+    if isinstance(name, int):
+        return name
+    digits = str(name)[len(str(name).rstrip("0123456789")) :]
+    return int(digits) if digits else 0
+
+
+def process_device(spec: str) -> str:
+    """The device this process runs ``--device spec`` on: in dask worker k of a cluster, its own
+    GPU (k modulo the GPUs visible; :func:`emseg.device.worker_device`), else ``spec``."""
+    index = worker_index()
+    if index is None:
+        return spec
+    import torch
+
+    from emseg.device import worker_device
+
+    return worker_device(spec, index, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+
+
 def _engine(run: Run) -> Any:
     """The process's engine for this checkpoint and settings, built on first use."""
     from emseg.inference.engine import Engine, EngineSettings
     from emseg.models.checkpoint import load_trained
 
     c = run.config
-    key = (run.model, os.path.getmtime(run.model), c.device, c.batch_size, c.tta, c.dtype, c.threshold, c.compile)
+    device = process_device(c.device)
+    key: tuple = (run.model, os.path.getmtime(run.model), device, c.batch_size, c.tta, c.dtype, c.threshold)
+    key += (c.compile, c.precision, run.normalization)
     with _LOCK:
         if key not in _ENGINES:
-            model, meta = load_trained(run.model, c.device, compiled=c.compile, threads=run.torch_threads)
+            model, meta = load_trained(run.model, device, compiled=c.compile, threads=run.torch_threads)
             norm = meta["normalization"]
-            settings = EngineSettings(batch_size=c.batch_size, tta=c.tta, output_dtype=c.dtype, threshold=c.threshold)
+            settings = EngineSettings(
+                batch_size=c.batch_size,
+                tta=c.tta,
+                output_dtype=c.dtype,
+                threshold=c.threshold,
+                precision=c.precision,
+            )
             for old in _ENGINES.values():
                 old.close()
             _ENGINES.clear()
-            _ENGINES[key] = Engine(model, next(model.parameters()).device, norm["mean"], norm["std"], settings)
+            mean, std = run.normalization or (norm["mean"], norm["std"])
+            _ENGINES[key] = Engine(model, next(model.parameters()).device, mean, std, settings)
         return _ENGINES[key]
 
 
@@ -154,4 +197,4 @@ def run_block(block: Block) -> tuple[str, int]:
     return block.name, prob.size
 
 
-__all__ = ["Block", "Run", "axis_blocks", "drop_caches", "plan_blocks", "run_block"]
+__all__ = ["Block", "Run", "axis_blocks", "drop_caches", "plan_blocks", "process_device", "run_block", "worker_index"]

@@ -9,22 +9,27 @@ pyramid levels from level 0; mark the store complete and commit it under its nam
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import zarr
 
 from emseg.config import PredictConfig, to_dict
+from emseg.device import resolve_device
 from emseg.errors import BadInputError
 from emseg.inference.blocks import Run, plan_blocks
 from emseg.inference.engine import OUTPUT_DTYPES
 from emseg.inference.schedule import execute
 from emseg.inference.tiling import check_tiling
-from emseg.io.outputs import Output, is_emseg_store, provenance
+from emseg.io.outputs import Output, check_inputs, is_emseg_store, provenance
 from emseg.io.pyramid import build_levels
 from emseg.io.zarr import LevelSpec, OmeImage, create_image_store, create_label, create_multiscale, open_ome
-from emseg.models.checkpoint import read_checkpoint, resolve_checkpoint
+from emseg.models.checkpoint import check_trained
+from emseg.models.normalization import stack_normalization
 from emseg.progress import Reporter, reporter_or_null
 
 log = logging.getLogger(__name__)
@@ -40,17 +45,21 @@ def predict_store(
     ``output``: P(cell) in ``config.dtype`` and ``labels/membranes`` (uint8, P < threshold), both
     (Z, Y, X) with the input's chunks, voxel size and pyramid depth. Returns ``output``."""
     progress = reporter_or_null(progress)
+    final = Path(output).absolute()
+    check_inputs(final, [model, data])  # before anything: the output never overlaps what is read
     model_path, meta = _checked_model(model, config)
     image, z_range = _checked_input(data, config)
-    final = Path(output).absolute()
-    if _already_complete(final, config):
+    _check_runtime(config)
+    if _already_complete(final, config, _resume_record(model_path, image, config)):
         log.info("%s is complete; nothing to resume", final)
         return final
     shape = (z_range[1] - z_range[0], *image.shape[1:])
     chunks = (1, int(image.array.chunks[1]), int(image.array.chunks[2]))
     spec = LevelSpec(shape=shape, dtype=config.dtype, chunks=chunks, pyramid_min_size=_pyramid_min(image))
+    record = _resume_record(model_path, image, config)
     prov = provenance(
         "predict",
+        resume_record=record,
         model=str(model_path),
         data=str(image.path.resolve()),
         slices=list(z_range),
@@ -69,8 +78,9 @@ def predict_store(
         kind="store",
         command="predict",
         create=create,
-        resume_record=_resume_record(model_path, image, config),
+        resume_record=record,
         resume=config.resume,
+        inputs=[model, model_path, image.path],
     ) as out:
         run = Run(
             str(model_path),
@@ -79,15 +89,15 @@ def predict_store(
             str(out.done_dir),
             config,
             int(meta.get("divisor") or 1),
+            normalization=stack_mean_std(meta, image, config),
         )
-        blocks = plan_blocks(run, z_range, image.shape, chunks)
+        total, blocks = plan_blocks(run, z_range, image.shape, chunks)
         done = out.done_names()
-        todo = [b for b in blocks if b.name not in done]
         if out.resumed:
-            log.info("resuming: %d of %d blocks already done", len(blocks) - len(todo), len(blocks))
-        progress.start("predict", total=len(blocks), unit="blocks")
-        progress.advance(len(blocks) - len(todo))
-        execute(todo, config, progress)
+            log.info("resuming: %d of %d blocks already done", len(done), total)
+        progress.start("predict", total=total, unit="blocks")
+        progress.advance(len(done))
+        execute((b for b in blocks if b.name not in done), config, progress)
         progress.finish()
         build_levels(out.path, "mean")
         build_levels(out.path / "labels" / "membranes", "majority")
@@ -95,10 +105,21 @@ def predict_store(
     return final
 
 
+def stack_mean_std(meta: dict[str, Any], image: OmeImage, config: PredictConfig) -> tuple[float, float] | None:
+    """(mean, std) that map this stack's robust percentiles where the training stack's went, with
+    ``config.normalization`` "stack" and a checkpoint that records them; None: the checkpoint's."""
+    norm = meta["normalization"]
+    if config.normalization != "stack" or not {"percentiles", "low", "high"} <= set(norm):
+        return None
+    mean, std = stack_normalization(norm, lambda z, rows, cols: np.asarray(image.array[z, rows, cols]), image.shape)
+    log.info("stack normalisation: mean %.4g, std %.4g (training %.4g, %.4g)", mean, std, norm["mean"], norm["std"])
+    return mean, std
+
+
 def _checked_model(model: str | Path, config: PredictConfig) -> tuple[Path, dict[str, Any]]:
     """(checkpoint path, its meta), after checking the settings the checkpoint must allow."""
-    model_path = resolve_checkpoint(model).resolve()
-    _, meta = read_checkpoint(model_path)
+    model_path, meta = check_trained(model)  # config bounds, normalisation and finite weights
+    model_path = model_path.resolve()
     check_tiling(config.tile, config.overlap, int(meta.get("divisor") or 1), config.blend)
     if config.dtype not in OUTPUT_DTYPES:
         raise BadInputError(f"--dtype {config.dtype}: expected uint8, float16 or float32")
@@ -107,6 +128,17 @@ def _checked_model(model: str | Path, config: PredictConfig) -> tuple[Path, dict
     if config.batch_size < 1 or config.threads < 1:
         raise BadInputError("--batch-size and the thread count must be at least 1")
     return model_path, meta
+
+
+#: What ``--scheduler`` may look like: [PROTOCOL://]HOST[:PORT] (dask.distributed's addresses).
+_SCHEDULER = re.compile(r"^((tcp|tls|ucx|ws|wss|inproc)://)?[A-Za-z0-9_.\-\[\]:%/]+$")
+
+
+def _check_runtime(config: PredictConfig) -> None:
+    """The device and the scheduler address, checked in this process before any output exists."""
+    resolve_device(config.device)
+    if config.scheduler is not None and not _SCHEDULER.match(config.scheduler):
+        raise BadInputError(f"--scheduler {config.scheduler!r}: expected an address such as tcp://HOST:PORT")
 
 
 def _checked_input(data: str | Path, config: PredictConfig) -> tuple[OmeImage, tuple[int, int]]:
@@ -120,16 +152,29 @@ def _checked_input(data: str | Path, config: PredictConfig) -> tuple[OmeImage, t
     return image, (z0, z1)
 
 
-def _already_complete(final: Path, config: PredictConfig) -> bool:
-    """Whether ``--resume`` (without ``--overwrite``) finds the output already whole; refuses an
-    existing output that neither option allows, or one emseg did not write."""
+def _already_complete(final: Path, config: PredictConfig, record: dict[str, Any]) -> bool:
+    """Whether ``--resume`` (without ``--overwrite``) finds the output already whole, made with
+    the same model, input and settings; refuses an existing output that neither option allows,
+    one emseg did not write, or a complete one made with other settings or another model."""
     if final.is_symlink() or not final.exists():
         return False  # a symlink is refused when the output is opened
     if not (config.overwrite or config.resume):
         raise BadInputError(f"{final}: already exists (use --overwrite to replace it, or --resume)")
     if not is_emseg_store(final):
         raise BadInputError(f"{final}: exists and was not written by emseg; refusing to replace it")
-    return config.resume and not config.overwrite
+    if config.overwrite or not config.resume:
+        return False
+    try:
+        saved = zarr.open_group(str(final), mode="r").attrs.get("emseg", {})
+    except (OSError, ValueError, KeyError) as exc:
+        raise BadInputError(f"{final}: unreadable store attributes ({type(exc).__name__}: {exc})") from None
+    made = saved.get("resume_record") if isinstance(saved, dict) else None
+    if made != json.loads(json.dumps(record)):
+        raise BadInputError(
+            f"--resume: {final} is complete but was made with other settings or another model or input; "
+            "use --overwrite to replace it, or another output"
+        )
+    return True
 
 
 def _resume_record(model: Path, image: OmeImage, config: PredictConfig) -> dict[str, Any]:

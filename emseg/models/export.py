@@ -26,7 +26,7 @@ from torch import nn
 
 from emseg._version import __version__
 from emseg.errors import BadInputError
-from emseg.io.outputs import Output
+from emseg.io.outputs import Output, check_output
 from emseg.models.checkpoint import load_trained
 
 ISBI_CITATION = {
@@ -69,6 +69,7 @@ def export_model(run: str | Path, output: str | Path, *, overwrite: bool = False
     """Export the model of ``run`` (a run directory or checkpoint) into the folder ``output``."""
     from emseg.models.halo import measure_halo
 
+    check_output(Path(output).absolute(), overwrite, kind="run", inputs=[run])
     model, meta = load_trained(run, "cpu")
     divisor = int(meta["divisor"])
     halo = int(meta["halo"]) if meta.get("halo") is not None else measure_halo(model, divisor)
@@ -78,7 +79,7 @@ def export_model(run: str | Path, output: str | Path, *, overwrite: bool = False
     x = torch.from_numpy((raw - mean) / std)
     with torch.no_grad():
         expected = net(x).numpy()
-    with Output(output, overwrite=overwrite, kind="run", command="export-model") as out:
+    with Output(output, overwrite=overwrite, kind="run", command="export-model", inputs=[run]) as out:
         tmp = out.path
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # jit.trace is deprecated, TorchScript is what tools load

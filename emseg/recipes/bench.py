@@ -96,7 +96,19 @@ def forward_variants(device: torch.device, torch_compile: bool) -> list[Variant]
         if torch_compile:
             out.append(Variant("bf16 + channels_last + compile", "bf16", True, True))
         return out
-    return [Variant("fp32", "fp32"), Variant("fp32 + channels_last", "fp32", True)]
+    # bf16 on the CPU pays where it is native (AVX512-BF16, AMX); elsewhere oneDNN emulates it.
+    return [
+        Variant("fp32", "fp32"),
+        Variant("fp32 + channels_last", "fp32", True),
+        Variant("bf16 + channels_last", "bf16", True),
+    ]
+
+
+def bf16_gain(rows: list[dict]) -> float | None:
+    """MPix/s of "bf16 + channels_last" over "fp32 + channels_last" (None when either is missing)."""
+    rate = {r["variant"]: r.get("mpix_per_s") for r in rows}
+    fp32, bf16 = rate.get("fp32 + channels_last"), rate.get("bf16 + channels_last")
+    return bf16 / fp32 if fp32 and bf16 else None
 
 
 def forward_bench(
@@ -106,7 +118,7 @@ def forward_bench(
     batch: int,
     *,
     torch_compile: bool = False,
-    compile_mode: str = "max-autotune",
+    compile_mode: str = "default",
     warmup: int = 3,
     repeats: int = 5,
     inner: int = 3,
@@ -116,6 +128,8 @@ def forward_bench(
     On CUDA each variant runs with cuDNN autotuning and TensorFloat-32 only for "tf32"; torch's
     flags are put back afterwards. A variant the device cannot run (a CUDA error, out of memory,
     torch.compile failing) is reported as a row with an ``error`` instead of a time."""
+    import torch._dynamo
+
     from emseg.training.loop import backend_flags
 
     model = model.to(device).eval()
@@ -128,8 +142,9 @@ def forward_bench(
         fmt = torch.channels_last if v.channels_last else torch.contiguous_format
         net: Callable[..., Any] = model.to(memory_format=fmt)
         x = x0.contiguous(memory_format=fmt)
-        if v.compiled:
-            net = torch.compile(net, mode=compile_mode)
+        if v.compiled:  # one shape, one compile; dynamo's caches start empty
+            torch._dynamo.reset()
+            net = torch.compile(net, mode=compile_mode, dynamic=False)
         amp = torch.autocast(device.type, dtype=torch.bfloat16) if v.precision == "bf16" else nullcontext()
 
         def run(net: Callable[..., Any] = net, x: torch.Tensor = x, amp: Any = amp) -> None:
@@ -137,10 +152,12 @@ def forward_bench(
                 net(x)
 
         flags = backend_flags(cudnn_benchmark=True, tf32=v.precision == "tf32") if cuda else nullcontext()
+        # Past dynamo's recompile limit torch would run eager without a word: make it an error row.
+        strict = torch._dynamo.config.patch(fail_on_recompile_limit_hit=True) if v.compiled else nullcontext()
         try:
-            with flags:
+            with flags, strict:
                 seconds = timed(run, device, warmup + (3 if v.compiled else 0), repeats, inner)
-        except (RuntimeError, ImportError) as exc:
+        except (RuntimeError, ImportError, torch._dynamo.exc.FailOnRecompileLimitHit) as exc:
             # torch reports what a device cannot run (CUDA errors, out of memory, dynamo and
             # inductor failures) as RuntimeError subclasses; a missing compiler backend may be an
             # ImportError. Such a variant is a row with its error, not a failed benchmark.
@@ -408,6 +425,7 @@ def run_bench(
             small_label = (
                 f"U-Net depth {small.depth}, {small.base_channels} base channels, untrained" if small else label
             )
+        result["compiled"] = "the forward pass only (one compile per process)" if torch_compile else None
         result["forward"] = {
             "model": label,
             "parameters": sum(p.numel() for p in net.parameters()),
@@ -422,6 +440,7 @@ def run_bench(
                 inner=3 if device.type == "cuda" else 1,
             ),
         }
+        result["forward"]["bf16_gain"] = bf16_gain(result["forward"]["rows"])
         store = synthetic_store(work / "bench.zarr", sizes.predict_slices, sizes.predict_size)
         dev = str(device)
         tile = 128 if quick else 512
@@ -431,11 +450,11 @@ def run_bench(
             "tile": tile,
             "overlap": overlap,
             "batch": 8,
-            "emseg": predict_bench(small_run, store, work, dev, tile, overlap, 8, torch_compile),
+            "emseg": predict_bench(small_run, store, work, dev, tile, overlap, 8),
         }
         if not skip_monai:
             try:
-                monai = monai_bench(small_run, store, device, tile, overlap, 8, torch_compile)
+                monai = monai_bench(small_run, store, device, tile, overlap, 8)
                 result["predict"]["monai_in_memory"] = monai
                 result["predict"]["ratio"] = result["predict"]["emseg"]["mpix_per_s"] / monai["mpix_per_s"]
             except ImportError:
@@ -456,7 +475,7 @@ def run_bench(
             sizes.train_batch,
             sizes.train_crop,
             steps=10 if device.type == "cuda" else 2,
-            torch_compile=torch_compile,
+            torch_compile=False,
             repeats=2 if quick else 3,
             warmup=1 if quick else 3,
         )
@@ -471,15 +490,20 @@ def bench(
     monai: bool = True,
     quick: bool = False,
     json_path: str | Path | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """``emseg bench``: :func:`run_bench` on the device ``device`` names, also written as JSON to
-    ``json_path`` when given (values JSON cannot hold are written as text)."""
+    ``json_path`` when given (values JSON cannot hold are written as text; an ``emseg`` key marks
+    the file, and an existing one is replaced only with ``overwrite`` when emseg wrote it)."""
     from emseg.device import resolve_device
-    from emseg.io.outputs import write_json_atomic
+    from emseg.io.outputs import Output, check_output, provenance, write_json_atomic
 
+    if json_path is not None:  # before minutes of measuring
+        check_output(Path(json_path).absolute(), overwrite, kind="file", inputs=[model])
     result = run_bench(resolve_device(device), model, torch_compile=torch_compile, skip_monai=not monai, quick=quick)
     if json_path is not None:
-        write_json_atomic(Path(json_path), json.loads(json.dumps(result, default=str)))
+        with Output(json_path, overwrite=overwrite, kind="file", command="bench", inputs=[model]) as out:
+            write_json_atomic(out.path, {**json.loads(json.dumps(result, default=str)), "emseg": provenance("bench")})
     return result
 
 
