@@ -23,7 +23,7 @@ def _cfg(**changes: object) -> AugmentConfig:
 
 def _geometry_only(config: AugmentConfig | None = None) -> AugmentConfig:
     """`config` (default: the defaults) without the image-only intensity changes."""
-    return dataclasses.replace(config or AugmentConfig(), intensity_p=0.0, noise_p=0.0)
+    return dataclasses.replace(config or AugmentConfig(), intensity_p=0.0, noise_p=0.0, gamma_p=0.0, blur_p=0.0)
 
 
 def _gen(seed: int, device: str = "cpu") -> torch.Generator:
@@ -292,3 +292,20 @@ def test_sampling_outside_the_input_reflects() -> None:
     torch.testing.assert_close(img, ones, atol=1e-5, rtol=0)
     assert torch.equal(lab, ones)
     torch.testing.assert_close(wgt, 2.0 * ones, atol=1e-5, rtol=0)
+
+
+def test_session_changes_blur_and_gamma_the_image_only():
+    """Blur smooths, gamma bends intensities within each sample's range; labels and weights stay."""
+    label = torch.from_numpy(_blobs(4, OUT, 0))
+    image = label * 2 - 1 + 0.3 * torch.randn(label.shape, generator=_gen(1))
+    weight = 1 + label
+    blur = augment_batch(image, label, weight, OUT, _cfg(blur_p=1.0, blur_sigma=(1.5, 1.5)), _gen(2))
+    assert torch.equal(blur[1], label) and torch.equal(blur[2], weight)
+    assert float(blur[0].diff(dim=-1).abs().mean()) < 0.6 * float(image.diff(dim=-1).abs().mean())
+    assert torch.allclose(blur[0].mean(), image.mean(), atol=0.02)  # normalised kernel
+    gamma = augment_batch(image, label, weight, OUT, _cfg(gamma_p=1.0, gamma=(2.0, 2.0)), _gen(3))[0]
+    lo, hi = image.amin(dim=(1, 2, 3)), image.amax(dim=(1, 2, 3))
+    assert torch.allclose(gamma.amin(dim=(1, 2, 3)), lo) and torch.allclose(gamma.amax(dim=(1, 2, 3)), hi)
+    assert bool((gamma.mean(dim=(1, 2, 3)) < image.mean(dim=(1, 2, 3))).all())  # exponent 2 darkens
+    again = augment_batch(image, label, weight, OUT, _cfg(gamma_p=1.0, gamma=(2.0, 2.0)), _gen(3))[0]
+    assert torch.equal(gamma, again)

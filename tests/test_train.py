@@ -18,6 +18,7 @@ import emseg
 from emseg.errors import BadInputError, EmsegRuntimeError
 from emseg.models.checkpoint import read_checkpoint
 from emseg.training.loop import learning_rate
+from emseg.training.schedule import budget_learning_rate, budget_progress
 
 from .conftest import TINY, run_emseg
 
@@ -56,12 +57,35 @@ def test_short_training_lowers_the_loss(isbi_zarr, tmp_path):
     assert config["normalization"]["std"] > 0 and config["halo"] == 22 and config["divisor"] == 4
 
 
+class _Interrupted(Exception):
+    pass
+
+
+def _interrupted_after(monkeypatch: pytest.MonkeyPatch, steps: int) -> None:
+    """Make the next training run die as it draws batch ``steps`` (a kill, without timing: a time
+    limit would also change the learning-rate schedule, which follows the budget)."""
+    from emseg.training import loop
+
+    draw, calls = loop.draw_batch, [0]
+
+    def dying(*args: object) -> object:
+        calls[0] += 1
+        if calls[0] > steps:
+            raise _Interrupted
+        return draw(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(loop, "draw_batch", dying)
+
+
 @pytest.mark.slow
-def test_same_seed_same_run_and_resume_continues_exactly(isbi_zarr, tmp_path):
+def test_same_seed_same_run_and_resume_continues_exactly(isbi_zarr, tmp_path, monkeypatch):
     full, again, split = tmp_path / "full", tmp_path / "again", tmp_path / "split"
     emseg.train(isbi_zarr, full, **TINY)
     emseg.train(isbi_zarr, again, **TINY)
-    emseg.train(isbi_zarr, split, **TINY, time_limit=1e-9)  # stops after the first step
+    with monkeypatch.context() as patch:
+        _interrupted_after(patch, 12)  # dies in the second epoch; the first one's end is saved
+        with pytest.raises(_Interrupted):
+            emseg.train(isbi_zarr, split, **TINY)
     assert len(_rows(split)) == 1
     emseg.train(isbi_zarr, split, **TINY, resume=True)
     a, b, c = _weights(full), _weights(again), _weights(split)
@@ -190,14 +214,20 @@ def _as_older_runs_resume_point(run: Path) -> None:
 
 
 @pytest.mark.slow
-def test_resume_reads_an_older_runs_optimizer_safetensors(isbi_zarr, tmp_path):
+def test_resume_reads_an_older_runs_optimizer_safetensors(isbi_zarr, tmp_path, monkeypatch):
+    from emseg.config import TrainConfig
+
     full, old = tmp_path / "full", tmp_path / "old"
-    emseg.train(isbi_zarr, full, **TINY)
-    emseg.train(isbi_zarr, old, **TINY, time_limit=1e-9)
+    no_average = TrainConfig(ema_decay=None)  # older runs kept no average of the weights
+    emseg.train(isbi_zarr, full, **TINY, config=no_average)
+    with monkeypatch.context() as patch:
+        _interrupted_after(patch, 12)
+        with pytest.raises(_Interrupted):
+            emseg.train(isbi_zarr, old, **TINY, config=no_average)
     _as_older_runs_resume_point(old)
     with pytest.raises(BadInputError, match="optimizer.safetensors"):  # it counts as a run
-        emseg.train(isbi_zarr, old, **TINY)
-    emseg.train(isbi_zarr, old, **TINY, resume=True)
+        emseg.train(isbi_zarr, old, **TINY, config=no_average)
+    emseg.train(isbi_zarr, old, **TINY, resume=True, config=no_average)
     assert (old / "resume.safetensors").is_file() and not (old / "optimizer.safetensors").exists()
     a, b = _weights(full), _weights(old)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -376,3 +406,171 @@ def test_ddp_with_gloo_keeps_ranks_identical(isbi_zarr, tmp_path):
     assert ddp["world_size"] == 2
     assert ddp["weights_sha256"][0] == ddp["weights_sha256"][1]
     assert len(_rows(run)) == 1
+
+
+def test_budget_schedule_warms_up_then_decays_with_the_time_spent():
+    from emseg.config import TrainConfig
+
+    config = TrainConfig(lr=1.0, warmup_steps=200, warmup_fraction=0.1, min_lr_ratio=0.01, time_limit=100)
+    # 55 steps in the budget: warm-up ends at 10 % of the time, not after 200 steps
+    lrs = [budget_learning_rate(s, budget_progress(s, 10**6, s * 100 / 55, 100.0), config) for s in range(56)]
+    assert lrs[0] < lrs[3] < 1.0 and max(lrs) == pytest.approx(1.0, abs=0.02)
+    assert all(a >= b for a, b in zip(lrs[6:], lrs[7:], strict=False))
+    assert lrs[-1] == pytest.approx(0.01)
+    # steps count too: the last step of a run that ends before its budget is decayed as well
+    assert budget_learning_rate(999, budget_progress(1000, 1000, 1.0, 100.0), config) == pytest.approx(0.01)
+
+
+class _Clock:
+    """Seconds that advance by ``tick`` at every reading: a time budget without timing."""
+
+    def __init__(self, tick: float) -> None:
+        self.now, self.tick = 0.0, tick
+
+    def __call__(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
+@pytest.mark.slow
+def test_a_time_limited_run_ends_with_a_decayed_learning_rate_and_says_what_it_saved(isbi_zarr, tmp_path):
+    from emseg.config import TrainConfig, merge_train
+    from emseg.training.loop import fit
+
+    run = tmp_path / "run"
+    config = merge_train(TrainConfig(), **{**TINY, "epochs": 1000, "steps_per_epoch": 4}, time_limit=30.0)
+    summary = fit(isbi_zarr, run, config, clock=_Clock(1.0))
+    assert summary["stopped_early"]
+    rows = _rows(run)
+    lrs = [float(r["lr"]) for r in rows]
+    assert lrs[-1] == pytest.approx(config.lr * config.min_lr_ratio) and lrs[-1] < min(lrs[:-1])
+    assert all(r["weights"] == "ema" for r in rows)
+    assert rows[0]["saved"].startswith("best+last: v_rand")
+    assert all(r["saved"].split(":")[0] in ("best+last", "last") for r in rows)
+    best = read_checkpoint(run / "best.safetensors")[1]["state"]["best"]
+    assert best == pytest.approx(max(float(r["v_rand"]) for r in rows))
+
+
+@pytest.mark.slow
+def test_resume_gives_the_optimizer_state_its_parameters_memory_format(isbi_zarr, tmp_path):
+    from emseg.config import TrainConfig, merge_train
+    from emseg.models.build import build_model
+    from emseg.training.ema import WeightAverage
+    from emseg.training.run_dir import RunDir
+
+    run = tmp_path / "run"
+    emseg.train(isbi_zarr, run, **{**TINY, "epochs": 1, "steps_per_epoch": 2})
+    config = merge_train(TrainConfig(), **TINY)
+    model = build_model(config.model).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters())
+    average = WeightAverage(model, 0.99)
+    state = RunDir(run).resume(model, optimizer, config, average)
+    assert state["ema_updates"] == 2 and average.updates == 2
+    conv = [p for p in model.parameters() if p.ndim == 4]
+    assert conv and all(p.is_contiguous(memory_format=torch.channels_last) for p in conv)
+    for p in conv:
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert optimizer.state[p][key].stride() == p.stride(), key
+    saved = _weights(run)  # the checkpoints hold the average's weights
+    assert all(torch.equal(saved[k], v) for k, v in average.state_dict().items())
+
+
+def test_grad_scaler_and_clipping_in_an_optimizer_step():
+    from emseg.training.loop import autocast_context, optimizer_step
+    from emseg.training.losses import make_loss
+
+    torch.manual_seed(0)
+    net = torch.nn.Conv2d(1, 1, 3, padding=1)
+    before = net.weight.detach().clone()
+    optimizer = torch.optim.SGD(net.parameters(), lr=1.0)
+    image = torch.randn(2, 1, 8, 8)
+    batch = (image * 100, (image > 0).float(), torch.ones_like(image))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    loss, _ = optimizer_step(
+        net, optimizer, make_loss("weighted-bce"), batch, autocast_context(torch.device("cpu"), None), scaler, 0.5
+    )
+    assert torch.isfinite(loss) and scaler.get_scale() == 2.0**10
+    # clipped: the step is the learning rate times a gradient of norm at most 0.5, unscaled
+    moved = (net.weight.detach() - before).norm()
+    assert 0 < float(moved) <= 0.5 + 1e-4
+
+
+def test_each_rank_finds_its_gpu_whether_it_sees_one_or_all():
+    from emseg.training.distributed import rank_device
+
+    assert rank_device(3, 8) == torch.device("cuda", 3)
+    assert rank_device(3, 1) == torch.device("cuda", 0)  # CUDA_VISIBLE_DEVICES gave it one GPU
+
+
+def test_the_duration_estimate_suggests_the_small_configuration_on_a_cpu(monkeypatch):
+    from emseg.config import TrainConfig
+    from emseg.training import loop
+
+    said: list[tuple[str, str]] = []
+    for level in ("info", "warning"):
+        monkeypatch.setattr(loop.log, level, lambda msg, *a, level=level: said.append((level, msg % a)))
+    estimate = loop.DurationEstimate(torch.device("cpu"), _Clock(50.0))  # read twice, 5 steps apart: 10 s a step
+    for _ in range(loop.ESTIMATE_STEPS + 1):
+        estimate.step_done(TrainConfig(), 5000, 0.0)
+    assert said[-1][0] == "warning" and "13.9 h" in said[-1][1] and "--depth 3 --base-channels 16" in said[-1][1]
+    estimate = loop.DurationEstimate(torch.device("cpu"), _Clock(50.0))
+    for _ in range(loop.ESTIMATE_STEPS + 1):
+        estimate.step_done(TrainConfig(time_limit=300), 5000, 0.0)
+    assert said[-1][0] == "info" and "5 min" in said[-1][1] and "about 30 of them" in said[-1][1]
+
+
+def test_normalisation_maps_a_new_stacks_percentiles_onto_the_training_ones():
+    from emseg.models.normalization import for_stack, robust_normalization, stack_normalization
+
+    rng = np.random.default_rng(0)
+    train = rng.normal(120, 30, (2, 64, 64)).clip(1, 254).astype(np.uint8)
+    norm = robust_normalization(train)
+    assert norm["percentiles"] == [1.0, 99.0] and norm["low"] < norm["mean"] < norm["high"]
+    other = (train.astype(np.float64) * 0.5 + 40).astype(np.uint8)  # another session: less contrast
+    mean, std = stack_normalization(norm, lambda z, rows, cols: other[z, rows, cols], other.shape)
+    a = (train.astype(np.float64) - norm["mean"]) / norm["std"]
+    b = (other.astype(np.float64) - mean) / std
+    assert abs(np.percentile(a, 1) - np.percentile(b, 1)) < 0.1
+    assert abs(np.percentile(a, 99) - np.percentile(b, 99)) < 0.1
+    # an older checkpoint (mean and std only) keeps its values; the identity maps onto itself
+    old = {"mean": 100.0, "std": 20.0}
+    assert stack_normalization(old, lambda z, rows, cols: other[z, rows, cols], other.shape) == (100.0, 20.0)
+    assert for_stack(norm, norm["low"], norm["high"]) == pytest.approx((norm["mean"], norm["std"]))
+
+
+@pytest.mark.slow
+def test_predict_and_export_take_the_normalisation_from_the_checkpoint(isbi_zarr, tmp_path):
+    from emseg.config import PredictConfig
+    from emseg.models.checkpoint import save_checkpoint
+    from emseg.models.export import export_model
+
+    run = tmp_path / "run"
+    emseg.train(isbi_zarr, run, **{**TINY, "epochs": 1, "steps_per_epoch": 3})
+    model = emseg.load_model(run)
+    meta = model.emseg_meta
+    assert {"mean", "std", "percentiles", "low", "high"} <= set(meta["normalization"])
+    edited = tmp_path / "edited.safetensors"
+    norm = {**meta["normalization"], "mean": meta["normalization"]["mean"] + 40.0}
+    save_checkpoint(edited, model, {**meta, "normalization": norm})
+    old = tmp_path / "old.safetensors"  # an older emseg's block: mean and std only
+    save_checkpoint(old, model, {**meta, "normalization": {k: norm[k] for k in ("mean", "std")}})
+
+    def predicted(ckpt: Path, name: str, **kw: object) -> np.ndarray:
+        out = emseg.predict(ckpt, isbi_zarr, tmp_path / name, slices="29:30", dtype="float32", **kw)
+        import zarr
+
+        return np.asarray(zarr.open_group(str(out), mode="r")["0"][0])
+
+    base = predicted(run / "best.safetensors", "a.zarr")
+    shifted = predicted(edited, "b.zarr")
+    assert not np.allclose(base, shifted, atol=1e-3)  # read from the checkpoint, not recomputed
+    # with the checkpoint's own values the old block predicts as the percentile block does
+    assert np.allclose(
+        predicted(old, "c.zarr"),
+        predicted(edited, "d.zarr", config=PredictConfig(normalization="checkpoint")),
+        atol=1e-5,
+    )
+    exported = [export_model(c, tmp_path / f"export-{c.stem}") for c in (run / "best.safetensors", edited)]
+    outputs = [np.load(e / "test_output.npy") for e in exported]
+    infos = [json.loads((e / "emseg-model.json").read_text())["normalization"] for e in exported]
+    assert infos[1]["mean"] == pytest.approx(norm["mean"]) and not np.allclose(outputs[0], outputs[1])

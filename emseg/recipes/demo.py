@@ -172,7 +172,7 @@ def run_demo(
     pred_test = predict_store(
         run, test, out / "pred-test.zarr", PredictConfig(tile=tile, device=device, overwrite=True), progress=progress
     )
-    scores = evaluate(pred_val, train, None, out / "scores.json")
+    scores = evaluate(pred_val, train, None, out / "scores.json", overwrite=True)
     result.scores = {k: scores[k] for k in SCORE_KEYS}
     result.scores["epochs"] = len(summary["rows"])
     result.scores["steps"] = summary["rows"][-1]["step"] if summary["rows"] else 0
@@ -187,6 +187,7 @@ def run_demo(
         pictures_validation=str(_pictures(train, pred_val, val, out / "validation.png", with_truth=True)),
         pictures_test=str(_pictures(test, pred_test, (0, 10, 20), out / "test.png", with_truth=False)),
     )
+    result.outputs.update(_segmentation(train, pred_val, val, out, progress))
     return result
 
 
@@ -211,3 +212,32 @@ def _pictures(data: Path, pred: Path, slices: tuple[int, ...], output: Path, wit
         row["overlay: predicted membranes"] = overlay(raw, prob < 0.5)
         rows.append(row)
     return panel_rows(rows, output)
+
+
+def _segmentation(
+    data: Path, pred: Path, slices: tuple[int, ...], out: Path, progress: Reporter | None
+) -> dict[str, str]:
+    """The last step: instance labels of the validation prediction (``emseg segment``), their
+    scores and a picture of them (random colours over the EM)."""
+    from emseg.config import SegmentConfig
+    from emseg.evaluation.instances import evaluate_instances
+    from emseg.io.outputs import write_json_atomic
+    from emseg.io.zarr import first_slice, open_ome
+    from emseg.segmentation.segment import segment_store
+    from emseg.viz import panel_rows
+
+    seg = segment_store(pred, out / "cells-val.zarr", SegmentConfig(overwrite=True), progress=progress)
+    write_json_atomic(out / "scores-cells.json", evaluate_instances(seg, data).to_dict())
+    image, labels = open_ome(data), open_ome(seg)
+    offset = first_slice(open_ome(pred))
+    rng = np.random.default_rng(0)
+    rows = []
+    for z in slices:
+        raw = np.asarray(image.array[z]).astype(np.float32)
+        ids = np.asarray(labels.array[z - offset])
+        colours = rng.random((int(ids.max()) + 1, 3)).astype(np.float32)
+        grey = (raw - raw.min()) / max(float(raw.max() - raw.min()), 1.0)
+        rgb = 0.5 * grey[..., None] + 0.5 * colours[ids]
+        rows.append({f"image (slice {z})": raw, "cells: one colour per segment": rgb})
+    picture = panel_rows(rows, out / "cells.png")
+    return {"segmentation": str(seg), "scores_cells": str(out / "scores-cells.json"), "pictures_cells": str(picture)}

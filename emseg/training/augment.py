@@ -13,7 +13,10 @@ and weight map:
   ``sigma`` pixels (uniform in ``config.elastic_sigma``; separable float32 convolution on the
   device, kernel truncated at 3 sigma and normalised to sum 1) and scaled by ``alpha`` pixels
   (uniform in ``config.elastic_alpha``);
-* on the image only: with probability ``config.intensity_p``, contrast (factor uniform in
+* on the image only, what differs between imaging sessions: with probability ``config.blur_p``
+  a Gaussian blur (sigma uniform in ``config.blur_sigma`` pixels, reflected at the borders),
+  with probability ``config.gamma_p`` a gamma change (exponent log-uniform in ``config.gamma``,
+  applied to the sample's own [min, max] range), with probability ``config.intensity_p``, contrast (factor uniform in
   ``config.contrast``, about the sample's mean) and brightness (offset uniform in
   ``[-brightness, brightness]``) jitter, then with probability ``config.noise_p`` additive
   Gaussian noise of standard deviation uniform in ``config.noise_std``.
@@ -81,7 +84,9 @@ _N_UNIFORM = 16
 
 def identity_config() -> AugmentConfig:
     """An :class:`AugmentConfig` that changes nothing: the output is the exact centre crop."""
-    return AugmentConfig(flips=False, affine_p=0.0, elastic_p=0.0, intensity_p=0.0, noise_p=0.0)
+    return AugmentConfig(
+        flips=False, affine_p=0.0, elastic_p=0.0, intensity_p=0.0, noise_p=0.0, gamma_p=0.0, blur_p=0.0
+    )
 
 
 def _elastic_radius(config: AugmentConfig) -> int:
@@ -217,8 +222,48 @@ def _sample(x: torch.Tensor, grid: torch.Tensor, mode: str) -> torch.Tensor:
     return y.to(x.dtype)
 
 
+def _blur(image: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
+    """(B, C, H, W) image blurred per sample by a Gaussian of ``sigma`` (B,) pixels (separable,
+    truncated at ``radius``, normalised to sum 1, reflected at the borders)."""
+    b, c, h, w = image.shape
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32, device=image.device)
+    kernel = torch.exp(-(x[None, :] ** 2) / (2.0 * sigma[:, None].clamp(min=1e-3) ** 2))
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0).to(image.dtype)  # (B*C, K)
+    flat = image.reshape(1, b * c, h, w)
+    pad = min(radius, h - 1, w - 1)
+    if pad < radius:  # a crop smaller than the kernel: reflect what there is, then zeros
+        flat = F.pad(flat, (pad, pad, pad, pad), mode="reflect")
+        flat = F.pad(flat, (radius - pad,) * 4)
+    else:
+        flat = F.pad(flat, (radius, radius, radius, radius), mode="reflect")
+    flat = F.conv2d(flat, kernel[:, None, :, None], groups=b * c)
+    flat = F.conv2d(flat, kernel[:, None, None, :], groups=b * c)
+    return flat.reshape(b, c, h, w)
+
+
+def _session(image: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
+    """Blur and gamma on the (B, C, out, out) image: focus, dose and detector response that
+    differ between sessions. Draws (B, 4) uniforms only when either is enabled."""
+    if config.blur_p <= 0 and config.gamma_p <= 0:
+        return image
+    u = _to(torch.rand(image.shape[0], 4, generator=generator, device=generator.device), image.device)
+    shape = (-1, 1, 1, 1)
+    if config.blur_p > 0:
+        sigma = _uniform(u[:, 1], *config.blur_sigma)
+        blurred = _blur(image, sigma, int(math.ceil(_TRUNCATE * max(config.blur_sigma))))
+        image = torch.where((u[:, 0] < config.blur_p).view(shape), blurred, image)
+    if config.gamma_p > 0:
+        lo = image.amin(dim=(1, 2, 3), keepdim=True)
+        span = (image.amax(dim=(1, 2, 3), keepdim=True) - lo).clamp(min=1e-6)
+        exponent = torch.exp(_uniform(u[:, 3], math.log(config.gamma[0]), math.log(config.gamma[1])))
+        changed = ((image - lo) / span).clamp(0, 1) ** exponent.view(shape).to(image.dtype) * span + lo
+        image = torch.where((u[:, 2] < config.gamma_p).view(shape), changed, image)
+    return image
+
+
 def _intensity(image: torch.Tensor, u: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
-    """Brightness/contrast jitter and Gaussian noise on the (B, C, out, out) image."""
+    """Blur, gamma, brightness/contrast jitter and Gaussian noise on the (B, C, out, out) image."""
+    image = _session(image, config, generator)
     if config.intensity_p > 0:
         gate = (u[:, _INTENSITY_GATE] < config.intensity_p)[:, None, None, None]
         contrast = _uniform(u[:, _CONTRAST], *config.contrast)[:, None, None, None].to(image.dtype)

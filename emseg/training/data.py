@@ -17,8 +17,10 @@ import numpy as np
 import torch
 
 from emseg.errors import BadInputError
+from emseg.evaluation.evaluate import check_both_classes
 from emseg.inference.tiling import reflect_index
 from emseg.io.zarr import OmeImage, open_ome
+from emseg.models.normalization import robust_normalization
 from emseg.training.weights import unet_weight_map
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,12 @@ def open_training_store(path: str) -> OmeImage:
     return image
 
 
+def check_validation_labels(image: OmeImage, indices: Sequence[int]) -> None:
+    """:func:`check_both_classes` on the labels of the validation slices ``indices``."""
+    labels = np.stack([np.asarray(image.labels["cells"].array[z]) for z in indices])
+    check_both_classes(labels, f"{image.path}: validation slices {list(indices)}")
+
+
 def load_slices(image: OmeImage, indices: Sequence[int], w0: float, sigma: float) -> Annotated:
     """Read slices (level 0) with their labels and compute their weight maps once."""
     raw = np.stack([np.asarray(image.array[z]) for z in indices]) if indices else np.zeros((0, *image.shape[1:]))
@@ -80,10 +88,11 @@ def load_slices(image: OmeImage, indices: Sequence[int], w0: float, sigma: float
     return Annotated(raw=raw, labels=(labels > 0).astype(np.uint8), weights=weights, indices=list(indices))
 
 
-def normalization(raw: np.ndarray) -> tuple[float, float]:
-    """Mean and standard deviation of the training slices' intensities (std at least 1e-6)."""
-    values = raw.astype(np.float64)
-    return float(values.mean()), float(max(values.std(), 1e-6))
+def normalization(raw: np.ndarray, pct: Sequence[float] = (1.0, 99.0)) -> tuple[float, float]:
+    """(mean, std) of the training slices (N, H, W) as training takes them: from robust
+    percentiles (see :mod:`emseg.models.normalization`)."""
+    norm = robust_normalization(raw, pct)
+    return float(norm["mean"]), float(norm["std"])
 
 
 class CropSampler:

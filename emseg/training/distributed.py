@@ -37,11 +37,20 @@ def init_distributed(device_spec: str) -> tuple[Dist, torch.device]:
     info = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
     device = resolve_device(device_spec)
     if device.type == "cuda":
-        device = torch.device("cuda", info.local_rank)
+        device = rank_device(info.local_rank, torch.cuda.device_count())
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":  # device_id binds NCCL's communicator to this rank's GPU now
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
     return info, device
+
+
+def rank_device(local_rank: int, visible: int) -> torch.device:
+    """This rank's GPU among the ``visible`` ones: ``cuda:local_rank`` when the rank sees every
+    GPU of its node, ``cuda:0`` when a launcher gives each rank its own (CUDA_VISIBLE_DEVICES)."""
+    return torch.device("cuda", local_rank % max(1, visible))
 
 
 def any_flag(flag: bool, info: Dist, device: torch.device) -> bool:
@@ -51,6 +60,16 @@ def any_flag(flag: bool, info: Dist, device: torch.device) -> bool:
     t = torch.tensor([1 if flag else 0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def max_across(values: list[float], info: Dist, device: torch.device) -> list[float]:
+    """The largest of each value over the ranks (one all-reduce; ``values`` as given in a single
+    process, where nothing waits for the device)."""
+    if not info.enabled:
+        return values
+    t = torch.tensor(values, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [float(v) for v in t.tolist()]
 
 
 def weights_digest(model: nn.Module) -> str:

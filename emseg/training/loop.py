@@ -22,31 +22,44 @@ import torch
 from torch import nn
 
 from emseg.config import TrainConfig
-from emseg.device import autocast_dtype, is_cuda
+from emseg.device import autocast_dtype, is_cuda, synchronize
 from emseg.errors import BadInputError, EmsegRuntimeError
-from emseg.io.outputs import write_json_atomic
+from emseg.io.outputs import check_inputs, write_json_atomic
 from emseg.models.base import SegmentationNet
 from emseg.models.build import build_model
+from emseg.models.normalization import robust_normalization
 from emseg.progress import Reporter, reporter_or_null
 from emseg.training import distributed as D
 from emseg.training.augment import augment_batch, context_size
-from emseg.training.data import CropSampler, load_slices, normalization, open_training_store, split_slices
+from emseg.training.data import (
+    CropSampler,
+    check_validation_labels,
+    load_slices,
+    open_training_store,
+    split_slices,
+)
+from emseg.training.ema import WeightAverage
 from emseg.training.losses import Loss, make_loss
 from emseg.training.run_dir import RunDir
+from emseg.training.schedule import budget_learning_rate, budget_progress, learning_rate
 from emseg.training.validate import validate
 
 log = logging.getLogger(__name__)
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+#: Under DDP the ranks agree on the time spent (one all-reduce) every this many steps.
+SYNC_EVERY = 10
+#: Steps timed (after the first) for the estimate of the run's duration.
+ESTIMATE_STEPS = 5
+#: The README's small CPU configuration, suggested when the default would run for hours.
+SMALL_CPU = "--depth 3 --base-channels 16 --crop 256 --batch-size 4 --steps-per-epoch 40 --epochs 10"
 
 
-def learning_rate(step: int, total: int, config: TrainConfig) -> float:
-    """Linear warm-up (at most 10 % of the run), then cosine decay to lr * min_lr_ratio."""
-    warmup = min(config.warmup_steps, max(1, total // 10))
-    if step < warmup:
-        return config.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    floor = config.lr * config.min_lr_ratio
-    return floor + 0.5 * (config.lr - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
+def step_learning_rate(step: int, total: int, spent: float, config: TrainConfig) -> float:
+    """The learning rate of ``step``: over the run's steps, or over its time budget when it has
+    one (``spent`` seconds of it gone); see :mod:`emseg.training.schedule`."""
+    if config.time_limit is None:
+        return learning_rate(step, total, config)
+    return budget_learning_rate(step, budget_progress(step, total, spent, config.time_limit), config)
 
 
 def generators(
@@ -143,22 +156,74 @@ def optimizer_step(
     loss_fn: Loss,
     batch: Batch,
     autocast: Callable[[], contextlib.AbstractContextManager],
+    scaler: torch.amp.GradScaler | None = None,
+    clip: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step on an augmented batch, the forward pass under ``autocast()``; (loss, logits)."""
+    """One optimizer step on an augmented batch, the forward pass under ``autocast()``, the loss
+    scaled by ``scaler`` (fp16) and the gradients' norm clipped to ``clip``; (loss, logits)."""
     image, label, weight = batch
     try:
         with autocast():
             logits = net(image)
         loss = loss_fn(logits, label, weight)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scaler is not None and scaler.is_enabled():
+            scaler.scale(loss).backward()
+            if clip is not None:
+                scaler.unscale_(optimizer)
+                _clip(optimizer, clip)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            if clip is not None:
+                _clip(optimizer, clip)
+            optimizer.step()
     except torch.cuda.OutOfMemoryError:
         raise EmsegRuntimeError(
             f"out of GPU memory with --batch-size {image.shape[0]} and --crop {image.shape[-1]}; "
             "try a smaller batch or crop"
         ) from None
     return loss, logits
+
+
+def _clip(optimizer: torch.optim.Optimizer, clip: float) -> None:
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
+
+
+class DurationEstimate:
+    """Times a few steps after the first and says how long the run will take (a warning with a
+    smaller configuration when the default network would train on a CPU for over an hour)."""
+
+    def __init__(self, device: torch.device, clock: Callable[[], float]) -> None:
+        self.device, self.clock, self.steps, self.started = device, clock, -1, 0.0
+
+    def step_done(self, config: TrainConfig, remaining: int, spent: float) -> None:
+        self.steps += 1
+        if self.steps not in (0, ESTIMATE_STEPS):
+            return
+        synchronize(self.device)
+        if self.steps == 0:
+            self.started = self.clock()
+            return
+        per_step = (self.clock() - self.started) / ESTIMATE_STEPS
+        seconds = remaining * per_step
+        if config.time_limit is not None:
+            seconds = min(seconds, max(0.0, config.time_limit - spent))
+        text = f"{per_step:.2f} s per step: the remaining {remaining} steps take about {_duration(seconds)}"
+        if config.time_limit is not None and seconds < remaining * per_step:
+            text += f" (the time limit stops the run after about {round(seconds / per_step)} of them)"
+        if seconds > 3600 and self.device.type == "cpu":
+            log.warning("%s on this CPU; for a first model in minutes try the small configuration: %s", text, SMALL_CPU)
+        else:
+            log.info("%s", text)
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 5400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
 class EpochMeter:
@@ -189,15 +254,25 @@ def save_epoch(
     row: dict[str, Any],
     state: dict[str, Any],
     steps_per_epoch: int,
+    average: WeightAverage | None = None,
 ) -> None:
-    """Keep the best score in ``state`` (V_rand, else minus the training loss) and save the resume
-    point and checkpoints. The header also names the epoch and step in it, for people."""
+    """Keep the best score in ``state`` (V_rand of the saved weights, else minus the training
+    loss) and save the resume point and checkpoints; the row says which weights were saved and
+    why. The header also names the epoch and step in it, for people."""
+    name = "v_rand" if "v_rand" in row else "-train_loss"
     score = row.get("v_rand", -row["train_loss"])
-    improved = score > state["best"]
+    improved, previous = score > state["best"], state["best"]
     state["best"] = max(state["best"], score)
+    row["weights"] = "ema" if average is not None else "raw"
+    if improved:
+        row["saved"] = f"best+last: {name} {score:.4f} > {previous:.4f}"
+    else:
+        row["saved"] = f"last: {name} {score:.4f} <= best {previous:.4f}"
+    if average is not None:
+        state["ema_updates"] = average.updates
     step = state["step"]
     saved = {"step": step, "epoch": step // steps_per_epoch, "next_step": step % steps_per_epoch, **state}
-    run.save(model, optimizer, meta, saved, improved, row)
+    run.save(model, optimizer, meta, saved, improved, row, average)
 
 
 def fit(
@@ -208,16 +283,22 @@ def fit(
     resume: bool = False,
     overwrite: bool = False,
     progress: Reporter | None = None,
+    clock: Callable[[], float] | None = None,
 ) -> dict[str, Any]:
     """Train a network on ``data`` (an OME-Zarr store with labels/cells) into ``run_dir``.
 
-    Returns a summary: the run directory, finished epochs, whether the time limit stopped the run,
-    the last validation scores, the best V_rand and the metrics rows.
+    ``clock`` returns seconds (default ``time.perf_counter``): the time limit and the budget
+    schedule read it, so a test can run a budget deterministically. Returns a summary: the run
+    directory, finished epochs, whether the time limit stopped the run, the last validation
+    scores, the best V_rand and the metrics rows.
     """
+    clock = clock or time.perf_counter
+    check_inputs(run_dir, [data])  # a run directory never overlaps the data it trains on
     dist, device = D.init_distributed(config.device)
     progress = reporter_or_null(progress if dist.is_main else None)
     image = open_training_store(str(data))
     train_idx, val_idx = split_slices(image.shape[0], config.val_slices)
+    check_validation_labels(image, val_idx)  # before anything is written
     model = seeded_model(config)
     loss_fn = make_loss(config.loss)
     run = RunDir(run_dir)
@@ -227,16 +308,18 @@ def fit(
         D.barrier(dist)
         train = load_slices(image, train_idx, config.w0, config.sigma)
         val = load_slices(image, val_idx, config.w0, config.sigma)
-        mean, std = normalization(train.raw)
+        norm = robust_normalization(train.raw, config.norm_percentiles)
+        mean, std = norm["mean"], norm["std"]
         sampler = CropSampler(train, mean, std, device)
         model.to(device)
         if config.channels_last:  # faster on CUDA and on oneDNN CPUs alike
             model = model.to(memory_format=torch.channels_last)
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        average = WeightAverage(model, config.ema_decay) if config.ema_decay else None
         meta = run.meta(
             config,
             {
-                "normalization": {"mean": mean, "std": std},
+                "normalization": norm,
                 "halo": int(model.halo) if config.model.arch == "unet" else None,
                 "divisor": int(model.divisor),
                 "parameters": sum(p.numel() for p in model.parameters()),
@@ -251,46 +334,61 @@ def fit(
         )
         state: dict[str, Any] = {"step": 0, "best": -math.inf, "elapsed": 0.0}
         if resume:
-            state = run.resume(model, optimizer, config)
+            state = run.resume(model, optimizer, config, average)
         if dist.is_main:
             run.write_config(meta)
         net = torch.nn.parallel.DistributedDataParallel(model) if dist.enabled else model
         forward = torch.compile(net) if config.compile else net
-        autocast = autocast_context(device, autocast_dtype(device) if config.amp else None)
-        validate_model = functools.partial(validate, model, val, mean, std, device, config, loss_fn, model.divisor)
+        amp = autocast_dtype(device, config.precision) if config.amp else None
+        autocast = autocast_context(device, amp)
+        scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+        judged = average.model if average is not None else model
+        validate_model = functools.partial(validate, judged, val, mean, std, device, config, loss_fn, model.divisor)
         per_epoch, total = config.steps_per_epoch, config.epochs * config.steps_per_epoch
         progress.start("train", total=total, unit="steps")
         progress.advance(state["step"])
-        t0, stop, scores, meter = time.perf_counter() - state["elapsed"], False, {}, EpochMeter(device)
+        t0, stop, scores, meter = clock() - state["elapsed"], False, {}, EpochMeter(device)
+        spent, sync_every, estimate = float(state["elapsed"]), SYNC_EVERY if dist.enabled else 1, None
+        if dist.is_main and not config.compile:
+            estimate = DurationEstimate(device, clock)
         for step in range(state["step"], total):
             epoch, epoch_ends = step // per_epoch, (step + 1) % per_epoch == 0
-            lr = learning_rate(step, total, config)
+            lr = step_learning_rate(step, total, spent, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batch = draw_batch(sampler, config, generators(config.seed, epoch, step % per_epoch, dist.rank, device))
-            loss, logits = optimizer_step(forward, optimizer, loss_fn, batch, autocast)
+            loss, logits = optimizer_step(forward, optimizer, loss_fn, batch, autocast, scaler, config.grad_clip)
+            if average is not None:
+                average.update(model)
             meter.add(loss, logits, batch[1])
+            check, bad = (step + 1) % sync_every == 0 or epoch_ends, False
             if meter.steps % 10 == 0 or epoch_ends:  # one host sync per 10 steps
                 meter.shown_loss = float(loss.detach())
-                if D.any_flag(not math.isfinite(float(meter.loss)), dist, device):
+                check, bad = True, not math.isfinite(float(meter.loss))
+            if check:  # the ranks agree on the time spent and on a non-finite loss (one all-reduce)
+                spent, worst = D.max_across([clock() - t0, float(bad)], dist, device)
+                if worst:
                     raise EmsegRuntimeError(
                         f"the loss became non-finite at epoch {epoch} step {step % per_epoch}; stopped, the last "
                         f"good checkpoint is kept in {run.path} (try a lower --lr)"
                     )
-            over_time = config.time_limit is not None and time.perf_counter() - t0 > config.time_limit
-            stop = D.any_flag(over_time, dist, device)
+            stop = check and config.time_limit is not None and spent > config.time_limit
+            if estimate is not None:
+                estimate.step_done(config, total - step - 1, spent)
             progress.advance(1, loss=meter.shown_loss, crops_per_s=meter.crops_per_s(config.batch_size * dist.world))
             state["step"] = step + 1
             if not (epoch_ends or stop):
                 continue
             D.sync_buffers(model, dist)
             row: dict[str, Any] = {"epoch": epoch, "step": step + 1, **meter.means(), "lr": lr}
+            if average is not None:
+                D.sync_buffers(average.model, dist)
             if dist.is_main:
                 if val.indices and ((epoch + 1) % config.val_every == 0 or stop or epoch + 1 == config.epochs):
                     scores = validate_model()
                     row.update(scores)
-                state["elapsed"] = row["seconds"] = time.perf_counter() - t0
-                save_epoch(run, model, optimizer, meta, row, state, per_epoch)
+                state["elapsed"] = row["seconds"] = clock() - t0
+                save_epoch(run, model, optimizer, meta, row, state, per_epoch, average)
             D.barrier(dist)
             meter = EpochMeter(device)
             if stop:

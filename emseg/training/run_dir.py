@@ -16,8 +16,9 @@ from torch import nn
 from emseg._version import __version__
 from emseg.config import TrainConfig, from_dict, to_dict
 from emseg.errors import BadInputError
-from emseg.io.outputs import OutputLock, check_output, write_bytes_atomic, write_json_atomic
+from emseg.io.outputs import OutputLock, check_output, is_emseg_output, write_bytes_atomic, write_json_atomic
 from emseg.models.checkpoint import load_resume_point, save_checkpoint, save_resume_point
+from emseg.training.ema import WeightAverage, WithAverage, split_average
 
 COLUMNS = (
     "epoch",
@@ -31,6 +32,8 @@ COLUMNS = (
     "v_info",
     "lr",
     "seconds",
+    "weights",
+    "saved",
 )
 FORMAT = "emseg-checkpoint/1"
 RESUME_POINT = "resume.safetensors"
@@ -76,6 +79,8 @@ class RunDir:
         the files emseg writes there)."""
         if self.path.is_symlink():
             raise BadInputError(f"{self.path}: is a symbolic link; give the real path of the run directory")
+        if self.path.exists() and not self.path.is_dir():
+            raise BadInputError(f"{self.path}: is a file, not a run directory (give a folder path)")
         if not self.path.exists():
             check_output(self.path, overwrite=False, kind="run")
         lock = OutputLock(self.path, "train")
@@ -87,7 +92,13 @@ class RunDir:
                 f"{self.path}: cannot lock it for writing in {self.path.parent} ({exc.strerror or exc})"
             ) from None
         try:
-            existing = [f for f in RUN_FILES if (self.path / f).exists()]
+            existing = [f for f in RUN_FILES if (self.path / f).exists() or (self.path / f).is_symlink()]
+            foreign = self.path.is_dir() and any(self.path.iterdir()) and not is_emseg_output(self.path, "run")
+            if foreign and not (resume and existing):  # --resume reads (and checks) the run files there
+                # a user's folder (or one whose run files are not emseg's): never written into
+                raise BadInputError(
+                    f"{self.path}: is a folder emseg did not write (no emseg config.json); give a new or empty folder"
+                )
             if existing and not resume and not overwrite:
                 raise BadInputError(
                     f"{self.path}: already holds a run ({', '.join(existing)}); use --resume or --overwrite"
@@ -114,22 +125,36 @@ class RunDir:
         state: dict[str, Any],
         best: bool,
         row: dict[str, Any],
+        average: WeightAverage | None = None,
     ) -> None:
-        """Save the resume point (weights, optimizer, loop state and metrics rows in one atomic
-        file) first, then last (+ best) weights, metrics.csv and curves.png for people."""
+        """Save the resume point (weights, their average, optimizer, loop state and metrics rows
+        in one atomic file) first, then last (+ best) weights, metrics.csv and curves.png for
+        people. The checkpoints hold the average's weights when there is one."""
         self.rows = [r for r in self.rows if r["epoch"] != row["epoch"]] + [row]
         save_resume_point(
-            self.resume_point, model, optimizer, {"state": state, "config": meta["config"], "rows": self.rows}
+            self.resume_point,
+            WithAverage(model, average),
+            optimizer,
+            {"state": state, "config": meta["config"], "rows": self.rows},
         )
         (self.path / LEGACY_RESUME_POINT).unlink(missing_ok=True)  # superseded by the file just written
-        save_checkpoint(self.last, model, {**meta, "state": state})
+        saved = average.model if average is not None else model
+        save_checkpoint(self.last, saved, {**meta, "state": state})
         if best:
-            save_checkpoint(self.best, model, {**meta, "state": state})
+            save_checkpoint(self.best, saved, {**meta, "state": state})
         self.write_metrics()
 
-    def resume(self, model: nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig) -> dict[str, Any]:
-        """Restore weights, optimizer and metrics rows from the resume point (an older run's
-        optimizer.safetensors when there is no resume.safetensors); refuse an incompatible config.
+    def resume(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        config: TrainConfig,
+        average: WeightAverage | None = None,
+    ) -> dict[str, Any]:
+        """Restore weights, their average, optimizer and metrics rows from the resume point (an
+        older run's optimizer.safetensors when there is no resume.safetensors); refuse an
+        incompatible config. The optimizer's state takes its parameters' memory format
+        (channels_last) again: the file holds contiguous copies.
 
         Returns the loop state: ``step`` (the next global step, counted with ``config``'s steps per
         epoch), ``best`` (score) and ``elapsed`` (seconds).
@@ -146,16 +171,25 @@ class RunDir:
                 f"--resume: {self.path} was trained with model {saved.model} and validation slices "
                 f"{saved.val_slices}; the options given differ (model {config.model}, {config.val_slices})"
             )
-        getattr(model, "module", model).load_state_dict(tensors)
-        self.rows = list(extra.get("rows", []))
+        weights, averaged = split_average(tensors)
+        getattr(model, "module", model).load_state_dict(weights)
+        restore_memory_format(optimizer)
         state = extra["state"]
+        if average is not None:
+            average.load_state_dict(averaged or weights, int(state.get("ema_updates", 0)) if averaged else 0)
+        self.rows = list(extra.get("rows", []))
         if "step" in state:
             epoch, in_epoch = divmod(int(state["step"]), saved.steps_per_epoch)
         else:  # written by an emseg that counted (epoch, step in it)
             epoch, in_epoch = int(state["epoch"]), int(state["next_step"])
         # finished epochs stay finished when --steps-per-epoch changes on resume
         step = epoch * config.steps_per_epoch + min(in_epoch, config.steps_per_epoch)
-        return {"step": step, "best": float(state["best"]), "elapsed": float(state["elapsed"])}
+        return {
+            "step": step,
+            "best": float(state["best"]),
+            "elapsed": float(state["elapsed"]),
+            "ema_updates": int(state.get("ema_updates", 0)),
+        }
 
     def write_metrics(self) -> None:
         buf = io.StringIO()
@@ -202,4 +236,14 @@ class RunDir:
         write_bytes_atomic(self.path / "curves.png", buf.getvalue())
 
 
-__all__ = ["RunDir", "COLUMNS", "FORMAT", "RESUME_POINT", "LEGACY_RESUME_POINT", "RUN_FILES"]
+def restore_memory_format(optimizer: torch.optim.Optimizer) -> None:
+    """Give each optimizer state tensor shaped like its parameter the parameter's strides
+    (a channels_last parameter with contiguous moments costs a layout conversion every step)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor) and value.shape == p.shape and value.stride() != p.stride():
+                    optimizer.state[p][key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+
+
+__all__ = ["RunDir", "restore_memory_format", "COLUMNS", "FORMAT", "RESUME_POINT", "LEGACY_RESUME_POINT", "RUN_FILES"]
