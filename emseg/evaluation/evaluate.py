@@ -40,6 +40,18 @@ def load_probabilities(pred: str | Path, n_slices: int, shape_yx: tuple[int, int
     return read_store, offset
 
 
+def check_both_classes(labels: np.ndarray, what: str) -> None:
+    """Refuse ground truth without both classes (cells > 0 and membrane 0): every score against it
+    (V_rand 1.0 for all-background truth) would be meaningless."""
+    cells = int(np.count_nonzero(labels))
+    if cells == 0 or cells == labels.size:
+        kind = "membrane (0)" if cells == 0 else "cell (> 0)"
+        raise BadInputError(
+            f"{what}: the ground truth holds only {kind} pixels; scores need both cells and membranes "
+            "(check the labels, or choose other slices)"
+        )
+
+
 def as_probability(plane: np.ndarray, path: str | Path) -> np.ndarray:
     """P(cell) as float32 in [0, 1] from uint8 (0-255) or float (0-1) values."""
     if plane.dtype == np.uint8:
@@ -65,6 +77,7 @@ def evaluate_prediction(pred: str | Path, data: str | Path, slices: tuple[int, i
         raise BadInputError(f"--slices {lo}:{hi}: the prediction covers data slices {offset}-{offset + n_pred - 1}")
     prob = np.stack([read(z - offset) for z in range(lo, hi)])
     labels = np.asarray(truth[lo:hi])
+    check_both_classes(labels, f"{data}: slices {lo}-{hi - 1}")
     return evaluate_arrays(prob, labels)
 
 
@@ -76,13 +89,27 @@ def _pred_slices(pred: str | Path, n_data: int) -> int:
 
 
 def evaluate(
-    pred: str | Path, data: str | Path, slices: tuple[int, int] | None = None, json_path: str | Path | None = None
+    pred: str | Path,
+    data: str | Path,
+    slices: tuple[int, int] | None = None,
+    json_path: str | Path | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """``emseg evaluate``: the scores of :func:`evaluate_prediction` as a dict, also written as
-    JSON to ``json_path`` when given."""
-    from emseg.io.outputs import write_json_atomic
+    JSON to ``json_path`` when given (with an ``emseg`` key saying what wrote it; an existing file
+    is replaced only with ``overwrite`` and only when emseg wrote it)."""
+    from emseg.io.outputs import Output, check_output, provenance, write_json_atomic
 
-    result = evaluate_prediction(pred, data, slices).to_dict()
+    if json_path is not None:  # before the work: a refused output should not cost an evaluation
+        check_output(Path(json_path).absolute(), overwrite, kind="file", inputs=[pred, data])
+    from emseg.evaluation.instances import evaluate_instances, is_instance_store
+
+    if is_instance_store(pred):  # an instance segmentation (emseg segment), not P(cell)
+        result = evaluate_instances(pred, data, slices).to_dict()
+    else:
+        result = evaluate_prediction(pred, data, slices).to_dict()
     if json_path is not None:
-        write_json_atomic(Path(json_path), result)
+        marker = provenance("evaluate", pred=str(pred), data=str(data))
+        with Output(json_path, overwrite=overwrite, kind="file", command="evaluate", inputs=[pred, data]) as out:
+            write_json_atomic(out.path, {**result, "emseg": marker})
     return result

@@ -1,0 +1,120 @@
+"""The two block tasks of ``emseg segment``, as plain data and functions any dask worker runs.
+
+:func:`segment_block` reads one block's P(cell) with its halo, makes fragments and merges them
+(per slice in 2D mode, as one volume in 3D mode), writes the write region's local IDs (uint32
+1..n) to the scratch array, saves its count and face planes (``faces/NAME.npz``) and leaves a
+done-marker. :func:`relabel_block` writes a block's final IDs through its slice of the global
+lookup table, and a done-marker of its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from emseg.segmentation.agglomerate import agglomerate
+from emseg.segmentation.stitch import Region, face_planes
+from emseg.segmentation.watershed import fragments
+
+
+@dataclass(frozen=True)
+class Job:
+    """What every block of one segmentation shares."""
+
+    #: Level 0 of the prediction, (Z, Y, X) uint8 (0-255) or float (0-1) P(cell).
+    prob: str
+    #: The scratch array of local IDs, (Z, Y, X) uint32.
+    scratch: str
+    #: The final labels' level 0, (Z, Y, X) uint32 or uint64.
+    labels: str
+    #: Folder of the blocks' counts and face planes.
+    faces: str
+    #: Folder of done-markers.
+    done: str
+    mode: str
+    seed_threshold: float
+    min_distance: int
+    merge_threshold: float
+    min_size: int
+    #: Voxel size (z, y, x), the distance transform's sampling in 3D mode.
+    voxel_size: tuple[float, float, float]
+    #: "cores" or "maxima" (see :func:`~emseg.segmentation.watershed.seeds`).
+    seeds: str = "cores"
+
+
+@dataclass(frozen=True)
+class Task:
+    job: Job
+    region: Region
+    #: For the relabel pass: final IDs of local IDs 0..n (None in the first pass).
+    table: np.ndarray | None = None
+
+
+def as_probability(block: np.ndarray) -> np.ndarray:
+    """uint8 0-255 or float 0-1 P(cell) -> uint8 0-255 (the watershed's 256 levels)."""
+    if block.dtype == np.uint8:
+        return block
+    return np.round(np.clip(np.nan_to_num(block.astype(np.float32, copy=False)), 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def segment_image(prob: np.ndarray, job: Job) -> tuple[np.ndarray, int]:
+    """(Z, Y, X) P(cell) (uint8 0-255 or float 0-1) -> (uint32 labels 1..n, n): per slice in 2D
+    mode (IDs unique over the slices), as one volume in 3D mode."""
+    prob = as_probability(prob)
+    if job.mode == "3d":
+        frags, heights = fragments(prob, job.seed_threshold, job.min_distance, job.voxel_size, job.seeds)
+        labels, n = agglomerate(frags, heights, job.merge_threshold, job.min_size)
+        return labels.astype(np.uint32), n
+    out = np.zeros(prob.shape, np.uint32)
+    total = 0
+    for z in range(prob.shape[0]):
+        frags, heights = fragments(prob[z], job.seed_threshold, job.min_distance, None, job.seeds)
+        labels, n = agglomerate(frags, heights, job.merge_threshold, job.min_size)
+        out[z] = labels
+        out[z][labels > 0] += np.uint32(total)
+        total += n
+    return out, total
+
+
+def segment_block(task: Task) -> int:
+    """First pass over one block; returns the pixels written."""
+    job, region = task.job, task.region
+    read = tuple(slice(a, b) for a, b in region.read)
+    prob = as_probability(np.asarray(zarr.open_array(job.prob, mode="r")[read]))
+    labels, n = segment_image(prob, job)
+    # number the IDs present in the write region 1..n; IDs only in the halo become 0 (no pixel
+    # of the write region equals them, which is all the face test asks of them)
+    present = np.zeros(n + 1, bool)
+    present[labels[region.inner()]] = True
+    present[0] = False
+    table = np.cumsum(present, dtype=np.uint32)
+    table[~present] = 0
+    n = int(present.sum())
+    labels = table[labels]
+    inner = labels[region.inner()]
+    zarr.open_array(job.scratch, mode="r+")[tuple(slice(a, b) for a, b in region.write)] = inner
+    tmp = Path(job.faces) / f".{region.name}.tmp.npz"
+    arrays: dict[str, Any] = {"count": np.int64(n), **face_planes(region, labels)}
+    np.savez(tmp, **arrays)
+    tmp.replace(Path(job.faces) / f"{region.name}.npz")
+    (Path(job.done) / f"frag-{region.name}").touch()
+    return int(inner.size)
+
+
+def relabel_block(task: Task) -> int:
+    """Second pass over one block: final IDs from the local ones; returns the pixels written."""
+    job, region = task.job, task.region
+    assert task.table is not None
+    where = tuple(slice(a, b) for a, b in region.write)
+    local = np.asarray(zarr.open_array(job.scratch, mode="r")[where])
+    target = zarr.open_array(job.labels, mode="r+")
+    target[where] = task.table.astype(target.dtype)[local]
+    (Path(job.done) / f"label-{region.name}").touch()
+    return int(local.size)
+
+
+__all__ = ["Job", "Task", "as_probability", "relabel_block", "segment_block", "segment_image"]

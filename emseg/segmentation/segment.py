@@ -1,0 +1,227 @@
+"""``emseg segment``: instance labels from a P(cell) map, blockwise on dask, without seams.
+
+The steps of :func:`segment_store`: check the input and settings; plan blocks of whole chunks
+with halos; open the output (:class:`~emseg.io.outputs.Output`: locked, written into a hidden
+partial, resumable); first pass: fragments and agglomeration per block into a scratch array of
+local IDs, with each block's face planes; join the blocks across their faces into one table of
+consecutive IDs; create the label image (uint32, or uint64 when needed); second pass: write the
+final IDs block by block; build the pyramid (2x2 mode); mark it complete and commit it. With
+``into`` the output is the prediction store's ``labels/cells``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from emseg.config import SegmentConfig, to_dict
+from emseg.errors import BadInputError
+from emseg.io.outputs import Output, is_emseg_store, provenance
+from emseg.io.zarr import LevelSpec, OmeImage, create_image_store, open_ome
+from emseg.progress import Reporter, reporter_or_null
+from emseg.segmentation.blocks import Job, Task, relabel_block, segment_block
+from emseg.segmentation.labels import build_label_levels, create_label_image, list_label
+from emseg.segmentation.schedule import run_tasks
+from emseg.segmentation.stitch import Region, face_joins, global_table, label_dtype, neighbours, plan_regions
+
+log = logging.getLogger(__name__)
+
+#: Settings that may differ between an interrupted run and its ``--resume``.
+RUNTIME_ONLY = ("threads", "workers", "scheduler", "overwrite", "resume")
+
+
+def segment_store(
+    pred: str | Path, output: str | Path | None, config: SegmentConfig, progress: Reporter | None = None
+) -> Path:
+    """Segment the P(cell) of ``pred`` (an ``emseg predict`` store, or any OME-Zarr image of
+    (Z, Y, X) uint8 0-255 or float 0-1 P(cell)) into instance labels: the OME-Zarr label image
+    ``output``, or ``pred``/labels/cells with ``config.into``. Returns the label image's path."""
+    progress = reporter_or_null(progress)
+    image = _checked_input(pred)
+    final = _final_path(image, output, config)
+    if _already_complete(final, config):
+        log.info("%s is complete; nothing to resume", final)
+        return final
+    chunks = tuple(int(c) for c in image.array.chunks)
+    block, halo = _block_and_halo(config, image.voxel_size, chunks)  # type: ignore[arg-type]
+    regions = plan_regions(image.shape, chunks, block, halo)  # type: ignore[arg-type]
+    settings = {k: v for k, v in to_dict(config).items() if k not in RUNTIME_ONLY}
+    prov = provenance("segment", prediction=str(image.path.resolve()), settings=settings)
+
+    def create(path: Path) -> None:
+        create_image_store(path, image.version, attrs={"emseg": {**prov, "complete": False}})
+
+    record = {"prediction": str(image.path.resolve()), "shape": list(image.shape), "config": settings}
+    with Output(
+        final, overwrite=config.overwrite, kind="store", command="segment", create=create,
+        resume_record=record, resume=config.resume,
+        inputs=[] if config.into else [image.path],  # --into writes inside its input on purpose
+    ) as out:  # fmt: skip
+        job = _job(image, out, config)
+        _first_pass(job, regions, out.done_names(), config, progress)
+        offsets, table = _stitch(job, regions)
+        _create_labels(out.path, image, chunks, int(table.max()), prov, config.into)
+        job = _with_labels(job, out.path)
+        todo = [
+            Task(job, r, np.concatenate([[0], table[offsets[i] + 1 : offsets[i] + _count(job, r) + 1]]))
+            for i, r in enumerate(regions)
+            if f"label-{r.name}" not in out.done_names()
+        ]
+        progress.start("segment: write labels", total=len(regions), unit="blocks")
+        progress.advance(len(regions) - len(todo))
+        _run(relabel_block, todo, "label", config, progress)
+        progress.finish()
+        build_label_levels(out.path)
+        root = zarr.open_group(str(out.path), mode="r+")
+        root.attrs["emseg"] = {**prov, "complete": True, "objects": int(table.max())}
+    if config.into:
+        list_label(image.path, "cells")
+    return final
+
+
+# --- steps ------------------------------------------------------------------------------------
+
+
+def _checked_input(pred: str | Path) -> OmeImage:
+    image = open_ome(pred)
+    dtype = np.dtype(image.array.dtype)
+    if dtype != np.uint8 and not np.issubdtype(dtype, np.floating):
+        raise BadInputError(f"{pred}: expected P(cell) as uint8 (0-255) or float (0-1), not {dtype}")
+    return image
+
+
+def _final_path(image: OmeImage, output: str | Path | None, config: SegmentConfig) -> Path:
+    if config.into:
+        if output is not None and Path(output).resolve() != image.path.resolve():
+            raise BadInputError(f"--into {output}: must be the prediction store {image.path} itself")
+        if not is_emseg_store(image.path):
+            raise BadInputError(f"--into: {image.path} was not written by emseg; write a new store with -o")
+        return (image.path / "labels" / "cells").absolute()
+    if output is None:
+        raise BadInputError("give an output store (-o SEG.zarr) or --into PRED.zarr")
+    final = Path(output).absolute()
+    if final.resolve() == image.path.resolve():
+        raise BadInputError(f"-o {output}: is the input; use --into to add labels/cells to it")
+    return final
+
+
+def _already_complete(final: Path, config: SegmentConfig) -> bool:
+    """Whether ``--resume`` (without ``--overwrite``) finds the output already whole; refuses an
+    existing output that neither option allows."""
+    if final.is_symlink() or not final.exists():
+        return False
+    if not (config.overwrite or config.resume):
+        raise BadInputError(f"{final}: already exists (use --overwrite to replace it, or --resume)")
+    if not is_emseg_store(final):
+        raise BadInputError(f"{final}: exists and was not written by emseg; refusing to replace it")
+    return config.resume and not config.overwrite
+
+
+def _block_and_halo(
+    config: SegmentConfig, voxel: tuple[float, float, float], chunks: tuple[int, int, int]
+) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """Block (z, y, x) and halo (z, y, x): per chunk of slices in 2D mode; in 3D mode blocks and
+    halos as deep in nanometres as they are wide."""
+    if config.mode == "2d":
+        return (chunks[0], config.block, config.block), (0, config.halo, config.halo)
+    ratio = voxel[1] / voxel[0]
+    return (
+        (max(1, round(config.block * ratio)), config.block, config.block),
+        (math.ceil(config.halo * ratio), config.halo, config.halo),
+    )
+
+
+def _job(image: OmeImage, out: Output, config: SegmentConfig) -> Job:
+    """The shared block settings; creates the scratch array and faces folder unless resuming."""
+    partial = out.done_dir.parent
+    scratch, faces = partial / "scratch.zarr", partial / "faces"
+    if not (out.resumed and scratch.exists()):
+        chunks = tuple(int(c) for c in image.array.chunks)
+        import numcodecs
+
+        zarr.create_array(
+            str(scratch), shape=image.shape, chunks=chunks, dtype="uint32", fill_value=0, zarr_format=2,
+            compressors=numcodecs.Blosc(cname="lz4", clevel=1, shuffle=numcodecs.Blosc.SHUFFLE),
+        )  # fmt: skip
+        faces.mkdir(exist_ok=True)
+    return Job(
+        prob=str(image.path / _level0(image)),
+        scratch=str(scratch),
+        labels="",
+        faces=str(faces),
+        done=str(out.done_dir),
+        mode=config.mode,
+        seed_threshold=config.seed_threshold,
+        min_distance=config.min_distance,
+        merge_threshold=config.merge_threshold,
+        min_size=config.min_size,
+        voxel_size=image.voxel_size,
+        seeds=config.seeds,
+    )
+
+
+def _level0(image: OmeImage) -> str:
+    return str(image.array.path) if image.array.path else "0"
+
+
+def _with_labels(job: Job, store: Path) -> Job:
+    from dataclasses import replace
+
+    return replace(job, labels=str(store / "0"))
+
+
+def _first_pass(job: Job, regions: list[Region], done: set[str], config: SegmentConfig, progress: Reporter) -> None:
+    todo = [Task(job, r) for r in regions if f"frag-{r.name}" not in done]
+    if len(todo) < len(regions):
+        log.info("resuming: %d of %d blocks already segmented", len(regions) - len(todo), len(regions))
+    progress.start("segment: fragments", total=len(regions), unit="blocks")
+    progress.advance(len(regions) - len(todo))
+    _run(segment_block, todo, "frag", config, progress)
+    progress.finish()
+
+
+def _run(fn: Any, tasks: list[Task], kind: str, config: SegmentConfig, progress: Reporter) -> None:
+    names = [f"emseg-{kind}-{t.region.name}" for t in tasks]
+    run_tasks(fn, tasks, names, progress, threads=config.threads, workers=config.workers, scheduler=config.scheduler)
+
+
+def _count(job: Job, region: Region) -> int:
+    with np.load(Path(job.faces) / f"{region.name}.npz", allow_pickle=False) as data:
+        return int(data["count"])
+
+
+def _stitch(job: Job, regions: list[Region]) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets, table) of :func:`~emseg.segmentation.stitch.global_table` from the saved faces."""
+    counts = [_count(job, r) for r in regions]
+    joins = []
+    for lower, upper, axis in neighbours(regions):
+        if job.mode == "2d" and axis == 0:
+            continue  # slices are segmented on their own
+        with (
+            np.load(Path(job.faces) / f"{regions[lower].name}.npz", allow_pickle=False) as low,
+            np.load(Path(job.faces) / f"{regions[upper].name}.npz", allow_pickle=False) as high,
+        ):
+            joins.append((lower, upper, face_joins(low[f"hi{axis}"], high[f"lo{axis}"])))
+    return global_table(counts, joins)
+
+
+def _create_labels(
+    store: Path, image: OmeImage, chunks: tuple[int, ...], count: int, prov: dict[str, Any], into: bool
+) -> None:
+    """The label image's arrays in ``store`` (kept when a resumed run already made them)."""
+    root = zarr.open_group(str(store), mode="r+")
+    if "0" in root:
+        return
+    levels = image.levels
+    min_size = max(levels[-1].shape[1:]) if len(levels) > 1 else max(image.shape[1:])
+    # IDs compress well at a low level, and a high one costs more time than the watershed
+    spec = LevelSpec(shape=image.shape, dtype=label_dtype(count), chunks=chunks, pyramid_min_size=min_size, clevel=1)  # type: ignore[arg-type]
+    create_label_image(root, spec, image.voxel_size, image.version, {"emseg": {**prov, "complete": False}}, into)
+
+
+__all__ = ["segment_store"]
