@@ -24,6 +24,7 @@ _API = (
     "show",
     "train",
     "predict",
+    "segment",
     "evaluate",
     "export",
     "export_model",

@@ -22,6 +22,7 @@ from emseg.config import (
     IngestConfig,
     PredictConfig,
     PreviewConfig,
+    SegmentConfig,
     TrainConfig,
     merge,
     merge_train,
@@ -72,14 +73,20 @@ def info(path: PathLike) -> dict[str, Any]:
 
 
 def show(
-    data: PathLike, output: PathLike, *, z: int = 0, pred: PathLike | None = None, level: int | None = None
+    data: PathLike,
+    output: PathLike,
+    *,
+    z: int = 0,
+    pred: PathLike | None = None,
+    level: int | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Save a PNG of slice ``z``: the image, its ``labels/cells`` mask when present, and with
     ``pred`` the predicted P(cell) and an overlay of the predicted membranes. ``level`` picks a
-    pyramid level (default: the finest at most 2048 px wide)."""
+    pyramid level (default: the finest at most 2048 px wide); ``overwrite`` replaces a PNG emseg wrote."""
     from emseg.recipes.show import show_slice
 
-    return show_slice(data, output, z, pred, level)
+    return show_slice(data, output, z, pred, level, overwrite)
 
 
 def demo(
@@ -116,6 +123,7 @@ def train(
     seed: int | None = None,
     time_limit: float | None = None,
     device: str | None = None,
+    precision: str | None = None,
     torch_compile: bool | None = None,
     resume: bool = False,
     overwrite: bool = False,
@@ -145,6 +153,7 @@ def train(
         seed=seed,
         time_limit=time_limit,
         device=device,
+        precision=precision,
         compile=torch_compile,
     )
     return fit(data, output, cfg, resume=resume, overwrite=overwrite, progress=progress)
@@ -170,12 +179,15 @@ def augment_preview(
     crop: int | None = None,
     samples: int | None = None,
     seed: int | None = None,
+    overwrite: bool = False,
     config: PreviewConfig | None = None,
 ) -> Path:
-    """Save a PNG: a crop of slice ``z`` with its mask, then ``samples`` augmented image/mask pairs."""
+    """Save a PNG: a crop of slice ``z`` with its mask, then ``samples`` augmented image/mask pairs
+    (``overwrite`` replaces a PNG emseg wrote)."""
     from emseg.recipes.preview import augment_preview_png
 
-    return augment_preview_png(data, output, z, merge(PreviewConfig, config, crop=crop, samples=samples, seed=seed))
+    cfg = merge(PreviewConfig, config, crop=crop, samples=samples, seed=seed)
+    return augment_preview_png(data, output, z, cfg, overwrite=overwrite)
 
 
 def predict(
@@ -196,6 +208,8 @@ def predict(
     workers: int | None = None,
     scheduler: str | None = None,
     torch_compile: bool | None = None,
+    precision: str | None = None,
+    normalization: str | None = None,
     overwrite: bool | None = None,
     resume: bool | None = None,
     config: PredictConfig | None = None,
@@ -226,10 +240,60 @@ def predict(
         workers=workers,
         scheduler=scheduler,
         compile=torch_compile,
+        precision=precision,
+        normalization=normalization,
         overwrite=overwrite,
         resume=resume,
     )
     return predict_store(model, data, output, cfg, progress=progress)
+
+
+def segment(
+    pred: PathLike,
+    output: PathLike | None = None,
+    *,
+    mode: str | None = None,
+    seed_threshold: float | None = None,
+    seeds: str | None = None,
+    min_distance: int | None = None,
+    merge_threshold: float | None = None,
+    min_size: int | None = None,
+    block: int | None = None,
+    halo: int | None = None,
+    threads: int | None = None,
+    workers: int | None = None,
+    scheduler: str | None = None,
+    into: bool | None = None,
+    overwrite: bool | None = None,
+    resume: bool | None = None,
+    config: SegmentConfig | None = None,
+    progress: Reporter | None = None,
+) -> Path:
+    """Instance labels (one ID per cell) from the P(cell) of ``pred`` (an ``emseg predict``
+    store): seeded watershed of 1 - P(cell), fragments merged along weak borders, blockwise
+    without seams. Writes the OME-Zarr label image ``output``, or with ``into=True`` the
+    prediction store's ``labels/cells``; ``mode`` "2d" (per slice) or "3d"."""
+    from emseg.segmentation.segment import segment_store
+
+    cfg = merge(
+        SegmentConfig,
+        config,
+        mode=mode,
+        seed_threshold=seed_threshold,
+        seeds=seeds,
+        min_distance=min_distance,
+        merge_threshold=merge_threshold,
+        min_size=min_size,
+        block=block,
+        halo=halo,
+        threads=threads,
+        workers=workers,
+        scheduler=scheduler,
+        into=into,
+        overwrite=overwrite,
+        resume=resume,
+    )
+    return segment_store(pred, output, cfg, progress=progress)
 
 
 def export(
@@ -260,15 +324,21 @@ def export(
 
 
 def evaluate(
-    pred: PathLike, data: PathLike, *, slices: Sequence[int] | str | None = None, json_path: PathLike | None = None
+    pred: PathLike,
+    data: PathLike,
+    *,
+    slices: Sequence[int] | str | None = None,
+    json_path: PathLike | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Score ``pred`` (an ``emseg predict`` store, or a TIFF stack of P(cell), uint8 or float 0-1)
     against ``data``'s labels/cells: pixel error, IoU, Dice, and the ISBI 2012 foreground-restricted
     V_rand and V_info (best over thresholds 0.0-1.0, with their split and merge parts).
-    ``slices`` ("A:B" or (A, B)) picks data slices; ``json_path`` also writes the scores there."""
+    ``slices`` ("A:B" or (A, B)) picks data slices; ``json_path`` also writes the scores there
+    (``overwrite`` replaces a JSON file emseg wrote)."""
     from emseg.evaluation.evaluate import evaluate as _evaluate
 
-    return _evaluate(pred, data, None if slices is None else slice_range(slices), json_path)
+    return _evaluate(pred, data, None if slices is None else slice_range(slices), json_path, overwrite)
 
 
 def bench(
@@ -279,6 +349,7 @@ def bench(
     monai: bool = True,
     quick: bool = False,
     json_path: PathLike | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Time the forward pass (per precision and layout), end-to-end predict (against MONAI's
     sliding window when installed) and training steps on ``device``; smaller sizes on the CPU.
@@ -286,7 +357,9 @@ def bench(
     ``quick`` uses tiny sizes (a check that everything runs, not a measurement)."""
     from emseg.recipes.bench import bench as _bench
 
-    return _bench(device, model, torch_compile=torch_compile, monai=monai, quick=quick, json_path=json_path)
+    return _bench(
+        device, model, torch_compile=torch_compile, monai=monai, quick=quick, json_path=json_path, overwrite=overwrite
+    )
 
 
 def export_model(run: PathLike, output: PathLike, *, overwrite: bool = False) -> Path:

@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 runtime failure, 2 bad usage or bad input (one line on 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -31,7 +32,15 @@ from rich.progress import (
 from rich.table import Table
 
 from emseg._version import __version__
-from emseg.config import ExportConfig, IngestConfig, ModelConfig, PredictConfig, PreviewConfig, TrainConfig
+from emseg.config import (
+    ExportConfig,
+    IngestConfig,
+    ModelConfig,
+    PredictConfig,
+    PreviewConfig,
+    SegmentConfig,
+    TrainConfig,
+)
 from emseg.errors import EmsegError
 
 app = typer.Typer(
@@ -229,7 +238,22 @@ def _setup_logging(level: int) -> None:
         h.setLevel(level)
 
 
-QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar.")
+QUIET = typer.Option(
+    False, "--quiet", "-q", help="Nothing on stderr (no progress, no notes); results still go to stdout."
+)
+
+
+def _hush(quiet: bool) -> None:
+    """With --quiet, emseg's log says nothing short of an error."""
+    if quiet:
+        _setup_logging(logging.ERROR)
+
+
+def _said(quiet: bool, message: str) -> None:
+    if not quiet:
+        stderr.print(message)
+
+
 OVERWRITE = typer.Option(False, "--overwrite", help="Replace an existing output written by emseg.")
 
 
@@ -250,6 +274,7 @@ def ingest_cmd(
     """Convert a TIFF stack or slice folder (and its labels) into chunked OME-Zarr."""
     from emseg import api
 
+    _hush(quiet)
     with RichReporter(not quiet) as progress:
         out = api.ingest(
             source,
@@ -270,10 +295,12 @@ def ingest_cmd(
 def info_cmd(
     path: Path = typer.Argument(..., help="An OME-Zarr store."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    quiet: bool = QUIET,
 ) -> None:
     """Shape, dtype, chunks, voxel size, levels and labels of an OME-Zarr store."""
     from emseg import api
 
+    _hush(quiet)
     result = api.info(path)
     if as_json:
         stdout.print_json(json.dumps(result))
@@ -314,12 +341,15 @@ def show_cmd(
     slice_: int = typer.Option(0, "--slice", "-z", help="Slice index."),
     pred: Optional[Path] = typer.Option(None, "--pred", help="A prediction store from emseg predict."),
     level: Optional[int] = typer.Option(None, "--level", help="Pyramid level (default: fits 2048 px)."),
+    overwrite: bool = OVERWRITE,
+    quiet: bool = QUIET,
 ) -> None:
     """Save a PNG of a slice beside its mask (and prediction with an overlay)."""
     from emseg import api
 
-    out = api.show(data, output, z=slice_, pred=pred, level=level)
-    stderr.print(f"wrote {out}")
+    _hush(quiet)
+    out = api.show(data, output, z=slice_, pred=pred, level=level, overwrite=overwrite)
+    _said(quiet, f"wrote {out}")
 
 
 DEVICE = typer.Option(PredictConfig.device, "--device", help="auto, cpu, cuda or cuda:N.")
@@ -355,8 +385,13 @@ def train_cmd(
         None, "--val-slices", help="Held-out slices, A:B or a,b,c (default: last 10 %)."
     ),
     seed: int = typer.Option(TrainConfig.seed, "--seed", help="Random seed (same seed, same run on the CPU)."),
-    time_limit: Optional[float] = typer.Option(None, "--time-limit", help="Stop cleanly after this many seconds."),
+    time_limit: Optional[float] = typer.Option(
+        None, "--time-limit", help="Stop cleanly after this many seconds (warm-up and decay follow the budget)."
+    ),
     device: str = DEVICE,
+    precision: str = typer.Option(
+        TrainConfig.precision, "--precision", help="auto (bf16 where native), fp32 or bf16 autocast."
+    ),
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the network (CUDA)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in OUTPUT from its last checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start afresh in an existing run directory."),
@@ -365,6 +400,7 @@ def train_cmd(
     """Train a U-Net on annotated slices: weight-map loss, elastic augmentation, checkpoints, curves."""
     from emseg import api
 
+    _hush(quiet)
     with RichReporter(not quiet) as progress:
         summary = api.train(
             data,
@@ -383,6 +419,7 @@ def train_cmd(
             seed=seed,
             time_limit=time_limit,
             device=device,
+            precision=precision,
             torch_compile=compile_,
             resume=resume,
             overwrite=overwrite,
@@ -432,6 +469,14 @@ def predict_cmd(
         None, "--scheduler", help="Use the dask.distributed scheduler at this address."
     ),
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the network (CUDA)."),
+    precision: str = typer.Option(
+        PredictConfig.precision, "--precision", help="auto (bf16 where the device has it natively), fp32 or bf16."
+    ),
+    normalization: str = typer.Option(
+        PredictConfig.normalization,
+        "--normalization",
+        help="stack (map this stack's intensity percentiles onto training's) or checkpoint (training's mean/std).",
+    ),
     block: int = typer.Option(
         PredictConfig.block, "--block", help="Pixels per side of one task's block (whole chunks)."
     ),
@@ -442,6 +487,7 @@ def predict_cmd(
     """Segment a stack of any size: overlapping tiles, blended without seams, via dask."""
     from emseg import api
 
+    _hush(quiet)
     with RichReporter(not quiet) as progress:
         out = api.predict(
             model,
@@ -460,6 +506,8 @@ def predict_cmd(
             workers=workers,
             scheduler=scheduler,
             torch_compile=compile_,
+            precision=precision,
+            normalization=normalization,
             overwrite=overwrite,
             resume=resume,
             progress=progress,
@@ -468,17 +516,98 @@ def predict_cmd(
         stderr.print(f"wrote {out}")
 
 
+@command("segment")
+def segment_cmd(
+    pred: Path = typer.Argument(..., help="Prediction store from emseg predict (P(cell))."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output OME-Zarr label image (SEG.zarr)."),
+    into: Optional[Path] = typer.Option(
+        None, "--into", help="Instead of -o: add the labels to this prediction store (PRED itself) as labels/cells."
+    ),
+    mode: str = typer.Option(
+        SegmentConfig.mode, "--mode", help="2d (per slice) or 3d (anisotropy from the voxel size)."
+    ),
+    seed_threshold: float = typer.Option(
+        SegmentConfig.seed_threshold, "--seed-threshold", help="Seeds grow from pixels with P(cell) above this."
+    ),
+    seeds: str = typer.Option(SegmentConfig.seeds, "--seeds", help="maxima (of the distance) or cores."),
+    min_distance: int = typer.Option(
+        SegmentConfig.min_distance, "--min-distance", help="Seeds: distance maxima within 2N+1 pixels, or cores N away."
+    ),
+    merge_threshold: float = typer.Option(
+        SegmentConfig.merge_threshold, "--merge-threshold", help="Merge neighbours whose border P(membrane) is below."
+    ),
+    min_size: int = typer.Option(SegmentConfig.min_size, "--min-size", help="Smaller segments join a neighbour."),
+    block: int = typer.Option(SegmentConfig.block, "--block", help="Block side in pixels (whole chunks)."),
+    halo: int = typer.Option(SegmentConfig.halo, "--halo", help="Pixels each block reads beyond its borders."),
+    workers: Optional[int] = typer.Option(
+        None, "--workers", help="Start a local dask.distributed cluster of N processes."
+    ),
+    scheduler: Optional[str] = typer.Option(
+        None, "--scheduler", help="Use the dask.distributed scheduler at this address."
+    ),
+    overwrite: bool = OVERWRITE,
+    resume: bool = typer.Option(False, "--resume", help="Finish an interrupted segmentation."),
+    quiet: bool = QUIET,
+) -> None:
+    """Instance labels from membranes: watershed, agglomeration, blockwise without seams."""
+    from emseg import api
+
+    _hush(quiet)
+    with RichReporter(not quiet) as progress:
+        out = api.segment(
+            pred,
+            into if into is not None else output,
+            mode=mode,
+            seed_threshold=seed_threshold,
+            seeds=seeds,
+            min_distance=min_distance,
+            merge_threshold=merge_threshold,
+            min_size=min_size,
+            block=block,
+            halo=halo,
+            workers=workers,
+            scheduler=scheduler,
+            into=into is not None,
+            overwrite=overwrite,
+            resume=resume,
+            progress=progress,
+        )
+    if not quiet:
+        stderr.print(f"wrote {out}")
+
+
+def _instance_table(pred: Path, data: Path, r: dict[str, Any]) -> Table:
+    """The scores of an instance segmentation (``emseg evaluate SEG.zarr DATA.zarr``)."""
+    table = Table(title=f"{pred} against {data} ({r['n_slices']} slices, {r['n_objects']} objects)")
+    for name in ("metric", "value", "note"):
+        table.add_column(
+            name, style="bold" if name == "metric" else None, justify="right" if name == "value" else "left"
+        )
+    note = "boundaries as membrane; split {:.4f}, merge {:.4f}"
+    table.add_row("V_rand", f"{r['v_rand']:.4f}", note.format(r["v_rand_split"], r["v_rand_merge"]))
+    table.add_row("V_info", f"{r['v_info']:.4f}", note.format(r["v_info_split"], r["v_info_merge"]))
+    table.add_row("adapted Rand error", f"{r['adapted_rand_error']:.4f}", "CREMI / SNEMI3D (lower is better)")
+    table.add_row("VOI", f"{r['voi']:.4f}", f"split {r['voi_split']:.4f}, merge {r['voi_merge']:.4f} (nats)")
+    return table
+
+
 @command("evaluate")
 def evaluate_cmd(
     pred: Path = typer.Argument(..., help="Prediction store from emseg predict, or a TIFF stack of P(cell)."),
     data: Path = typer.Argument(..., help="OME-Zarr store with labels/cells (the ground truth)."),
     slices: Optional[str] = typer.Option(None, "--slices", help="Evaluate data slices A:B only."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the scores as JSON."),
+    overwrite: bool = OVERWRITE,
+    quiet: bool = QUIET,
 ) -> None:
     """Score a segmentation: pixel error, IoU, Dice, ISBI 2012 V_rand and V_info."""
     from emseg import api
 
-    r = api.evaluate(pred, data, slices=slices, json_path=json_out)
+    _hush(quiet)
+    r = api.evaluate(pred, data, slices=slices, json_path=json_out, overwrite=overwrite)
+    if r.get("kind") == "instances":
+        stdout.print(_instance_table(pred, data, r))
+        return
     table = Table(title=f"{pred} against {data} ({r['n_slices']} slices)")
     table.add_column("metric", style="bold")
     table.add_column("value", justify="right")
@@ -508,13 +637,22 @@ def bench_cmd(
     no_monai: bool = typer.Option(False, "--no-monai", help="Skip the MONAI sliding-window comparison."),
     quick: bool = typer.Option(False, "--quick", help="Tiny sizes: checks that everything runs, in seconds."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write every figure as JSON."),
+    overwrite: bool = OVERWRITE,
+    quiet: bool = QUIET,
 ) -> None:
     """Time the forward pass, end-to-end predict (vs MONAI) and training on this machine."""
     from emseg import api
 
-    with stderr.status("benchmarking (a few minutes)..."):
+    _hush(quiet)
+    with contextlib.nullcontext() if quiet else stderr.status("benchmarking (a few minutes)..."):
         r = api.bench(
-            device=device, model=model, torch_compile=compile_, monai=not no_monai, quick=quick, json_path=json_out
+            device=device,
+            model=model,
+            torch_compile=compile_,
+            monai=not no_monai,
+            quick=quick,
+            json_path=json_out,
+            overwrite=overwrite,
         )
     table = Table(title=f"emseg bench on {r['device']} (torch {r['torch']})")
     for col in ("measure", "setting", "MPix/s", "TFLOP/s", "of peak", "note"):
@@ -569,6 +707,7 @@ def export_cmd(
     """Export a store to a compressed BigTIFF or PNG slices (ImageJ/Fiji, napari, submissions)."""
     from emseg import api
 
+    _hush(quiet)
     with RichReporter(not quiet) as progress:
         out = api.export(
             source, output, file_format=format_, labels=labels, level=level, overwrite=overwrite, progress=progress
@@ -582,12 +721,14 @@ def export_model_cmd(
     run: Path = typer.Argument(..., help="Run directory or checkpoint from emseg train."),
     output: Path = typer.Option(..., "--output", "-o", help="Folder to write (TorchScript, ONNX, bioimage.io)."),
     overwrite: bool = OVERWRITE,
+    quiet: bool = QUIET,
 ) -> None:
     """Export a trained model: TorchScript, ONNX and a bioimage.io package."""
     from emseg import api
 
+    _hush(quiet)
     out = api.export_model(run, output, overwrite=overwrite)
-    stderr.print(f"wrote {out} (model.pt, model.onnx, emseg-model.json, rdf.yaml)")
+    _said(quiet, f"wrote {out} (model.pt, model.onnx, emseg-model.json, rdf.yaml)")
 
 
 @command("augment-preview")
@@ -598,12 +739,15 @@ def augment_preview_cmd(
     crop: int = typer.Option(PreviewConfig.crop, "--crop", help="Crop side in pixels."),
     samples: int = typer.Option(PreviewConfig.samples, "--samples", "-n", help="Augmented pairs to draw."),
     seed: int = typer.Option(PreviewConfig.seed, "--seed", help="Random seed."),
+    overwrite: bool = OVERWRITE,
+    quiet: bool = QUIET,
 ) -> None:
     """Draw an image, its mask and several augmented pairs (a check of the augmentation)."""
     from emseg import api
 
-    out = api.augment_preview(data, output, z=slice_, crop=crop, samples=samples, seed=seed)
-    stderr.print(f"wrote {out}")
+    _hush(quiet)
+    out = api.augment_preview(data, output, z=slice_, crop=crop, samples=samples, seed=seed, overwrite=overwrite)
+    _said(quiet, f"wrote {out}")
 
 
 @command("demo")
@@ -619,6 +763,7 @@ def demo_cmd(
     """Run the whole flow end to end: ingest, train, predict, evaluate, pictures."""
     from emseg import api
 
+    _hush(quiet)
     with RichReporter(not quiet) as progress:
         result = api.demo(data=data, output=output, device=device, minutes=minutes, progress=progress)
     s = result.scores

@@ -134,6 +134,7 @@ class PreviewConfig:
     def __post_init__(self) -> None:
         _at_least(self, 16, "crop")
         _at_least(self, 1, "samples")
+        check_batch_memory(self.crop, self.samples, "--crop", "--samples")
 
 
 @dataclass(frozen=True)
@@ -168,6 +169,13 @@ class AugmentConfig:
     noise_p: float = 0.3
     #: Noise standard deviation range (normalised units).
     noise_std: tuple[float, float] = (0.0, 0.1)
+    #: Probability of a gamma change (exponent log-uniform in ``gamma``, on each sample's [min, max]).
+    gamma_p: float = 0.3
+    gamma: tuple[float, float] = (0.7, 1.4)
+    #: Probability of a Gaussian blur (sigma uniform in ``blur_sigma`` pixels): focus and
+    #: resolution differ between sessions.
+    blur_p: float = 0.2
+    blur_sigma: tuple[float, float] = (0.3, 1.5)
 
 
 @dataclass(frozen=True)
@@ -190,6 +198,8 @@ LOSSES = ("weighted-bce", "bce", "dice", "bce+dice")
 #: "auto": bf16 autocast where the device computes bf16 natively (CUDA with native bf16, CPUs with
 #: AVX512-BF16 or AMX), else fp32; "fp32" and "bf16" force one.
 PRECISIONS = ("auto", "fp32", "bf16")
+#: How predict normalises intensities (see PredictConfig.normalization).
+NORMALIZATIONS = ("stack", "checkpoint")
 
 
 def _choice(value: str, choices: tuple[str, ...], option: str) -> None:
@@ -212,6 +222,17 @@ class TrainConfig:
     lr: float = 1e-3
     min_lr_ratio: float = 0.01
     warmup_steps: int = 200
+    #: With a time limit, the warm-up ends at this fraction of the budget (or after
+    #: ``warmup_steps``, whichever comes first) and the cosine decay ends with the budget.
+    warmup_fraction: float = 0.1
+    #: Exponential moving average of the weights, used for validation and the checkpoints
+    #: (decay per step, ramped up as (1 + t) / (10 + t) early on); None trains without one.
+    ema_decay: float | None = 0.99
+    #: Clip the gradients' total norm to this (None: no clipping).
+    grad_clip: float | None = 1.0
+    #: Intensity normalisation: the training stack's robust percentiles (low, high); predict
+    #: maps a new stack's same percentiles onto the same values.
+    norm_percentiles: tuple[float, float] = (1.0, 99.0)
     weight_decay: float = 1e-4
     #: "weighted-bce" (U-Net weight map), "bce", "dice" or "bce+dice".
     loss: str = "weighted-bce"
@@ -240,8 +261,10 @@ class TrainConfig:
         if self.val_slices is not None:
             object.__setattr__(self, "val_slices", slice_list(self.val_slices))
         _at_least(self, 1, "epochs", "steps_per_epoch", "batch_size", "crop", "val_every")
+        check_batch_memory(self.crop, self.batch_size, "--crop")
         _choice(self.precision, PRECISIONS, "--precision")
-        _positive(self, "lr", "time_limit")
+        _positive(self, "lr", "time_limit", "ema_decay", "grad_clip", "warmup_fraction")
+        object.__setattr__(self, "norm_percentiles", _tuple(self.norm_percentiles, float, 2, "norm_percentiles"))
 
 
 @dataclass(frozen=True)
@@ -274,15 +297,20 @@ class PredictConfig:
     compile: bool = False
     #: "auto", "fp32" or "bf16" (see PRECISIONS).
     precision: str = "auto"
+    #: "stack": the input stack's robust percentiles mapped onto the training stack's (for
+    #: checkpoints that record them; else as "checkpoint"); "checkpoint": the training stack's.
+    normalization: str = "stack"
     overwrite: bool = False
     resume: bool = False
 
     def __post_init__(self) -> None:
         _choice(self.precision, PRECISIONS, "--precision")
+        _choice(self.normalization, NORMALIZATIONS, "--normalization")
         if self.slices is not None:
             object.__setattr__(self, "slices", slice_range(self.slices))
         _at_least(self, 1, "tile", "batch_size", "block", "threads", "workers")
         _at_least(self, 0, "overlap")
+        check_batch_memory(self.tile, self.batch_size, "--tile")
 
 
 @dataclass(frozen=True)
@@ -302,8 +330,9 @@ class Limits:
     #: Bytes of one zarr chunk (EMSEG_MAX_CHUNK_BYTES) and of one array (EMSEG_MAX_ARRAY_BYTES).
     max_chunk_bytes: int = 2**31
     max_array_bytes: int = 2**50
-    #: Bytes a training crop batch or a prediction tile batch may need (EMSEG_MAX_BATCH_BYTES).
-    max_batch_bytes: int = 2**36
+    #: Estimated bytes of a training crop batch or a prediction tile batch (EMSEG_MAX_BATCH_BYTES):
+    #: batch x side² x 128 bytes (about 32 float32 values per pixel held at once).
+    max_batch_bytes: int = 2**38
 
     @classmethod
     def from_env(cls) -> Limits:
@@ -319,6 +348,67 @@ class Limits:
                 except ValueError:
                     raise BadInputError(f"{name}={os.environ[name]!r}: expected a number") from None
         return dataclasses.replace(cls(), **changes)
+
+
+def check_batch_memory(side: int, batch: int, option: str, batch_option: str = "--batch-size") -> None:
+    """Refuse a crop or tile side (``option``) whose batch could not fit in any memory, from the
+    estimate of :attr:`Limits.max_batch_bytes`, before anything is allocated."""
+    limits = Limits.from_env()
+    if side * side > limits.max_slice_pixels:
+        raise BadInputError(
+            f"{option} {side}: more than the limit of {limits.max_slice_pixels} pixels (EMSEG_MAX_SLICE_PIXELS)"
+        )
+    need = batch * side * side * 128
+    if need > limits.max_batch_bytes:
+        raise BadInputError(
+            f"{option} {side} with {batch_option} {batch}: about {need / 2**30:.0f} GiB of activations, more than the "
+            f"limit of {limits.max_batch_bytes / 2**30:.0f} GiB (raise it with EMSEG_MAX_BATCH_BYTES)"
+        )
+
+
+SEGMENT_MODES = ("2d", "3d")
+
+
+@dataclass(frozen=True)
+class SegmentConfig:
+    """How ``emseg segment`` turns P(cell) into instance labels (defaults tuned on ISBI slices 20-26)."""
+
+    #: "2d": every slice on its own (serial sections); "3d": volumes, anisotropy from the voxel size.
+    mode: str = "2d"
+    #: Seeds grow from the distance transform of the pixels with P(cell) above this.
+    seed_threshold: float = 0.8
+    #: "maxima": distance maxima within 2 * min_distance + 1 pixels; "cores": the confident
+    #: regions farther than min_distance from the membrane (finest axis in 3D).
+    seeds: str = "maxima"
+    min_distance: int = 15
+    #: Neighbouring fragments merge when their mean P(membrane) along the shared border is below this.
+    merge_threshold: float = 0.5
+    #: Segments of fewer pixels (voxels) join their lowest-border neighbour.
+    min_size: int = 100
+    #: Block side in y and x (whole chunks); in 3D mode also the block depth in slices.
+    block: int = 2048
+    #: Pixels each block reads beyond its borders in y and x (scaled by the voxel size in z).
+    halo: int = 128
+    #: Blocks at once in this process; None = the CPUs this process may use.
+    threads: int | None = None
+    #: Start a local dask.distributed cluster of this many processes.
+    workers: int | None = None
+    #: Address of an existing dask.distributed scheduler (tcp://HOST:PORT).
+    scheduler: str | None = None
+    #: Write the labels into the prediction store as labels/cells instead of a new store.
+    into: bool = False
+    overwrite: bool = False
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        _choice(self.mode, SEGMENT_MODES, "--mode")
+        _choice(self.seeds, ("maxima", "cores"), "--seeds")
+        _at_least(self, 1, "block", "halo", "threads", "workers", "min_size")
+        _at_least(self, 0, "min_distance")
+        for name in ("seed_threshold", "merge_threshold"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise BadInputError(f"--{name.replace('_', '-')} {value}: must be within [0, 1]")
 
 
 def merge(cls: type[T], config: T | None = None, **changes: Any) -> T:
@@ -386,6 +476,7 @@ __all__ = [
     "ModelConfig",
     "TrainConfig",
     "PredictConfig",
+    "SegmentConfig",
     "Limits",
     "LOSSES",
     "ISBI_VOXEL_SIZE_NM",

@@ -17,6 +17,7 @@ LAYERS: list[tuple[str, ...]] = [
         "emseg._version",
         "emseg.errors",
         "emseg.config",
+        "emseg.cluster",
         "emseg.progress",
         "emseg.system",
         "emseg.device",

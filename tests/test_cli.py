@@ -49,3 +49,41 @@ def test_a_logged_run_prints_progress_lines_and_quiet_silences_it(tmp_path) -> N
         "ingest", tmp_path / "s.tif", "-o", tmp_path / "b.zarr", "--voxel-size", "1", "1", "1", "-q", env=env
     )
     assert quiet.returncode == 0 and quiet.stderr == ""
+
+
+@pytest.mark.slow
+def test_quiet_silences_every_command(tmp_path) -> None:
+    """Every command with --quiet writes nothing on stderr (its result may still go to stdout)."""
+    import typer.main
+
+    from emseg.cli import app
+    from emseg.synthetic import synthetic_stack
+
+    raw, labels = synthetic_stack((4, 64, 64), seed=2)
+    tifffile.imwrite(tmp_path / "s.tif", raw, photometric="minisblack")
+    tifffile.imwrite(tmp_path / "l.tif", labels, photometric="minisblack")
+    t = tmp_path
+    tiny = ["--depth", "2", "--base-channels", "4", "--crop", "32", "--batch-size", "2", "--epochs", "1"]
+    runs = {
+        "ingest": ["ingest", t / "s.tif", "--labels", t / "l.tif", "-o", t / "a.zarr"],  # no voxel size: a warning
+        "info": ["info", t / "a.zarr"],
+        "show": ["show", t / "a.zarr", "-o", t / "v.png"],
+        "augment-preview": ["augment-preview", t / "a.zarr", "-o", t / "aug.png", "--crop", "32", "--samples", "1"],
+        "train": ["train", t / "a.zarr", "-o", t / "run", *tiny, "--steps-per-epoch", "2", "--val-slices", "3"],
+        "predict": ["predict", t / "run", t / "a.zarr", "-o", t / "p.zarr", "--tile", "64", "--overlap", "16"],
+        "evaluate": ["evaluate", t / "p.zarr", t / "a.zarr", "--json", t / "scores.json"],
+        "export": ["export", t / "p.zarr", "-o", t / "p.tif"],
+        "export-model": ["export-model", t / "run", "-o", t / "model"],
+        "segment": ["segment", t / "p.zarr", "-o", t / "seg.zarr"],
+        "bench": ["bench", "--quick", "--no-monai", "--json", t / "bench.json"],
+    }
+    commands = set(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
+    assert commands - set(runs) <= {"demo"}, "a new command needs a --quiet case here"
+    env = {"EMSEG_PROGRESS_INTERVAL": "0"}  # a logged run would print progress lines
+    for name, args in runs.items():
+        if name not in commands:
+            continue
+        extra = ["--device", "cpu"] if name in ("train", "predict", "bench") else []
+        proc = run_emseg(*args, *extra, "--quiet", cwd=tmp_path, env=env)
+        assert proc.returncode == 0, (name, proc.stderr)
+        assert proc.stderr == "", (name, proc.stderr)
