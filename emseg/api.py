@@ -307,8 +307,9 @@ def export(
     config: ExportConfig | None = None,
     progress: Reporter | None = None,
 ) -> Path:
-    """Export a store (e.g. a prediction) to a compressed BigTIFF (``OUT.tif``) or, with
-    ``file_format="png"``, a folder of PNG slices; ``labels="membranes"`` exports a label mask."""
+    """Export a store (e.g. a prediction) with its voxel size to an ImageJ hyperstack (``OUT.tif``;
+    an OME-TIFF when ImageJ cannot hold the data), an OME-TIFF (``file_format="ome-tiff"``) or a
+    folder of PNG slices (``file_format="png"``); ``labels="membranes"`` exports a label mask."""
     from emseg.io.export import export_store
 
     cfg = merge(ExportConfig, config, file_format=file_format, labels=labels, level=level, overwrite=overwrite)

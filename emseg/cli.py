@@ -698,13 +698,18 @@ def bench_cmd(
 def export_cmd(
     source: Path = typer.Argument(..., help="An OME-Zarr store (e.g. from emseg predict)."),
     output: Path = typer.Option(..., "--output", "-o", help="OUT.tif, or a folder with --format png."),
-    format_: Optional[str] = typer.Option(None, "--format", help="tif (default for .tif) or png (a folder of slices)."),
+    format_: Optional[str] = typer.Option(
+        None,
+        "--format",
+        help="tif (default for .tif: an ImageJ/Fiji hyperstack with the voxel size; an OME-TIFF when ImageJ cannot "
+        "hold the data), ome-tiff (default for .ome.tif) or png (a folder of slices).",
+    ),
     labels: Optional[str] = typer.Option(None, "--labels", help="Export labels/NAME (e.g. membranes) as 0/255."),
     level: int = typer.Option(ExportConfig.level, "--level", help="Pyramid level."),
     overwrite: bool = OVERWRITE,
     quiet: bool = QUIET,
 ) -> None:
-    """Export a store to a compressed BigTIFF or PNG slices (ImageJ/Fiji, napari, submissions)."""
+    """Export a store to a calibrated TIFF stack (ImageJ hyperstack or OME-TIFF) or PNG slices."""
     from emseg import api
 
     _hush(quiet)

@@ -112,7 +112,8 @@ class IngestConfig:
 class ExportConfig:
     """How ``emseg export`` writes a store as TIFF or PNG slices."""
 
-    #: "tif" (a BigTIFF file) or "png" (a folder of slices); None picks tif for a .tif/.tiff output.
+    #: "tif" (an ImageJ hyperstack; an OME-TIFF when ImageJ cannot hold the data), "ome-tiff" or
+    #: "png" (a folder of slices); None picks ome-tiff for .ome.tif, tif for .tif/.tiff.
     file_format: str | None = None
     #: Export ``labels/NAME`` (e.g. "membranes") as 0/255 instead of the image.
     labels: str | None = None

@@ -436,3 +436,19 @@ def test_large_bigtiff_streams_with_flat_bounded_memory(tmp_path):
     np.testing.assert_array_equal(image.array[23, :, :1000], np.roll(plane, 23, axis=1)[:, :1000])
     assert len(image.levels) == 3 and image.shape == (24, 4096, 4096)
     assert small < big / 3
+
+
+def test_tiff_without_z_spacing_ingests_with_a_warning_not_silently(tmp_path, caplog):
+    tifffile.imwrite(
+        tmp_path / "noz.tif",
+        np.zeros((3, 32, 32), np.uint8),
+        imagej=True,
+        resolution=(1 / 4, 1 / 4),
+        metadata={"unit": "nm", "axes": "ZYX"},
+    )
+    with caplog.at_level("WARNING", logger="emseg"):
+        image = open_ome(ingest_stack(tmp_path / "noz.tif", tmp_path / "noz.zarr"))
+    assert image.voxel_size == (1.0, 4.0, 4.0)
+    assert "noz.tif: no z spacing in its metadata" in caplog.text and "--voxel-size" in caplog.text
+    given = ingest_stack(tmp_path / "noz.tif", tmp_path / "given.zarr", IngestConfig(voxel_size=(50, 4, 4)))
+    assert open_ome(given).voxel_size == (50.0, 4.0, 4.0)

@@ -159,3 +159,59 @@ def test_unknown_versions_and_malformed_stores_are_bad_input(tmp_path, monkeypat
     monkeypatch.setattr(ome, "detect_version", broken)
     with pytest.raises(ZeroDivisionError):
         open_ome(tmp_path / "s.zarr")
+
+
+def test_missing_z_spacing_is_said_not_silently_one_nm(tmp_path, caplog):
+    data = np.zeros((3, 16, 16), np.uint8)
+    # ImageJ calibration in µm (ImageJ writes µ as an escape) without spacing
+    tifffile.imwrite(
+        tmp_path / "ij.tif", data, imagej=True, resolution=(250, 250), metadata={"unit": "\\u00B5m", "axes": "ZYX"}
+    )
+    ome = {"axes": "ZYX", "PhysicalSizeX": 4.0, "PhysicalSizeXUnit": "nm", "PhysicalSizeY": 4.0}
+    tifffile.imwrite(tmp_path / "ome.ome.tif", data, ome=True, metadata=ome)  # Y in the default unit, µm
+    tifffile.imwrite(tmp_path / "cm.tif", data, resolution=(2.5e6, 2.5e6), resolutionunit="CENTIMETER")
+    expected = {"ij.tif": (1, 4, 4), "ome.ome.tif": (1, 4000, 4), "cm.tif": (1, 4, 4)}
+    for name, voxel in expected.items():
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="emseg"), open_stack(tmp_path / name) as stack:
+            assert stack.voxel_size == pytest.approx(voxel)
+            assert stack.voxel_size_note is not None and "no z spacing" in stack.voxel_size_note
+        assert "no z spacing" in caplog.text and "--voxel-size" in caplog.text
+    # one slice has no z to miss
+    tifffile.imwrite(tmp_path / "one.tif", data[:1], resolution=(2.5e6, 2.5e6), resolutionunit="CENTIMETER")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="emseg"), open_stack(tmp_path / "one.tif") as stack:
+        assert stack.voxel_size == pytest.approx((1, 4, 4)) and stack.voxel_size_note is None
+    assert caplog.text == ""
+    # a folder of slices never has z: said the same way
+    folder = tmp_path / "slices"
+    folder.mkdir()
+    for z in range(2):
+        tifffile.imwrite(folder / f"{z}.tif", data[z], resolution=(2.5e6, 2.5e6), resolutionunit="CENTIMETER")
+    with open_stack(folder) as stack:
+        assert stack.voxel_size == pytest.approx((1, 4, 4)) and "no z spacing" in (stack.voxel_size_note or "")
+
+
+def test_imagej_spacing_is_in_the_calibration_unit_and_nonsense_is_ignored():
+    def ij(imagej: dict | None, unit: int | None = None, res: tuple = (1, 4)) -> TiffMetadata:
+        return TiffMetadata(ome_xml=None, imagej=imagej, x_resolution=res, y_resolution=res, resolution_unit=unit)
+
+    assert voxel_size_from(ij({"unit": "nm", "spacing": 50.0})) == (50.0, 4.0, 4.0)
+    assert voxel_size_from(ij({"unit": "micron", "spacing": 0.05}, res=(250, 1))) == (50.0, 4.0, 4.0)  # exact
+    assert voxel_size_from(ij({"unit": "\\u00B5m", "spacing": 0.03}, res=(200, 1))) == (30.0, 5.0, 5.0)
+    # no ImageJ unit: ImageJ calibrates in the ResolutionUnit (cm), spacing included
+    assert voxel_size_from(ij({"spacing": 5e-6}, unit=3, res=(25_000_000, 1))) == (50.0, 0.4, 0.4)
+    assert voxel_size_from(ij({"unit": "pixel", "spacing": 1.0})) is None  # not calibrated
+    for spacing in (0.0, -1.0, float("nan"), float("inf")):
+        assert tiff_voxel_size_of(ij({"unit": "nm", "spacing": spacing})) is None
+
+
+def tiff_voxel_size_of(meta: TiffMetadata) -> object:
+    """:func:`tiff_voxel_size` on a file whose first page carries ``meta``."""
+    tags = {
+        "XResolution": SimpleNamespace(value=meta.x_resolution),
+        "YResolution": SimpleNamespace(value=meta.y_resolution),
+    }
+    return tiff_voxel_size(
+        SimpleNamespace(is_ome=False, is_imagej=True, imagej_metadata=meta.imagej, pages=[SimpleNamespace(tags=tags)])
+    )

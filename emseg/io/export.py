@@ -1,9 +1,24 @@
-"""Export an OME-Zarr image (or one of its labels) to a BigTIFF stack or a folder of PNG slices,
-slice by slice, so memory stays at one slice whatever the stack's size."""
+"""Export an OME-Zarr image (or one of its labels) to a TIFF stack that keeps its voxel size, or
+to a folder of PNG slices, slice by slice, so memory stays at one slice whatever the stack's size.
+
+``tif`` writes an ImageJ hyperstack when ImageJ can hold the data (classic TIFF under 4 GiB,
+uint8 / uint16 / float32 pixels; other types converted when no value changes), so that Fiji's
+plain File > Open shows a calibrated Z stack; otherwise, or with ``ome-tiff``, it writes a
+compressed OME-TIFF (BigTIFF) with PhysicalSizeX/Y/Z, which Fiji opens through Bio-Formats.
+
+The ImageJ hyperstack is written uncompressed: tifffile writes ImageJ hyperstacks only so
+("ImageJ hyperstacks do not support BigTIFF or compression"), ImageJ's own reader and its
+virtual stacks read uncompressed contiguous planes directly, and ``emseg ingest`` reads them
+back with plain offsets. The OME-TIFF is zlib-compressed (with the horizontal predictor for
+integer data), which Bio-Formats reads everywhere.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+import dataclasses
+import logging
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +28,30 @@ from emseg.io.outputs import Output, software_tag
 from emseg.io.zarr import open_ome
 from emseg.progress import Reporter, reporter_or_null
 
-FORMATS = ("tif", "png")
+log = logging.getLogger(__name__)
+
+FORMATS = ("tif", "ome-tiff", "png")
+#: Pixel types ImageJ 1.x opens (8-bit, 16-bit, 32-bit float).
+IMAGEJ_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.float32))
+#: A classic TIFF addresses 4 GiB; ImageJ cannot read BigTIFF.
+CLASSIC_TIFF_BYTES = 2**32
+#: Room left in a classic TIFF for headers: one IFD per slice and the ImageJ description.
+_IFD_BYTES = 512
+_HEADER_BYTES = 2**20
+#: ImageJ holds a slice in one Java array.
+IMAGEJ_SLICE_PIXELS = 2**31 - 1
+#: Integers float32 holds exactly.
+FLOAT32_EXACT = 2**24
+
+
+@dataclasses.dataclass(frozen=True)
+class ValueRange:
+    """What a pass over the data found: its minimum and maximum, and (for floats) whether every
+    value survives a float32 round trip."""
+
+    low: float
+    high: float
+    float32_exact: bool = True
 
 
 def export_store(
@@ -26,13 +64,17 @@ def export_store(
     overwrite: bool = False,
     progress: Reporter | None = None,
 ) -> Path:
-    """Write level ``level`` of ``source`` (or of ``labels/<label>``) as a compressed BigTIFF
-    (``fmt="tif"``, the default for .tif/.tiff outputs) or as one PNG per slice in a folder
-    (``fmt="png"``). Binary label masks are written as 0/255 so they are visible."""
+    """Write level ``level`` of ``source`` (or of ``labels/<label>``) with its voxel size:
+    ``fmt="tif"`` (the default for a .tif/.tiff output) an ImageJ hyperstack, or an OME-TIFF when
+    ImageJ cannot hold the data; ``fmt="ome-tiff"`` (the default for .ome.tif) an OME-TIFF;
+    ``fmt="png"`` one PNG per slice in a folder. Binary label masks are written as 0/255 so
+    they are visible."""
     output = Path(output)
-    fmt = fmt or ("tif" if output.suffix.lower() in (".tif", ".tiff") else None)
+    fmt = fmt or default_format(output)
     if fmt not in FORMATS:
-        raise BadInputError(f"--format {fmt}: give tif (an OUT.tif file) or png (a folder)")
+        raise BadInputError(
+            f"--format {fmt}: give tif (an ImageJ hyperstack, OUT.tif), ome-tiff (OUT.ome.tif) or png (a folder)"
+        )
     image = open_ome(source)
     if label is not None:
         if label not in image.labels:
@@ -48,50 +90,178 @@ def export_store(
         raise BadInputError(f"PNG holds 8- or 16-bit integers; {array.dtype} data needs --format tif")
     # a mask is written as 0/255 so it is visible; instance IDs (uint32/uint64 labels) as they are
     binary = (label is not None and array.dtype == np.uint8) or array.dtype == np.bool_
-    dtype = np.dtype(np.uint8) if array.dtype == np.bool_ else array.dtype
+    dtype = np.dtype(np.uint8) if array.dtype == np.bool_ else np.dtype(array.dtype).newbyteorder("=")
     progress = reporter_or_null(progress)
+    shape = tuple(int(s) for s in array.shape)
 
-    def planes() -> Iterator[np.ndarray]:
-        for z in range(array.shape[0]):
+    def planes(out_dtype: np.dtype) -> Iterator[np.ndarray]:
+        for z in range(shape[0]):
             plane = np.asarray(array[z])
-            yield (plane != 0).astype(np.uint8) * np.uint8(255) if binary else plane
+            plane = (plane != 0).astype(np.uint8) * np.uint8(255) if binary else plane
+            yield plane.astype(out_dtype, copy=False)
             progress.advance(1)
 
+    def scan() -> ValueRange:
+        progress.start(f"check the values of {output.name}", total=shape[0], unit="slices")
+        found = value_range(planes(dtype))
+        progress.finish()
+        return found
+
+    # level k is 2^k times coarser in y and x (see emseg.io.zarr)
     voxel = tuple(v * (2**level if i else 1) for i, v in enumerate(image.voxel_size))
     # the earlier output (with --overwrite) stays until the new one is whole
-    kind = "file" if fmt == "tif" else "slices"
+    kind = "slices" if fmt == "png" else "file"
     with Output(output, overwrite=overwrite, kind=kind, command="export", inputs=[source]) as out:
-        progress.start(f"export {output.name}", total=array.shape[0], unit="slices")
+        imagej_dtype = None
         if fmt == "tif":
-            write_tiff(out.path, planes(), array.shape, dtype, voxel)
+            imagej_dtype, why_not = imagej_plan(shape, dtype, scan)
+            if imagej_dtype is None:
+                log.warning(
+                    "%s: %s; wrote an OME-TIFF instead (open it in Fiji with File > Import > Bio-Formats)",
+                    output.name,
+                    why_not,
+                )
+            elif imagej_dtype != dtype:
+                log.info("%s: %s written as %s for ImageJ (no value changes)", output.name, dtype, imagej_dtype)
+        progress.start(f"export {output.name}", total=shape[0], unit="slices")
+        if imagej_dtype is not None:
+            write_imagej(out.path, planes(imagej_dtype), shape, imagej_dtype, voxel)
+        elif fmt in ("tif", "ome-tiff"):
+            write_ome_tiff(out.path, planes(dtype), shape, dtype, voxel)
         else:
-            width = max(4, len(str(array.shape[0] - 1)))
-            for z, plane in enumerate(planes()):
+            width = max(4, len(str(shape[0] - 1)))
+            for z, plane in enumerate(planes(dtype)):
                 write_png(out.path / f"slice_{z:0{width}d}.png", plane)
         progress.finish()
     return output
 
 
-def write_tiff(
+def default_format(output: Path) -> str | None:
+    """``ome-tiff`` for OUT.ome.tif(f), ``tif`` for OUT.tif(f), else None (the caller must say)."""
+    name = output.name.lower()
+    if name.endswith((".ome.tif", ".ome.tiff")):
+        return "ome-tiff"
+    if name.endswith((".tif", ".tiff")):
+        return "tif"
+    return None
+
+
+def value_range(planes: Iterable[np.ndarray]) -> ValueRange:
+    """Minimum, maximum and float32 exactness of (Y, X) planes (one plane in memory at a time);
+    NaN is ignored in the range and survives float32."""
+    low, high, exact = math.inf, -math.inf, True
+    for plane in planes:
+        if plane.size == 0:
+            continue
+        if np.issubdtype(plane.dtype, np.floating):
+            if plane.dtype.itemsize > 4 and exact:
+                exact = bool(np.array_equal(plane.astype(np.float32), plane, equal_nan=True))
+            if np.isnan(plane).all():
+                continue
+            low, high = min(low, float(np.nanmin(plane))), max(high, float(np.nanmax(plane)))
+        else:
+            low, high = min(low, float(plane.min())), max(high, float(plane.max()))
+    if low > high:  # empty or all NaN
+        low = high = 0.0
+    return ValueRange(low, high, exact)
+
+
+def imagej_plan(shape: Sequence[int], dtype: np.dtype, scan: Callable[[], ValueRange]) -> tuple[np.dtype | None, str]:
+    """The pixel type to write a (Z, Y, X) stack of ``dtype`` as an ImageJ hyperstack, or None
+    and the reason when ImageJ cannot hold it. ``scan`` is called (one pass over the data) only
+    for types ImageJ lacks: integers become uint8/uint16 when their values fit, else float32
+    when every value is an integer float32 holds exactly (|v| <= 2^24); float64 becomes float32
+    when no value changes. Nothing is converted that would change a value."""
+    z, y, x = (int(s) for s in shape)
+    if y * x > IMAGEJ_SLICE_PIXELS:
+        return None, f"slices of {y} x {x} pixels are more than ImageJ holds"
+    target: np.dtype | None
+    if dtype in IMAGEJ_DTYPES:
+        target = dtype
+    elif dtype == np.float16:
+        target = np.dtype(np.float32)
+    else:
+        found = scan()
+        target = _lossless_imagej_dtype(dtype, found)
+        if target is None and np.issubdtype(dtype, np.floating):
+            return None, f"{dtype} values would change in float32, ImageJ's widest pixel type"
+        if target is None:
+            return None, (
+                f"{dtype} values {found.low:g} to {found.high:g} do not fit ImageJ's 8-bit, 16-bit or 32-bit float "
+                "pixels unchanged"
+            )
+    nbytes = z * y * x * target.itemsize + z * _IFD_BYTES + _HEADER_BYTES
+    if nbytes > CLASSIC_TIFF_BYTES:
+        return None, f"{nbytes / 2**30:.1f} GiB is more than a classic TIFF (which ImageJ needs) holds (4 GiB)"
+    return target, ""
+
+
+def _lossless_imagej_dtype(dtype: np.dtype, found: ValueRange) -> np.dtype | None:
+    if np.issubdtype(dtype, np.floating):
+        return np.dtype(np.float32) if found.float32_exact else None
+    if found.low >= 0 and found.high <= 255 and dtype.itemsize == 1:
+        return np.dtype(np.uint8)
+    if found.low >= 0 and found.high <= 65535:
+        return np.dtype(np.uint16)
+    if -FLOAT32_EXACT <= found.low and found.high <= FLOAT32_EXACT:
+        return np.dtype(np.float32)
+    return None
+
+
+def write_imagej(
     path: Path, slices: Iterable[np.ndarray], shape: Sequence[int], dtype: np.dtype, voxel_size: Sequence[float]
 ) -> None:
-    """Write an iterable of (Y, X) slices of ``dtype`` as one zlib-compressed BigTIFF whose
-    centimetre resolution tags carry the (y, x) voxel size in nm (ImageJ reads it) and whose
+    """Write (Y, X) slices of ``dtype`` (uint8, uint16 or float32) as one uncompressed ImageJ
+    hyperstack (classic TIFF, axes ZYX) calibrated in nm: resolution tags in pixels per nm,
+    ``spacing`` = z nm and ``unit=nm`` in the ImageJ description, as ImageJ reads them. The
     Software tag marks it as emseg's (``--overwrite`` replaces only such a file)."""
     import tifffile
 
-    with tifffile.TiffWriter(path, bigtiff=True) as tw:
-        for plane in slices:
-            tw.write(
-                np.asarray(plane, dtype=dtype),
-                compression="zlib",
-                predictor=True,
-                resolution=(1e7 / voxel_size[2], 1e7 / voxel_size[1]),
-                resolutionunit="CENTIMETER",
-                metadata=None,
-                software=software_tag(),
-                contiguous=False,
-            )
+    z_nm, y_nm, x_nm = (float(v) for v in voxel_size)
+    with tifffile.TiffWriter(path, bigtiff=False, imagej=True) as tw:
+        tw.write(
+            iter(slices),
+            shape=tuple(shape),
+            dtype=dtype,
+            photometric="minisblack",
+            resolution=(1.0 / x_nm, 1.0 / y_nm),
+            metadata={"axes": "ZYX", "spacing": z_nm, "unit": "nm"},
+            software=software_tag(),
+        )
+
+
+def write_ome_tiff(
+    path: Path, slices: Iterable[np.ndarray], shape: Sequence[int], dtype: np.dtype, voxel_size: Sequence[float]
+) -> None:
+    """Write (Y, X) slices of ``dtype`` as one zlib-compressed OME-TIFF (BigTIFF, axes ZYX) whose
+    OME-XML gives PhysicalSizeX/Y/Z in nm; the Software tag marks it as emseg's."""
+    import tifffile
+
+    z_nm, y_nm, x_nm = (float(v) for v in voxel_size)
+    metadata = {
+        "axes": "ZYX",
+        "PhysicalSizeX": x_nm,
+        "PhysicalSizeXUnit": "nm",
+        "PhysicalSizeY": y_nm,
+        "PhysicalSizeYUnit": "nm",
+        "PhysicalSizeZ": z_nm,
+        "PhysicalSizeZUnit": "nm",
+    }
+    with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tw:
+        tw.write(
+            iter(slices),
+            shape=tuple(shape),
+            dtype=dtype,
+            photometric="minisblack",
+            compression="zlib",
+            # the horizontal predictor (2) is read everywhere; the floating-point one (3) is not
+            predictor=bool(np.issubdtype(dtype, np.integer)),
+            # for readers that ignore OME-XML: pixels per centimetre, the one TIFF length unit
+            resolution=(1e7 / x_nm, 1e7 / y_nm),
+            resolutionunit="CENTIMETER",
+            metadata=metadata,
+            software=software_tag(),
+        )
 
 
 def write_png(path: Path, plane: np.ndarray) -> None:

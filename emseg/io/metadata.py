@@ -1,5 +1,9 @@
 """Voxel size of a TIFF from its metadata: OME-XML, ImageJ description or resolution tags.
 
+Every source is converted to nanometres. A file that gives y and x but no z spacing (resolution
+tags alone, an ImageJ description without ``spacing``, OME-XML without ``PhysicalSizeZ``) gets
+z = 1 nm and says so (:attr:`FoundVoxelSize.z_known` is False), so the reader can warn.
+
 Metadata is a courtesy: a file whose metadata cannot be understood has no voxel size (None),
 it is never refused for it. The raw values are taken from tifffile at one boundary
 (:func:`_raw_metadata`); everything after it is emseg's own parsing, which turns hostile
@@ -28,6 +32,7 @@ UNIT_NM = {
     "µm": 1e3,
     "\u03bcm": 1e3,
     "micron": 1e3,
+    "microns": 1e3,
     "micrometer": 1e3,
     "micrometre": 1e3,
     "mm": 1e6,
@@ -45,6 +50,8 @@ UNIT_NM = {
 RESOLUTION_UNIT_CM = 3
 
 VoxelSize = tuple[float, float, float]
+#: z (nm) given to a file whose metadata has y and x but no z spacing.
+MISSING_Z_NM = 1.0
 
 
 class _Malformed(Exception):
@@ -63,15 +70,33 @@ class TiffMetadata:
     resolution_unit: Any
 
 
+@dataclasses.dataclass(frozen=True)
+class FoundVoxelSize:
+    """A voxel size read from a file's metadata."""
+
+    #: (z, y, x) in nm; z is :data:`MISSING_Z_NM` when ``z_known`` is False.
+    zyx: VoxelSize
+    #: Where it was read: "OME-XML", "ImageJ metadata" or "TIFF resolution tags".
+    source: str
+    #: Whether the metadata gave the z spacing.
+    z_known: bool
+
+
 def tiff_voxel_size(tif: Any) -> VoxelSize | None:
-    """(z, y, x) voxel size in nm of an open ``tifffile.TiffFile`` from OME-XML, ImageJ metadata
-    or a centimetre resolution tag; None when the file carries none or none that makes sense
+    """(z, y, x) voxel size in nm of an open ``tifffile.TiffFile`` (see :func:`tiff_voxel_info`)."""
+    found = tiff_voxel_info(tif)
+    return None if found is None else found.zyx
+
+
+def tiff_voxel_info(tif: Any) -> FoundVoxelSize | None:
+    """The voxel size of an open ``tifffile.TiffFile`` from OME-XML, ImageJ metadata or a
+    centimetre resolution tag; None when the file carries none or none that makes sense
     (inch-based resolutions are screen settings, not voxels)."""
     meta = _raw_metadata(tif)
     if meta is None:
         return None
     try:
-        return voxel_size_from(meta)
+        return read_voxel_size(meta)
     except _Malformed as exc:  # metadata is a courtesy: never fail an ingest on it
         log.debug("could not parse TIFF resolution metadata: %s", exc)
         return None
@@ -98,25 +123,53 @@ def _raw_metadata(tif: Any) -> TiffMetadata | None:
 
 
 def voxel_size_from(meta: TiffMetadata) -> VoxelSize | None:
-    """(z, y, x) nm from raw metadata: OME first, then the resolution tags (in ImageJ's unit when
-    it names one, else only a centimetre ResolutionUnit) with ImageJ's z spacing (else z = 1).
+    """(z, y, x) nm from raw metadata (see :func:`read_voxel_size`); z is 1 nm when not given."""
+    found = read_voxel_size(meta)
+    return None if found is None else found.zyx
+
+
+def read_voxel_size(meta: TiffMetadata) -> FoundVoxelSize | None:
+    """The voxel size in raw metadata: OME-XML first, then the resolution tags (pixels per
+    ImageJ's unit when the description names one, as ImageJ reads them, else per centimetre
+    when ResolutionUnit says so) with ImageJ's z ``spacing`` (in the same unit).
 
     Raises :class:`_Malformed` for a value that is present but not understood.
     """
     if meta.ome_xml is not None:
-        vs = _ome_voxel_size(meta.ome_xml)
-        if vs is not None:
-            return vs
-    xy = _resolution_nm(meta)
-    if xy is None:
-        return None
-    z = 1.0
+        found = _ome_voxel_size(meta.ome_xml)
+        if found is not None:
+            return found
     ij = meta.imagej
+    if ij and "unit" in ij:
+        unit_nm = _unit_nm(ij["unit"])
+        source = "ImageJ metadata"
+    elif meta.resolution_unit is not None and _integer(meta.resolution_unit) == RESOLUTION_UNIT_CM:
+        unit_nm, source = 1e7, "TIFF resolution tags"
+    else:
+        return None  # no unit, or inches (a screen setting)
+    if unit_nm is None or meta.x_resolution is None or meta.y_resolution is None:
+        return None  # e.g. ImageJ's "pixel": not calibrated
+    xr, yr = _ratio(meta.x_resolution), _ratio(meta.y_resolution)
+    if not (xr > 0 and yr > 0):
+        return None
+    y, x = _positive(unit_nm / yr), _positive(unit_nm / xr)
     if ij and "spacing" in ij:
-        unit_nm = UNIT_NM.get(str(ij.get("unit", "micron")).strip().lower().replace("\\u00b5", "µ"))
-        if unit_nm is not None:
-            z = _number(ij["spacing"]) * unit_nm
-    return (z, xy[0], xy[1])
+        return FoundVoxelSize((_positive(_number(ij["spacing"]) * unit_nm), y, x), source, True)
+    return FoundVoxelSize((MISSING_Z_NM, y, x), source, False)
+
+
+def _unit_nm(unit: Any) -> float | None:
+    """Nanometres per unit name (ImageJ writes µ as the escape ``\\u00B5``); None when unknown."""
+    name = str(unit).strip().lower().replace("\\u00b5", "µ")
+    return UNIT_NM.get(name)
+
+
+def _positive(value: float) -> float:
+    """A size in nm, finite and positive, rounded to 12 significant digits so that a round trip
+    through micrometres (0.05 µm -> 50.00000000000001 nm) gives back the number written."""
+    if not (math.isfinite(value) and value > 0):
+        raise _Malformed(f"voxel size {value!r} is not a positive number")
+    return float(f"{value:.12g}")
 
 
 def _number(value: Any) -> float:
@@ -138,24 +191,6 @@ def _ratio(value: Any) -> float:
     return num / den if den else 0.0
 
 
-def _resolution_nm(meta: TiffMetadata) -> tuple[float, float] | None:
-    if meta.x_resolution is None or meta.y_resolution is None:
-        return None
-    xr, yr = _ratio(meta.x_resolution), _ratio(meta.y_resolution)
-    if not (xr > 0 and yr > 0):
-        return None
-    if meta.imagej and "unit" in meta.imagej:
-        unit = str(meta.imagej["unit"]).strip().lower()
-        unit_nm = UNIT_NM.get(unit) or UNIT_NM.get(unit.replace("\\u00b5", "µ"))
-        if unit_nm is None:
-            return None
-        return (unit_nm / yr, unit_nm / xr)
-    unit_tag = meta.resolution_unit
-    if unit_tag is not None and _integer(unit_tag) == RESOLUTION_UNIT_CM:
-        return (1e7 / yr, 1e7 / xr)
-    return None
-
-
 def _integer(value: Any) -> int:
     number = _number(value)
     if not math.isfinite(number):
@@ -163,8 +198,9 @@ def _integer(value: Any) -> int:
     return int(number)
 
 
-def _ome_voxel_size(xml: str) -> VoxelSize | None:
-    """(z, y, x) nm from the first ``Pixels`` element of OME-XML; z is 1 when not given."""
+def _ome_voxel_size(xml: str) -> FoundVoxelSize | None:
+    """The voxel size of the first ``Pixels`` element of OME-XML (units default to µm, as in
+    the OME schema); z is 1 nm, flagged unknown, when ``PhysicalSizeZ`` is not given."""
     try:
         root = ET.fromstring(xml)
     except ET.ParseError as exc:
@@ -172,15 +208,14 @@ def _ome_voxel_size(xml: str) -> VoxelSize | None:
     pixels = next((el for el in root.iter() if el.tag.endswith("Pixels")), None)
     if pixels is None:
         return None
-    out = []
+    sizes: dict[str, float] = {}
     for axis in ("Z", "Y", "X"):
         value = pixels.get(f"PhysicalSize{axis}")
-        unit = pixels.get(f"PhysicalSize{axis}Unit", "µm")
-        factor = UNIT_NM.get(unit.strip().lower())
-        if value is None or factor is None:
-            if axis == "Z":
-                out.append(1.0)
-                continue
-            return None
-        out.append(_number(value) * factor)
-    return (out[0], out[1], out[2])
+        factor = _unit_nm(pixels.get(f"PhysicalSize{axis}Unit", "µm"))
+        if value is not None and factor is not None:
+            sizes[axis] = _positive(_number(value) * factor)
+    if "Y" not in sizes or "X" not in sizes:
+        return None
+    if "Z" not in sizes:
+        return FoundVoxelSize((MISSING_Z_NM, sizes["Y"], sizes["X"]), "OME-XML", False)
+    return FoundVoxelSize((sizes["Z"], sizes["Y"], sizes["X"]), "OME-XML", True)

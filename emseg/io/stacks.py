@@ -14,6 +14,7 @@ Every call into tifffile or PIL on the user's file sits in its own small
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -28,7 +29,7 @@ import numpy as np
 
 from emseg.config import Limits
 from emseg.errors import BadInputError
-from emseg.io.metadata import tiff_voxel_size
+from emseg.io.metadata import MISSING_Z_NM, FoundVoxelSize, tiff_voxel_info
 from emseg.io.untrusted import untrusted
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,8 @@ class Stack:
     shape: tuple[int, int, int]
     dtype: np.dtype
     voxel_size: tuple[float, float, float] | None
+    #: Why ``voxel_size`` is only partly known (z missing from the metadata, so 1 nm), else None.
+    voxel_size_note: str | None = None
     rgb: bool
     #: Rows the source decodes together (a TIFF strip or tile row); bands are aligned to it.
     row_block: int = 1
@@ -112,6 +115,17 @@ class Stack:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _note_missing_z(self, found: FoundVoxelSize | None) -> None:
+        """Say so (a warning and :attr:`voxel_size_note`) when the metadata gave y and x but no
+        z spacing for a stack of several slices: z is then 1 nm, which is rarely the truth."""
+        if found is None or found.z_known or self.shape[0] < 2:
+            return
+        self.voxel_size_note = (
+            f"{self.path.name}: no z spacing in its metadata ({found.source}: y {found.zyx[1]:g} nm, "
+            f"x {found.zyx[2]:g} nm); z = {found.zyx[0]:g} nm unless --voxel-size Z Y X is given"
+        )
+        log.warning("%s", self.voxel_size_note)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -203,7 +217,9 @@ class TiffStack(Stack):
         if not isinstance(z, zarr.Array):
             raise BadInputError(f"{path}: not a readable TIFF (its first series is not one image)")
         self._z = z
-        self.voxel_size = tiff_voxel_size(self._tif)
+        found = tiff_voxel_info(self._tif)
+        self.voxel_size = None if found is None else found.zyx
+        self._note_missing_z(found)
         # Uncompressed data stored in one contiguous block (ImageJ, tifffile, many scanners) is
         # read with pread at exact offsets: no decoding and no strip larger than the band.
         self._offset = series.dataoffset if series.dataoffset is not None and not series.is_multifile else None
@@ -303,7 +319,9 @@ class FolderStack(Stack):
         self._slice_shape = self.shape[1:] + ((int(first[2]),) if self.rgb else ())
         self.voxel_size = None
         if files[0].suffix.lower() in TIFF_SUFFIXES:
-            self.voxel_size = _slice_voxel_size(files[0])
+            found = _slice_voxel_size(files[0])
+            self.voxel_size = None if found is None else found.zyx
+            self._note_missing_z(found)
         self._cache: tuple[int, np.ndarray] | None = None
 
     def _slice(self, z: int) -> np.ndarray:
@@ -323,20 +341,21 @@ class FolderStack(Stack):
         return np.stack([self._slice(z)[y0:y1] for z in range(z0, z1)])
 
 
-def _slice_voxel_size(path: Path) -> tuple[float, float, float] | None:
-    """(1, y, x) nm of a slice folder from the resolution of its first TIFF slice (z unknown)."""
+def _slice_voxel_size(path: Path) -> FoundVoxelSize | None:
+    """The y/x voxel size of a slice folder from the metadata of its first TIFF slice; z is
+    unknown (a 2D slice has no spacing), so 1 nm."""
     import tifffile
 
     # The file's header was parsed by _header just before; only a file changed since fails here.
     try:
         with tifffile.TiffFile(path) as tif:
-            vs = tiff_voxel_size(tif)
+            found = tiff_voxel_info(tif)
     except (OSError, ValueError):  # tifffile.TiffFileError is a ValueError
         return None
-    if vs is None:
+    if found is None:
         return None
-    log.info("slice folder: y/x voxel size from %s, z unknown", path.name)
-    return (1.0, vs[1], vs[2])
+    zyx = (MISSING_Z_NM, found.zyx[1], found.zyx[2])
+    return dataclasses.replace(found, zyx=zyx, source=f"{found.source} of {path.name}", z_known=False)
 
 
 #: What tifffile logs (and then carries on without) when pages of a file cannot all be read:
