@@ -47,8 +47,24 @@ def panel_rows(rows: Sequence[dict[str, np.ndarray]], output: Path, titles: Sequ
     """Save a grid: one row per dict, one column per (title -> (Y, X) or (Y, X, 3) array).
 
     Keys starting with "image" are shown in grey with a robust window; "prob" keys with a 0-1
-    colour map; "mask"/"truth" keys as binary; arrays with three channels as RGB.
+    colour map and a colour bar; "mask"/"truth" keys as binary; arrays with three channels as RGB.
+    Titles wrap to the panel's width and the picture is cropped to what is drawn, so no title is
+    ever cut.
     """
+    plt, fig = panel_figure(rows, titles)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    # the format is given: the output may be a hidden partial whose name does not end in .png;
+    # the Software text marks the file as emseg's, so --overwrite may replace it
+    software = {"Software": f"emseg {__version__}"}
+    fig.savefig(output, dpi=100, format="png", bbox_inches="tight", pad_inches=0.1, metadata=software)
+    plt.close(fig)
+    return output
+
+
+def panel_figure(rows: Sequence[dict[str, np.ndarray]], titles: Sequence[str] | None = None):  # type: ignore[no-untyped-def]
+    """(pyplot, figure) of :func:`panel_rows`, not yet saved."""
+    import textwrap
+
     n_cols = max(len(r) for r in rows)
     plt, fig, axes = _figure(len(rows), n_cols)
     for i, row in enumerate(rows):
@@ -57,20 +73,20 @@ def panel_rows(rows: Sequence[dict[str, np.ndarray]], output: Path, titles: Sequ
             if arr.ndim == 3:
                 ax.imshow(arr, interpolation="nearest")
             elif title.startswith("prob") or "P(" in title:
-                ax.imshow(arr, cmap="magma", vmin=0, vmax=1, interpolation="nearest")
+                shown = ax.imshow(arr, cmap="magma", vmin=0, vmax=1, interpolation="nearest")
+                # in an inset beside the panel: the panel keeps the size of its neighbours
+                bar = fig.colorbar(shown, cax=ax.inset_axes((1.02, 0.0, 0.04, 1.0)))
+                bar.ax.tick_params(labelsize=8)
             elif arr.dtype == np.bool_ or title.startswith(("mask", "truth", "label", "membrane")):
                 ax.imshow(arr, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
             else:
                 lo, hi = display_range(arr)
                 ax.imshow(arr, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
-            label = title if titles is None or i else f"{title}"
-            ax.set_title(label, fontsize=10)
+            ax.set_title(textwrap.fill(title, 38), fontsize=10)
         if titles is not None and i < len(titles):
             axes[i][0].text(-0.05, 0.5, titles[i], transform=axes[i][0].transAxes, rotation=90, ha="right", va="center")
+    for ax in axes.flat:
+        if not ax.images:
+            ax.set_visible(False)  # a shorter row leaves no empty frame
     fig.tight_layout()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    # the format is given: the output may be a hidden partial whose name does not end in .png;
-    # the Software text marks the file as emseg's, so --overwrite may replace it
-    fig.savefig(output, dpi=100, format="png", metadata={"Software": f"emseg {__version__}"})
-    plt.close(fig)
-    return output
+    return plt, fig

@@ -235,6 +235,13 @@ def test_output_is_ome_zarr_with_membranes_and_the_input_pyramid(model_run, tmp_
     assert type(open_ome_zarr(group, version="0.4")).__name__ == "Image"
     assert type(open_ome_zarr(group["labels/membranes"], version="0.4")).__name__ == "ImageLabel"
     assert pred.attrs["emseg"]["slices"] == [1, 2] and pred.attrs["emseg"]["complete"] is True
+    # slice 1 of the input sits at z = 1 x 50 nm in viewers, at every level, for image and labels
+    assert pred.origin == (50.0, 0.0, 0.0) and pred.labels["membranes"].origin == (50.0, 0.0, 0.0)
+    for attrs, kind in ((group.attrs, "mean"), (group["labels/membranes"].attrs, "majority")):
+        entry = attrs["multiscales"][0]
+        assert entry["type"] == kind and kind in entry["metadata"]["description"]
+        shifts = [t["translation"] for d in entry["datasets"] for t in d["coordinateTransformations"][1:]]
+        assert shifts == [[50.0, 0.0, 0.0], [50.0, 2.0, 2.0]]  # level 1: half a level-1 pixel in y, x
     assert not any(p.name.startswith(".p.zarr") for p in tmp_path.iterdir())  # no partial or lock left
     shown = cli("show", data, "--slice", "1", "--pred", tmp_path / "p.zarr", "-o", tmp_path / "v.png")
     assert shown.exit_code == 0, shown.stderr
@@ -421,14 +428,17 @@ def test_a_second_prediction_into_the_same_output_is_refused(model_run, isbi_arr
     assert open_ome(out).shape == (90, 256, 256)
 
 
-def test_export_to_bigtiff_and_png(model_run, isbi_arrays, tmp_path, cli):
+def test_export_to_imagej_tiff_and_png(model_run, isbi_arrays, tmp_path, cli):
     data = _store(tmp_path, isbi_arrays[0][:3, :128, :160])
     pred = emseg.predict(model_run, data, tmp_path / "p.zarr", tile=128, device="cpu")
     stored = open_ome(pred).array[:]
     result = cli("export", pred, "-o", tmp_path / "p.tif", "-q")
     assert result.exit_code == 0, result.stderr
     with tifffile.TiffFile(tmp_path / "p.tif") as tif:
-        assert tif.is_bigtiff and tif.pages[0].compression != 1
+        # an ImageJ hyperstack (classic TIFF, uncompressed) calibrated with the store's voxel size
+        assert tif.is_imagej and not tif.is_bigtiff
+        assert tif.imagej_metadata["spacing"] == open_ome(pred).voxel_size[0]
+        assert tif.imagej_metadata["unit"] == "nm"
         np.testing.assert_array_equal(tif.asarray(), stored)
     result = cli("export", pred, "-o", tmp_path / "png", "--format", "png", "--labels", "membranes", "-q")
     assert result.exit_code == 0, result.stderr

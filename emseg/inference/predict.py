@@ -57,6 +57,8 @@ def predict_store(
     chunks = (1, int(image.array.chunks[1]), int(image.array.chunks[2]))
     spec = LevelSpec(shape=shape, dtype=config.dtype, chunks=chunks, pyramid_min_size=_pyramid_min(image))
     record = _resume_record(model_path, image, config)
+    # slice A of --slices A:B sits where it sits in the input, for viewers and for later commands
+    origin = (image.origin[0] + z_range[0] * image.voxel_size[0], *image.origin[1:])
     prov = provenance(
         "predict",
         resume_record=record,
@@ -69,8 +71,8 @@ def predict_store(
 
     def create(path: Path) -> None:
         root = create_image_store(path, image.version, attrs={"emseg": {**prov, "complete": False}})
-        create_multiscale(root, spec, image.voxel_size, image.version, "probabilities")
-        create_label(root, "membranes", spec, image.voxel_size, image.version)
+        create_multiscale(root, spec, image.voxel_size, image.version, "probabilities", origin=origin)
+        create_label(root, "membranes", spec, image.voxel_size, image.version, origin)
 
     with Output(
         final,

@@ -11,7 +11,8 @@ differs between the two lives in one :class:`Ngff` object per version (:data:`NG
 
 All arrays are (z, y, x) with axes in nanometres; levels k > 0 are 2x2 block means of level k-1
 (block majority for labels), so level k has scale (z, 2^k y, 2^k x) and a translation of
-(2^k - 1)/2 pixels of level 0 in y and x.
+(2^k - 1)/2 pixels of level 0 in y and x, plus the origin of level 0 (e.g. the z of the first
+slice a ``predict --slices A:B`` store holds).
 
 A store to open may come from anywhere: every zarr call on it sits in a small
 :func:`~emseg.io.untrusted.untrusted` block, and the JSON it holds is checked field by field,
@@ -163,24 +164,42 @@ def clip_chunks(chunks: Sequence[int], shape: Sequence[int]) -> tuple[int, int, 
     return tuple(max(1, min(int(c), int(s))) for c, s in zip(chunks, shape, strict=False))  # type: ignore[return-value]
 
 
-def multiscales(name: str, n_levels: int, voxel_size: Sequence[float], version: str) -> dict[str, Any]:
-    """The ``multiscales`` entry for an image of ``n_levels`` 2x-in-(y, x) levels."""
+#: How level k + 1 is made from level k, as the multiscales entry says it (type, description).
+DOWNSAMPLING = {
+    "mean": ("mean", "2x2 block mean in y and x (rounded for integers); z kept"),
+    "majority": ("majority", "2x2 block majority in y and x (ties to 1); z kept"),
+    "mode": ("mode", "2x2 mode in y and x (most frequent ID; top-left on ties); z kept"),
+}
+
+
+def multiscales(
+    name: str,
+    n_levels: int,
+    voxel_size: Sequence[float],
+    version: str,
+    *,
+    reduction: str = "mean",
+    origin: Sequence[float] = (0.0, 0.0, 0.0),
+) -> dict[str, Any]:
+    """The ``multiscales`` entry for an image of ``n_levels`` 2x-in-(y, x) levels whose level 0
+    starts at ``origin`` (nm; e.g. the z of slice A for ``predict --slices A:B``)."""
     datasets = []
     for level in range(n_levels):
         factor = 2**level
         scale = [float(voxel_size[0]), voxel_size[1] * factor, voxel_size[2] * factor]
         transforms: list[dict[str, Any]] = [{"type": "scale", "scale": scale}]
-        if level > 0:
-            shift = (factor - 1) / 2
-            transforms.append(
-                {"type": "translation", "translation": [0.0, voxel_size[1] * shift, voxel_size[2] * shift]}
-            )
+        shift = (factor - 1) / 2  # a level-k pixel's centre, in level-0 pixels
+        translation = [float(origin[0]), origin[1] + voxel_size[1] * shift, origin[2] + voxel_size[2] * shift]
+        if any(translation):
+            transforms.append({"type": "translation", "translation": translation})
         datasets.append({"path": str(level), "coordinateTransformations": transforms})
+    kind, description = DOWNSAMPLING[reduction]
     entry: dict[str, Any] = {
         "name": name,
         "axes": AXES,
         "datasets": datasets,
-        "type": "2x2 block mean in y and x",
+        "type": kind,
+        "metadata": {"description": description},
     }
     return ngff_for(version).tag(entry)
 
@@ -204,6 +223,9 @@ def create_multiscale(
     version: str,
     name: str,
     extra_attrs: dict[str, Any] | None = None,
+    *,
+    reduction: str = "mean",
+    origin: Sequence[float] = (0.0, 0.0, 0.0),
 ) -> list[zarr.Array]:
     """Create the arrays "0", "1", ... of a multiscale image in ``group`` and write its metadata.
 
@@ -230,7 +252,8 @@ def create_multiscale(
                 **kwargs,
             )
         )
-    attrs = ngff.wrap({"multiscales": [multiscales(name, len(arrays), voxel_size, version)]})
+    entry = multiscales(name, len(arrays), voxel_size, version, reduction=reduction, origin=origin)
+    attrs = ngff.wrap({"multiscales": [entry]})
     if extra_attrs:
         attrs.update(extra_attrs)
     group.attrs.update(attrs)
@@ -243,7 +266,12 @@ def create_image_store(path: Path, version: str, attrs: dict[str, Any] | None = 
 
 
 def create_label(
-    image_group: zarr.Group, label_name: str, spec: LevelSpec, voxel_size: Sequence[float], version: str
+    image_group: zarr.Group,
+    label_name: str,
+    spec: LevelSpec,
+    voxel_size: Sequence[float],
+    version: str,
+    origin: Sequence[float] = (0.0, 0.0, 0.0),
 ) -> list[zarr.Array]:
     """Create ``labels/<label_name>`` (uint8 multiscale with image-label metadata) under the image."""
     ngff = ngff_for(version)
@@ -259,7 +287,15 @@ def create_label(
             "source": {"image": "../../"},
         }
     )
-    arrays = create_multiscale(group, dataclasses.replace(spec, dtype="uint8"), voxel_size, version, label_name)
+    arrays = create_multiscale(
+        group,
+        dataclasses.replace(spec, dtype="uint8"),
+        voxel_size,
+        version,
+        label_name,
+        reduction="majority",
+        origin=origin,
+    )
     group.attrs.update(ngff.wrap({**ngff_payload(group.attrs), "image-label": image_label}))
     return arrays
 
@@ -277,6 +313,8 @@ class OmeImage:
     version: str
     levels: list[zarr.Array]
     voxel_size: tuple[float, float, float]
+    #: Where level 0's first voxel lies (nm, z y x): its translation, (0, 0, 0) when it has none.
+    origin: tuple[float, ...]
     labels: dict[str, OmeImage]
     attrs: dict[str, Any]
 
@@ -316,7 +354,7 @@ def _open_ome(path: Path, mode: OpenMode, is_label: bool) -> OmeImage:
     ms = ngff_payload(raw_attrs).get("multiscales")
     if not isinstance(ms, list) or not ms or not isinstance(ms[0], dict):
         raise BadInputError(f"{path}: not an OME-Zarr image (no multiscales metadata)")
-    paths, scale = _parse_multiscale(path, ms[0])
+    paths, scale, origin = _parse_multiscale(path, ms[0])
     with untrusted(f"{path}: malformed multiscales metadata"):
         nodes = [group[p] for p in paths]
     levels = [a for a in nodes if isinstance(a, zarr.Array)]
@@ -338,6 +376,7 @@ def _open_ome(path: Path, mode: OpenMode, is_label: bool) -> OmeImage:
         version=detect_version(raw_attrs),
         levels=levels,
         voxel_size=tuple(float(s) for s in scale),  # type: ignore[arg-type]
+        origin=origin,
         labels={} if is_label else _open_labels(path, group, mode, tuple(levels[0].shape)),
         attrs=raw_attrs,
     )
@@ -366,8 +405,9 @@ def _check_chunks(path: Path, levels: Sequence[zarr.Array]) -> None:
                 )
 
 
-def _parse_multiscale(path: Path, entry: dict[str, Any]) -> tuple[list[str], list[Any]]:
-    """(dataset paths, level-0 scale) of a multiscales entry; BadInputError when malformed."""
+def _parse_multiscale(path: Path, entry: dict[str, Any]) -> tuple[list[str], list[Any], tuple[float, ...]]:
+    """(dataset paths, level-0 scale, level-0 translation) of a multiscales entry; BadInputError
+    when malformed."""
 
     def malformed(why: str) -> BadInputError:
         return BadInputError(f"{path}: malformed multiscales metadata ({why})")
@@ -383,7 +423,16 @@ def _parse_multiscale(path: Path, entry: dict[str, Any]) -> tuple[list[str], lis
     scale = next((t.get("scale") for t in transforms if t.get("type") == "scale"), None)
     if not isinstance(scale, list):
         raise malformed("level 0 has no scale transformation")
-    return [d["path"] for d in datasets], scale
+    shift = next((t.get("translation") for t in transforms if t.get("type") == "translation"), None)
+    if shift is None:
+        return [d["path"] for d in datasets], scale, (0.0, 0.0, 0.0)
+    if not (
+        isinstance(shift, list)
+        and len(shift) == len(scale)
+        and all(isinstance(v, (int, float)) and math.isfinite(v) for v in shift)
+    ):
+        raise malformed("level 0's translation is not one finite number per axis")
+    return [d["path"] for d in datasets], scale, tuple(float(v) for v in shift)
 
 
 def _open_labels(path: Path, group: zarr.Group, mode: OpenMode, shape: tuple[int, ...]) -> dict[str, OmeImage]:

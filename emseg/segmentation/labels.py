@@ -20,12 +20,6 @@ import zarr
 
 from emseg.io.zarr import LevelSpec, create_multiscale, ngff_for, ngff_payload
 
-#: How the levels are made, as written into the multiscales entry.
-DOWNSAMPLING = {
-    "type": "mode",
-    "metadata": {"description": "2x2 mode in y and x (most frequent ID; top-left on ties); z kept"},
-}
-
 
 def create_label_image(
     group: zarr.Group,
@@ -34,14 +28,14 @@ def create_label_image(
     version: str,
     attrs: dict[str, Any],
     in_image: bool,
+    origin: Sequence[float] = (0.0, 0.0, 0.0),
 ) -> list[zarr.Array]:
     """Multiscale arrays "0", "1", ... of ``spec`` (its dtype: uint32 or uint64) in ``group``,
     with multiscales, image-label (naming the image two levels up when ``in_image``, i.e. the
     group is IMAGE/labels/NAME) and ``attrs`` metadata."""
     ngff = ngff_for(version)
-    arrays = create_multiscale(group, spec, voxel_size, version, "cells")
+    arrays = create_multiscale(group, spec, voxel_size, version, "cells", reduction="mode", origin=origin)
     payload = ngff_payload(group.attrs)
-    payload["multiscales"] = [{**payload["multiscales"][0], **DOWNSAMPLING}]
     payload["image-label"] = ngff.tag({"source": {"image": "../../"}} if in_image else {})
     group.attrs.update({**ngff.wrap(payload), **attrs})
     return arrays
@@ -86,4 +80,4 @@ def spec_for(spec: LevelSpec, dtype: str) -> LevelSpec:
     return dataclasses.replace(spec, dtype=dtype)
 
 
-__all__ = ["DOWNSAMPLING", "build_label_levels", "create_label_image", "list_label", "mode2", "spec_for"]
+__all__ = ["build_label_levels", "create_label_image", "list_label", "mode2", "spec_for"]

@@ -221,7 +221,8 @@ def _create_labels(
     min_size = max(levels[-1].shape[1:]) if len(levels) > 1 else max(image.shape[1:])
     # IDs compress well at a low level, and a high one costs more time than the watershed
     spec = LevelSpec(shape=image.shape, dtype=label_dtype(count), chunks=chunks, pyramid_min_size=min_size, clevel=1)  # type: ignore[arg-type]
-    create_label_image(root, spec, image.voxel_size, image.version, {"emseg": {**prov, "complete": False}}, into)
+    attrs = {"emseg": {**prov, "complete": False}}
+    create_label_image(root, spec, image.voxel_size, image.version, attrs, into, image.origin)
 
 
 __all__ = ["segment_store"]
