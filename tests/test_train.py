@@ -445,10 +445,36 @@ def test_a_time_limited_run_ends_with_a_decayed_learning_rate_and_says_what_it_s
     lrs = [float(r["lr"]) for r in rows]
     assert lrs[-1] == pytest.approx(config.lr * config.min_lr_ratio) and lrs[-1] < min(lrs[:-1])
     assert all(r["weights"] == "ema" for r in rows)
-    assert rows[0]["saved"].startswith("best+last: v_rand")
+    assert rows[0]["saved"].startswith("best+last: mean v_rand of 1 validations")
     assert all(r["saved"].split(":")[0] in ("best+last", "last") for r in rows)
+    v = [float(r["v_rand"]) for r in rows]
+    smoothed = [sum(v[max(0, i - 2) : i + 1]) / len(v[max(0, i - 2) : i + 1]) for i in range(len(v))]
     best = read_checkpoint(run / "best.safetensors")[1]["state"]["best"]
-    assert best == pytest.approx(max(float(r["v_rand"]) for r in rows))
+    assert best == pytest.approx(max(smoothed)) and summary["selection_score"] == pytest.approx(max(smoothed))
+    assert summary["best_v_rand"] == pytest.approx(max(v))
+    chosen = max(range(len(v)), key=lambda i: (smoothed[i], -i))  # the first epoch with the best mean
+    assert rows[chosen]["saved"].startswith("best+last") and all(
+        not r["saved"].startswith("best+last") for r in rows[chosen + 1 :]
+    )
+
+
+def test_the_best_weights_are_chosen_by_a_mean_of_validations_not_one_lucky_score():
+    from emseg.training.loop import selection_score
+
+    rows = [{"epoch": 0, "v_rand": 0.90}, {"epoch": 1, "v_rand": 0.99}, {"epoch": 2, "train_loss": 0.3}]
+    name, score, window = selection_score(rows, {"epoch": 3, "v_rand": 0.93, "train_loss": 0.2})
+    assert name == "v_rand" and window == [0.90, 0.99, 0.93] and score == pytest.approx(0.94)
+    # a lone high score after low ones does not beat a steady run of good ones
+    steady = selection_score([{"epoch": 0, "v_rand": 0.97}, {"epoch": 1, "v_rand": 0.97}], {"epoch": 2, "v_rand": 0.97})
+    lucky = selection_score([{"epoch": 0, "v_rand": 0.90}, {"epoch": 1, "v_rand": 0.92}], {"epoch": 2, "v_rand": 0.99})
+    assert steady[1] > lucky[1]
+    # a resumed epoch replaces its own row: only earlier epochs count
+    assert selection_score([{"epoch": 5, "v_rand": 0.1}], {"epoch": 5, "v_rand": 0.8})[2] == [0.8]
+    # without validation the training loss decides, smoothed the same way
+    assert selection_score([{"epoch": 0, "train_loss": 0.5}], {"epoch": 1, "train_loss": 0.3})[:2] == (
+        "-train_loss",
+        pytest.approx(-0.4),
+    )
 
 
 @pytest.mark.slow

@@ -246,6 +246,24 @@ class EpochMeter:
         return {"train_loss": float(self.loss) / n, "train_accuracy": float(self.correct) / n}
 
 
+SMOOTHING = 3  # validations averaged to choose the best weights
+
+
+def selection_score(rows: list[dict[str, Any]], row: dict[str, Any]) -> tuple[str, float, list[float]]:
+    """The score that chooses the best weights: the mean V_rand of this validation and the
+    ``SMOOTHING - 1`` before it (minus the training loss when nothing is validated). Three
+    validation slices are a noisy judge; the weights are an EMA, so neighbouring validations judge
+    nearly the same network, and one lucky score on three slices no longer picks the weights."""
+    name = "v_rand" if "v_rand" in row else "-train_loss"
+
+    def value(r: dict[str, Any]) -> float:
+        return float(r["v_rand"]) if name == "v_rand" else -float(r["train_loss"])
+
+    earlier = [value(r) for r in rows if r["epoch"] < row["epoch"] and (name != "v_rand" or "v_rand" in r)]
+    window = [*earlier[-(SMOOTHING - 1) :], value(row)]
+    return name, sum(window) / len(window), window
+
+
 def save_epoch(
     run: RunDir,
     model: nn.Module,
@@ -256,18 +274,18 @@ def save_epoch(
     steps_per_epoch: int,
     average: WeightAverage | None = None,
 ) -> None:
-    """Keep the best score in ``state`` (V_rand of the saved weights, else minus the training
-    loss) and save the resume point and checkpoints; the row says which weights were saved and
-    why. The header also names the epoch and step in it, for people."""
-    name = "v_rand" if "v_rand" in row else "-train_loss"
-    score = row.get("v_rand", -row["train_loss"])
+    """Keep the best selection score in ``state`` (:func:`selection_score`) and save the resume
+    point and checkpoints; the row says which weights were saved and why. The header also names
+    the epoch and step in it, for people."""
+    name, score, window = selection_score(run.rows, row)
     improved, previous = score > state["best"], state["best"]
     state["best"] = max(state["best"], score)
     row["weights"] = "ema" if average is not None else "raw"
+    judged = f"mean {name} of {len(window)} validations ({' '.join(f'{v:.4f}' for v in window)}) {score:.4f}"
     if improved:
-        row["saved"] = f"best+last: {name} {score:.4f} > {previous:.4f}"
+        row["saved"] = f"best+last: {judged} > {previous:.4f}"
     else:
-        row["saved"] = f"last: {name} {score:.4f} <= best {previous:.4f}"
+        row["saved"] = f"last: {judged} <= best {previous:.4f}"
     if average is not None:
         state["ema_updates"] = average.updates
     step = state["step"]
@@ -406,6 +424,7 @@ def fit(
         "epochs_done": state["step"] // per_epoch,
         "stopped_early": stop,
         **scores,
-        "best_v_rand": state["best"] if val.indices else None,
+        "best_v_rand": max((float(r["v_rand"]) for r in run.rows if "v_rand" in r), default=None),
+        "selection_score": state["best"],
         "rows": run.rows,
     }
