@@ -1,4 +1,6 @@
-"""emseg export-model: TorchScript and ONNX match PyTorch; the bioimage.io package validates."""
+"""emseg export-model: TorchScript and ONNX match PyTorch; bioimageio.core's own model test passes
+on the package; bioimageio.core's prediction equals ``emseg predict`` everywhere, slice edges
+included; normalisation, voxel size and test data come from the run."""
 
 from __future__ import annotations
 
@@ -6,11 +8,23 @@ import json
 
 import numpy as np
 import pytest
+import tifffile
 import torch
+import yaml
 
 import emseg
 
 pytestmark = pytest.mark.slow  # end-to-end runs of trained models
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch, tmp_path_factory):
+    """No downloads at test time: any HTTP request bioimageio makes goes to a closed port."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.setenv("BIOIMAGEIO_CACHE_PATH", str(tmp_path_factory.getbasetemp() / "bioimageio-cache"))
 
 
 @pytest.fixture(scope="module")
@@ -38,35 +52,110 @@ def _reference(run, x: np.ndarray) -> np.ndarray:
         return torch.sigmoid(model(torch.from_numpy(x))).numpy()
 
 
+def _rdf(folder) -> dict:
+    return yaml.safe_load((folder / "rdf.yaml").read_text())
+
+
 def test_torchscript_and_onnx_match_pytorch(exported):
     import onnxruntime as ort
 
     run, folder = exported
     info = json.loads((folder / "emseg-model.json").read_text())
-    assert info["divisor"] == 4 and info["halo"] == 22
-    norm = info["normalization"]
-    raw = np.random.default_rng(0).integers(0, 255, (2, 1, 96, 128)).astype(np.float32)
-    x = (raw - norm["mean"]) / norm["std"]
+    assert info["divisor"] == 4 and info["halo"] == 22 and info["context"] == 24
+    x = np.random.default_rng(0).normal(size=(2, 1, 96, 128)).astype(np.float32)
     reference = _reference(run, x)
     scripted = torch.jit.load(str(folder / "model.pt"))
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
     with torch.no_grad():
         np.testing.assert_allclose(scripted(torch.from_numpy(x)).numpy(), reference, atol=1e-5)
-    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(session.run(None, {"raw": x})[0], reference, atol=1e-4)
+    # NaN rows and columns are padding outside the image: left out, as emseg treats slice edges
+    padded = np.pad(x, ((0, 0), (0, 0), (8, 12), (4, 20)), constant_values=np.nan)
+    with torch.no_grad():
+        inner = scripted(torch.from_numpy(padded)).numpy()[..., 8:-12, 4:-20]
+    np.testing.assert_allclose(inner, reference, atol=1e-5)
+    np.testing.assert_allclose(session.run(None, {"raw": padded})[0][..., 8:-12, 4:-20], reference, atol=1e-4)
 
 
-def test_bioimageio_package_validates_and_its_test_tensors_reproduce(exported):
-    bioimageio = pytest.importorskip("bioimageio.spec")
+def test_bioimageio_core_model_test_passes_with_onnx(exported):
+    core = pytest.importorskip("bioimageio.core")
+    _, folder = exported
+    summary = core.test_model(folder / "rdf.yaml", weight_format="onnx", devices=["cpu"])
+    failed = [(d.name, [e.msg for e in d.errors]) for d in summary.details if d.status == "failed"]
+    assert summary.status == "passed", failed
+
+
+def test_bioimageio_core_prediction_equals_emseg_predict_edges_included(exported, isbi_zarr, tmp_path):
+    core = pytest.importorskip("bioimageio.core")
+    from emseg.config import IngestConfig
+    from emseg.io.ingest import ingest_stack
+    from emseg.io.zarr import open_ome
+
     run, folder = exported
-    description = bioimageio.load_description(folder / "rdf.yaml", perform_io_checks=True)
+    raw = np.asarray(open_ome(isbi_zarr).array[29])  # a whole slice (512 x 512 ISBI, else 256 x 256)
+    tifffile.imwrite(tmp_path / "slice.tif", raw[None], photometric="minisblack")
+    store = ingest_stack(tmp_path / "slice.tif", tmp_path / "slice.zarr", IngestConfig(voxel_size=(50, 4, 4)))
+    side = raw.shape[0]  # one tile per slice: emseg's whole-slice pass
+    pred = emseg.predict(run, store, tmp_path / "pred.zarr", tile=side, dtype="float32", precision="fp32", device="cpu")
+    ours = np.asarray(open_ome(pred).array[0])
+    out = core.predict(model=folder / "rdf.yaml", inputs=raw[None, None].astype(np.float32))
+    theirs = out.members["probability"].data.values[0, 0]
+    assert theirs.shape == ours.shape == raw.shape
+    delta = np.abs(theirs - ours)
+    border = np.ones_like(delta, dtype=bool)
+    border[20:-20, 20:-20] = False
+    assert delta[border].max() < 1e-3 and delta.max() < 1e-3, (delta[border].max(), delta.max())
+
+
+def test_package_takes_normalisation_voxel_size_and_data_from_the_run(exported, isbi_zarr, tmp_path):
+    from emseg.io.zarr import open_ome
+    from emseg.models.checkpoint import read_checkpoint, resolve_checkpoint, save_checkpoint
+    from emseg.models.export import scale_linear
+
+    run, folder = exported
+    _, meta = read_checkpoint(run)
+    norm = meta["normalization"]
+    steps = _rdf(folder)["inputs"][0]["preprocessing"]
+    assert [s["id"] for s in steps] == ["scale_range", "scale_linear"]
+    assert [steps[0]["kwargs"]["min_percentile"], steps[0]["kwargs"]["max_percentile"]] == norm["percentiles"]
+    gain, offset = scale_linear(norm)
+    assert steps[1]["kwargs"] == pytest.approx({"gain": gain, "offset": offset})
+    # the training stack's low and high percentiles land where the checkpoint's mean and std put them
+    assert offset == pytest.approx((norm["low"] - norm["mean"]) / norm["std"])
+    assert offset + gain == pytest.approx((norm["high"] - norm["mean"]) / norm["std"])
+    # test tensors and cover: a crop of a training slice, not synthetic data
+    test_input = np.load(folder / "test_input.npy")[0, 0]
+    image = open_ome(isbi_zarr)
+    z = meta["train_slices"][len(meta["train_slices"]) // 2]
+    h, w = image.shape[1:]
+    s = test_input.shape[0]
+    y0, x0 = (h - s) // 2, (w - s) // 2
+    np.testing.assert_array_equal(test_input, np.asarray(image.array[z, y0 : y0 + s, x0 : x0 + s], dtype=np.float32))
+    assert tifffile.imread(folder / "sample_input.tif").shape == test_input.shape
+    assert (folder / "cover.png").stat().st_size > 1000
+
+    # another run's normalisation and pixel size: the package follows the checkpoint
+    meta = {
+        **meta,
+        "normalization": {**norm, "low": 10.0, "high": 90.0, "mean": 50.0, "std": 80 / 4.6527},
+        "data": {**meta["data"], "voxel_size_nm": [40.0, 7.5, 7.5]},
+    }
+    model = emseg.load_model(run)
+    changed = save_checkpoint(tmp_path / "changed.safetensors", model, meta)
+    assert resolve_checkpoint(changed) == changed
+    rdf = _rdf(emseg.export_model(changed, tmp_path / "exported"))
+    kwargs = rdf["inputs"][0]["preprocessing"][1]["kwargs"]
+    assert kwargs == pytest.approx({"gain": 4.6527, "offset": -4.6527 / 2})
+    assert [a.get("scale") for a in rdf["inputs"][0]["axes"][2:]] == [7.5, 7.5]
+    assert [a.get("scale") for a in rdf["outputs"][0]["axes"][2:]] == [7.5, 7.5]
+
+
+def test_bioimageio_spec_validates_the_package(exported):
+    spec = pytest.importorskip("bioimageio.spec")
+    _, folder = exported
+    description = spec.load_description(folder / "rdf.yaml", perform_io_checks=True)
     assert type(description).__name__ == "ModelDescr", description.validation_summary
-    summary = description.validation_summary
-    assert summary.status in ("passed", "valid-format")
-    assert not [e for d in summary.details for e in d.errors]
-    raw = np.load(folder / "test_input.npy")
-    info = json.loads((folder / "emseg-model.json").read_text())
-    x = ((raw - info["normalization"]["mean"]) / info["normalization"]["std"]).astype(np.float32)
-    np.testing.assert_allclose(np.load(folder / "test_output.npy"), _reference(run, x), atol=1e-5)
+    assert not [e for d in description.validation_summary.details for e in d.errors]
 
 
 def test_export_refuses_to_overwrite(exported, cli):

@@ -295,3 +295,22 @@ def test_write_is_through_zarr_chunks(small: dict[str, Path], tmp_path: Path) ->
     seg = segment_store(small["pred"], tmp_path / "s.zarr", SegmentConfig(block=128, halo=32))
     arr = zarr.open_array(str(seg / "0"), mode="r")
     assert arr.chunks == (1, 128, 128)
+
+
+def test_merging_measures_the_whole_border_of_merged_segments():
+    """A cell cut in three by an organelle: fragments 1-2 share a low border, 1-3 and 2-3 borders
+    that are high in part (the organelle) and low in part. One threshold cut leaves 3 apart; the
+    border of {1, 2} with 3, measured whole, is low, so 3 joins. 4 is another cell: its border
+    stays high and it stays apart."""
+    from emseg.segmentation.agglomerate import merge_below
+
+    pairs = np.array([[1, 2], [1, 3], [2, 3], [3, 4]])
+    counts = np.array([10, 10, 10, 20])
+    mean = np.array([0.1, 0.55, 0.35, 0.9])  # 1-3 alone is above 0.5; with 2-3 the mean is 0.45
+    sums = mean * 2 * 255 * counts
+    lut = merge_below(5, pairs, sums, counts, 0.5)
+    assert lut[1] == lut[2] == lut[3] and lut[4] != lut[1] and lut[0] not in (lut[1], lut[4])
+    single = merge_below(5, pairs[:1], sums[:1], counts[:1], 0.5)  # only the one low edge
+    assert single[1] == single[2] and single[3] != single[1]
+    # every border left between two segments has a mean of at least the threshold
+    assert merge_below(5, pairs, sums, counts, 0.3)[3] != merge_below(5, pairs, sums, counts, 0.3)[1]

@@ -5,17 +5,32 @@ Writes into a folder:
 - ``model.pt``: TorchScript (``torch.jit.load`` in Python or C++, deepImageJ, QuPath);
 - ``model.onnx``: ONNX, batch, height and width dynamic (onnxruntime, ilastik, Fiji);
 - ``emseg-model.json``: the intensity normalisation, size divisor and halo the files need;
-- ``rdf.yaml`` with ``test_input.npy`` / ``test_output.npy``, ``README.md`` and ``cover.png``: a
-  bioimage.io model package (ilastik, deepImageJ and QuPath open it from there).
+- ``rdf.yaml`` with ``test_input.npy`` / ``test_output.npy``, ``sample_input.tif`` /
+  ``sample_output.tif``, ``README.md`` and ``cover.png``: a bioimage.io model package (ilastik,
+  deepImageJ and QuPath open it from there). Its test and sample tensors and its cover are a crop of
+  the run's own training data; its voxel size is the training store's.
 
-Both files take (B, 1, H, W) float32 ``(raw - mean) / std`` with H and W multiples of the
-divisor, and return (B, 1, H, W) P(cell interior) (a sigmoid is part of the exported network).
+Both files take (B, 1, H, W) float32 normalised intensities and return (B, 1, H, W) P(cell interior)
+(a sigmoid is part of the exported network). They treat a slice's edges as ``emseg predict`` does
+(:class:`SliceEdges`): the network's own zero padding at the edges, mirror reflection up to a
+multiple of the size divisor, so any size is accepted. NaN pixels mark padding beyond the image:
+the network runs on the rows and columns inside it only, so a tool that tiles and pads with NaN
+gets emseg's prediction at the edges too. The package declares no halo (it is in the README and
+``config.emseg.context``): bioimageio.core pads a whole image by the declared halo *before* it
+measures the percentiles (the spec allows no NaN padding), which would shift the normalisation;
+without one, its whole-image prediction equals emseg's whole-slice pass, edges included.
+
+The package normalises as ``emseg predict`` does by default (``--normalization stack``): the
+input's own percentiles (the checkpoint's, usually 1 and 99) are mapped where the training stack's
+went (``scale_range`` per sample, then ``scale_linear``); a checkpoint without percentiles gets
+its fixed mean and std (``fixed_zero_mean_unit_variance``), as predict gives it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import warnings
 from pathlib import Path
 from typing import Any
@@ -29,6 +44,8 @@ from emseg.errors import BadInputError
 from emseg.io.outputs import Output, check_output
 from emseg.models.checkpoint import load_trained
 
+log = logging.getLogger(__name__)
+
 ISBI_CITATION = {
     "text": "Arganda-Carreras et al. 2015, Crowdsourcing the creation of image segmentation algorithms for "
     "connectomics, Frontiers in Neuroanatomy 9:142",
@@ -39,6 +56,10 @@ UNET_CITATION = {
     "Image Segmentation, MICCAI",
     "doi": "10.1007/978-3-319-24574-4_28",
 }
+#: Largest side of the test and sample tensors (a central crop of a training slice).
+TEST_SIDE = 512
+#: scale_range's epsilon in bioimageio.core: ``(x - low) / (high - low + eps)``.
+SCALE_RANGE_EPS = 1e-6
 
 
 class Probability(nn.Module):
@@ -52,17 +73,138 @@ class Probability(nn.Module):
         return torch.sigmoid(self.net(x))
 
 
+class SliceEdges(nn.Module):
+    """``net`` applied as ``emseg predict`` applies it to a slice, for any (B, 1, H, W) input.
+
+    Rows and columns that are NaN throughout are padding outside the image: the network runs on
+    the image inside them only, so at the image's edges it sees its own zero padding, as in
+    emseg's whole-slice pass, whatever padding a tool added. The image is mirrored (numpy's
+    "reflect", emseg's one reflection rule) up to a multiple of ``divisor`` at its far end, as
+    predict does, and cut back. The output is 0 outside the image. Every step is a tensor
+    operation (no Python branches on data), so tracing keeps it for TorchScript and ONNX.
+    """
+
+    def __init__(self, net: nn.Module, divisor: int) -> None:
+        super().__init__()
+        self.net = net
+        self.divisor = int(divisor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        real = ~torch.isnan(x)
+        rows = real.any(3).any(1).any(0)
+        cols = real.any(2).any(1).any(0)
+        inputs = x
+        back = []
+        for axis, inside in ((2, rows), (3, cols)):
+            n = inside.shape[0]
+            index = torch.arange(n, device=x.device)
+            start = torch.where(inside, index, n).min()
+            stop = torch.maximum(torch.where(inside, index, -1).max() + 1, start + 1)
+            size = stop - start
+            grid = torch.div(size + self.divisor - 1, self.divisor, rounding_mode="floor") * self.divisor
+            steps = torch.arange(grid, device=x.device)  # type: ignore[call-overload]  # 0-d tensor: kept dynamic by tracing
+            m = steps % torch.clamp(2 * (size - 1), min=1)
+            reflected = m - 2 * (m - (size - 1)) * (m >= size).to(m.dtype)
+            inputs = inputs.index_select(axis, start + reflected)
+            source = torch.minimum((index - start).clamp(min=0), grid - 1)
+            back.append((axis, source, (index >= start) & (index < stop)))
+        y = self.net(inputs)
+        for axis, source, _ in back:
+            y = y.index_select(axis, source)
+        inside_both = back[0][2][:, None] & back[1][2][None, :]
+        return torch.where(inside_both, y, torch.zeros((), dtype=y.dtype, device=y.device))
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_tensor(meta: dict[str, Any], divisor: int, halo: int) -> np.ndarray:
-    """A (1, 1, S, S) float32 raw crop for the package's test: ISBI-like synthetic data."""
-    from emseg.synthetic import synthetic_stack
+def package_context(halo: int, divisor: int) -> int:
+    """The halo the package declares: the network's, rounded up to a multiple of ``divisor``, so a
+    tool's blocks start where whole-slice pooling starts (emseg aligns its tiles the same way)."""
+    return -(-int(halo) // divisor) * divisor
 
-    size = max(256, -(-(2 * halo + 64) // divisor) * divisor)
-    raw, _ = synthetic_stack((1, size, size), seed=0)
-    return raw[None].astype(np.float32)
+
+def normalize(raw: np.ndarray, norm: dict[str, Any]) -> np.ndarray:
+    """(..., H, W) raw -> float32 network input, as the package's preprocessing computes it: with
+    percentiles recorded, this array's own percentiles (numpy's linear ones, NaN ignored) mapped
+    where the training stack's went; else the checkpoint's mean and std."""
+    x = np.asarray(raw, dtype=np.float32)
+    if not has_percentiles(norm):
+        return ((x - np.float32(norm["mean"])) / np.float32(norm["std"])).astype(np.float32)
+    gain, offset = scale_linear(norm)
+    low, high = np.nanpercentile(x, [float(p) for p in norm["percentiles"][:2]])
+    u = (x - np.float32(low)) / np.float32(high - low + SCALE_RANGE_EPS)
+    return (u * np.float32(gain) + np.float32(offset)).astype(np.float32)
+
+
+def has_percentiles(norm: dict[str, Any]) -> bool:
+    return {"percentiles", "low", "high"} <= set(norm)
+
+
+def scale_linear(norm: dict[str, Any]) -> tuple[float, float]:
+    """(gain, offset) that send 0 and 1 (the input's percentiles after ``scale_range``) where the
+    training stack's percentiles ``low`` and ``high`` went under the checkpoint's mean and std:
+    emseg's :func:`~emseg.models.normalization.for_stack` written as two bioimage.io steps."""
+    mean, std = float(norm["mean"]), float(norm["std"])
+    low, high = float(norm["low"]), float(norm["high"])
+    return max(high - low, 1e-6) / std, (low - mean) / std
+
+
+def preprocessing(norm: dict[str, Any]) -> list[dict[str, Any]]:
+    """The bioimage.io preprocessing that normalises as ``emseg predict`` does by default."""
+    if not has_percentiles(norm):
+        return [{"id": "fixed_zero_mean_unit_variance", "kwargs": {"mean": norm["mean"], "std": norm["std"]}}]
+    gain, offset = scale_linear(norm)
+    low_pct, high_pct = (float(p) for p in norm["percentiles"][:2])
+    return [
+        {
+            "id": "scale_range",
+            "kwargs": {
+                "axes": ["channel", "y", "x"],  # per sample: each slice (batch entry) by its own percentiles
+                "min_percentile": low_pct,
+                "max_percentile": high_pct,
+                "eps": SCALE_RANGE_EPS,
+            },
+        },
+        {"id": "scale_linear", "kwargs": {"gain": gain, "offset": offset}},
+    ]
+
+
+def training_crop(meta: dict[str, Any], divisor: int, min_side: int) -> tuple[np.ndarray, str]:
+    """((S, S) float32 raw, where it came from): the central crop, at most :data:`TEST_SIDE` a side,
+    of the middle training slice of the run's training store; synthetic EM-like data (with a
+    warning) when the store is gone or its slices are too small."""
+    from emseg.io.zarr import open_ome
+
+    data = meta.get("data") or {}
+    slices = meta.get("train_slices") or [0]
+    try:
+        image = open_ome(data["path"])
+        z = int(slices[len(slices) // 2])
+        h, w = image.shape[1:]
+        side = min(TEST_SIDE, h, w) // divisor * divisor
+        if side < min_side:
+            raise BadInputError(f"its slices ({h} x {w}) are smaller than the {min_side} px the package needs")
+        y0, x0 = (h - side) // 2, (w - side) // 2
+        crop = np.asarray(image.array[z, y0 : y0 + side, x0 : x0 + side], dtype=np.float32)
+        return crop, f"slice {z} (rows {y0}-{y0 + side}, columns {x0}-{x0 + side}) of {data['path']}"
+    except (KeyError, TypeError, BadInputError) as exc:
+        from emseg.synthetic import synthetic_stack
+
+        log.warning("training data unavailable for the test tensors and cover (%s); using synthetic data", exc)
+        side = max(256, -(-min_side // divisor) * divisor)
+        raw, _ = synthetic_stack((1, side, side), seed=0)
+        return raw[0].astype(np.float32), "synthetic EM-like data (the training store was unavailable)"
+
+
+def voxel_size(meta: dict[str, Any]) -> tuple[float, float] | None:
+    """(y, x) pixel size in nm of the training store, None when the checkpoint does not say."""
+    size = (meta.get("data") or {}).get("voxel_size_nm")
+    if not size or len(size) < 2:
+        return None
+    y, x = float(size[-2]), float(size[-1])
+    return (y, x) if y > 0 and x > 0 else None
 
 
 def export_model(run: str | Path, output: str | Path, *, overwrite: bool = False, opset: int = 17) -> Path:
@@ -73,35 +215,41 @@ def export_model(run: str | Path, output: str | Path, *, overwrite: bool = False
     model, meta = load_trained(run, "cpu")
     divisor = int(meta["divisor"])
     halo = int(meta["halo"]) if meta.get("halo") is not None else measure_halo(model, divisor)
-    mean, std = float(meta["normalization"]["mean"]), float(meta["normalization"]["std"])
-    net = Probability(model).eval()
-    raw = test_tensor(meta, divisor, halo)
-    x = torch.from_numpy((raw - mean) / std)
+    context = package_context(halo, divisor)
+    norm = dict(meta["normalization"])
+    net = SliceEdges(Probability(model), divisor).eval()
+    raw, source = training_crop(meta, divisor, min_side=2 * context + divisor)
+    x = torch.from_numpy(normalize(raw, norm))[None, None]
     with torch.no_grad():
         expected = net(x).numpy()
     with Output(output, overwrite=overwrite, kind="run", command="export-model", inputs=[run]) as out:
         tmp = out.path
         with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # jit.trace is deprecated, TorchScript is what tools load
+            warnings.simplefilter("ignore")  # jit.trace is deprecated and warns of traced sizes; both are dynamic here
             traced = torch.jit.trace(net, x[..., : 2 * divisor, : 2 * divisor], check_trace=False)
         traced.save(str(tmp / "model.pt"))
-        _onnx(net, x, tmp / "model.onnx", opset)
-        np.save(tmp / "test_input.npy", raw)
+        _onnx(net, x[..., : 2 * divisor, : 2 * divisor], tmp / "model.onnx", opset)
+        np.save(tmp / "test_input.npy", raw[None, None])
         np.save(tmp / "test_output.npy", expected.astype(np.float32))
+        _samples(raw, expected[0, 0], tmp)
         info = {
             "emseg_version": __version__,
-            "input": "(B, 1, H, W) float32: (raw - mean) / std, H and W multiples of divisor",
+            "input": "(B, 1, H, W) float32 normalised intensities (the package's preprocessing); NaN marks padding",
             "output": "(B, 1, H, W) float32: P(cell interior); membranes where P < 0.5",
-            "normalization": {"mean": mean, "std": std},
+            "normalization": norm,
+            "preprocessing": preprocessing(norm),
             "divisor": divisor,
             "halo": halo,
+            "context": context,
+            "voxel_size_nm": list(voxel_size(meta) or []),
+            "test_data": source,
             "architecture": meta["config"]["model"],
             "files": {"torchscript": "model.pt", "onnx": "model.onnx", "bioimageio": "rdf.yaml"},
         }
         (tmp / "emseg-model.json").write_text(json.dumps(info, indent=2) + "\n")
-        _cover(raw[0, 0], expected[0, 0], tmp / "cover.png")
+        _cover(raw, expected[0, 0], tmp / "cover.png")
         (tmp / "README.md").write_text(_readme(info))
-        _rdf(tmp, info, mean, std, divisor, halo, opset)
+        _rdf(tmp, info, meta, opset)
     return Path(output)
 
 
@@ -125,20 +273,54 @@ def _onnx(net: nn.Module, x: torch.Tensor, path: Path, opset: int) -> None:
             raise BadInputError(f"ONNX export failed ({type(exc).__name__}: {exc})") from None
 
 
-def _cover(raw: np.ndarray, prob: np.ndarray, path: Path) -> None:
-    from emseg.viz import overlay, panel_rows
+def _samples(raw: np.ndarray, prob: np.ndarray, folder: Path) -> None:
+    """sample_input.tif (the raw crop) and sample_output.tif (P(cell)): (Y, X) float32 TIFFs."""
+    import tifffile
 
-    panel_rows([{"image": raw, "prob: P(cell)": prob, "overlay: membranes": overlay(raw, prob < 0.5)}], path)
+    tifffile.imwrite(folder / "sample_input.tif", raw.astype(np.float32), photometric="minisblack")
+    tifffile.imwrite(folder / "sample_output.tif", prob.astype(np.float32), photometric="minisblack")
+
+
+def _cover(raw: np.ndarray, prob: np.ndarray, path: Path) -> None:
+    """A 2:1 PNG: the training crop beside it with the predicted membranes (P < 0.5) tinted."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.image
+
+    from emseg.viz import display_range, overlay
+
+    lo, hi = display_range(raw)
+    grey = np.clip((raw - lo) / (hi - lo), 0, 1)
+    picture = np.concatenate([np.repeat(grey[..., None], 3, axis=2), overlay(raw, prob < 0.5)], axis=1)
+    matplotlib.image.imsave(path, np.clip(picture, 0, 1))
 
 
 def _readme(info: dict[str, Any]) -> str:
+    norm = info["normalization"]
+    if has_percentiles(norm):
+        low_pct, high_pct = norm["percentiles"][:2]
+        how = (
+            f"each input's own {low_pct:g} and {high_pct:g} percentiles are mapped where the training stack's "
+            f"({norm['low']:.4g}, {norm['high']:.4g}) went under mean {norm['mean']:.4g}, std {norm['std']:.4g} "
+            "(emseg predict's default, `--normalization stack`)"
+        )
+    else:
+        how = f"(raw - {norm['mean']:.4f}) / {norm['std']:.4f}"
+    size = info["voxel_size_nm"]
+    pixel = f"{size[0]:g} x {size[1]:g} nm" if size else "unknown"
     return (
         "# emseg U-Net: cell interior vs membrane in electron micrographs\n\n"
         "Trained with emseg (https://github.com/emseg/emseg) on annotated EM slices (ISBI 2012 layout:\n"
         "1 = cell interior, 0 = membrane).\n\n"
-        f"- input: {info['input']}, mean {info['normalization']['mean']:.4f}, std {info['normalization']['std']:.4f}\n"
+        f"- input: raw EM slice, pixel size {pixel} (the training data's); normalised by the preprocessing: {how}\n"
         f"- output: {info['output']}\n"
-        f"- tile inputs overlapping by at least {2 * info['halo']} px (twice the halo) for seam-free stitching\n\n"
+        f"- halo {info['context']} px: a tool that tiles should overlap tiles by at least {2 * info['context']} px\n"
+        "  and pad with NaN beyond the image (the network leaves NaN rows and columns out, so the slice edges then\n"
+        "  match `emseg predict`; other padding changes the outermost pixels). The package declares no halo:\n"
+        "  bioimageio.core would pad by it before measuring the percentiles, which shifts the normalisation;\n"
+        "  its whole-image prediction equals `emseg predict`'s whole-slice pass\n"
+        f"- test and sample tensors, cover: {info['test_data']}\n\n"
         "## Validation\n\n"
         "emseg scores held-out slices with the ISBI 2012 challenge's metrics (foreground-restricted V_rand and\n"
         "V_info after border thinning); the training run's metrics.csv and curves.png hold the figures.\n\n"
@@ -147,27 +329,22 @@ def _readme(info: dict[str, Any]) -> str:
     )
 
 
-def _rdf(folder: Path, info: dict[str, Any], mean: float, std: float, divisor: int, halo: int, opset: int) -> None:
+def _rdf(folder: Path, info: dict[str, Any], meta: dict[str, Any], opset: int) -> None:
     import yaml
 
+    divisor = int(info["divisor"])
+    size = voxel_size(meta)
+
+    def scaled(axis: str, entry: dict[str, Any]) -> dict[str, Any]:
+        if size is not None:
+            entry.update(unit="nanometer", scale=size[0] if axis == "y" else size[1])
+        return entry
+
     def space(axis: str) -> dict[str, Any]:
-        return {
-            "type": "space",
-            "id": axis,
-            "size": {"min": max(divisor, 2 * halo + divisor), "step": divisor},
-            "unit": "nanometer",
-            "scale": 4.0,
-        }
+        return scaled(axis, {"type": "space", "id": axis, "size": {"min": divisor, "step": divisor}})
 
     def out_space(axis: str) -> dict[str, Any]:
-        return {
-            "type": "space",
-            "id": axis,
-            "size": {"tensor_id": "raw", "axis_id": axis},
-            "halo": halo,
-            "unit": "nanometer",
-            "scale": 4.0,
-        }
+        return scaled(axis, {"type": "space", "id": axis, "size": {"tensor_id": "raw", "axis_id": axis}})
 
     rdf = {
         "format_version": "0.5.4",
@@ -187,8 +364,9 @@ def _rdf(folder: Path, info: dict[str, Any], mean: float, std: float, divisor: i
                 "description": "raw EM slice (any intensity range; normalised by the preprocessing)",
                 "axes": [{"type": "batch"}, {"type": "channel", "channel_names": ["raw"]}, space("y"), space("x")],
                 "test_tensor": {"source": "test_input.npy", "sha256": _sha256(folder / "test_input.npy")},
+                "sample_tensor": {"source": "sample_input.tif", "sha256": _sha256(folder / "sample_input.tif")},
                 "data": {"type": "float32"},
-                "preprocessing": [{"id": "fixed_zero_mean_unit_variance", "kwargs": {"mean": mean, "std": std}}],
+                "preprocessing": info["preprocessing"],
             }
         ],
         "outputs": [
@@ -202,6 +380,7 @@ def _rdf(folder: Path, info: dict[str, Any], mean: float, std: float, divisor: i
                     out_space("x"),
                 ],
                 "test_tensor": {"source": "test_output.npy", "sha256": _sha256(folder / "test_output.npy")},
+                "sample_tensor": {"source": "sample_output.tif", "sha256": _sha256(folder / "sample_output.tif")},
                 "data": {"type": "float32", "range": [0.0, 1.0]},
             }
         ],

@@ -2,8 +2,10 @@
 
 The graph's edges are the pairs of fragments that touch (face neighbours), weighted by the mean
 boundary height along their shared border (the mean over the neighbouring pixel pairs of both
-pixels' heights). Edges below the threshold are merged, then every fragment smaller than the
-minimum size joins the neighbour it shares the lowest border with. The graph is built with
+pixels' heights). Segments whose whole shared border is below the threshold are merged, round
+after round on the graph, until every border left is at least the threshold
+(:func:`merge_below`); then every segment smaller than the minimum size joins the neighbour it
+shares the lowest border with. The graph is built with
 numpy (``np.unique`` over pixel pairs) and merged with scipy's connected components: skimage's
 ``rag_boundary``/``merge_hierarchical`` build a networkx graph in Python, over a hundred times
 slower on a megapixel of fragments, and only the threshold cut is needed here.
@@ -55,12 +57,12 @@ def agglomerate(
     labels: np.ndarray, heights: np.ndarray, merge_threshold: float, min_size: int
 ) -> tuple[np.ndarray, int]:
     """Merge fragments: (labels (Y, X) or (Z, Y, X) int32 1..N, uint8 heights) -> (int32 labels
-    1..K, K). Neighbours whose mean border P(membrane) is below ``merge_threshold`` (0-1) merge;
-    then each segment of fewer than ``min_size`` pixels joins its lowest-border neighbour."""
+    1..K, K). Segments whose whole shared border has a mean P(membrane) below ``merge_threshold``
+    (0-1) merge (:func:`merge_below`); then each segment of fewer than ``min_size`` pixels joins
+    its lowest-border neighbour."""
     n = int(labels.max()) + 1
     pairs, sums, counts = region_edges(labels, heights)
-    mean = sums / (2.0 * 255.0 * np.maximum(counts, 1))
-    lut = _components(n, pairs[mean < merge_threshold])
+    lut = merge_below(n, pairs, sums, counts, merge_threshold)
     if min_size > 1 and len(pairs):
         lut = _absorb_small(labels, lut, pairs, sums, counts, min_size)
     # compact: background 0 stays 0, the rest 1..K in order of first appearance in the lut
@@ -71,6 +73,35 @@ def agglomerate(
     new[~present] = 0
     out = new[lut][labels]
     return out.astype(np.int32, copy=False), int(present.sum())
+
+
+def merge_below(n: int, pairs: np.ndarray, sums: np.ndarray, counts: np.ndarray, threshold: float) -> np.ndarray:
+    """Node -> segment (int64) after merging, until none is left, every two segments whose whole
+    shared border has a mean height below ``threshold`` (0-1).
+
+    Each round merges the segments joined by such borders, then measures the borders of the
+    merged segments again: the border of two merged segments is the union of their fragments'
+    borders (its sum and length add up), so no pixel is read again. One round alone (a threshold
+    cut of the fragment graph) leaves a cell split where its fragments' borders run through an
+    organelle; the border of the merged neighbours, measured whole, shows that they belong
+    together. At the end every border between two segments has a mean of at least ``threshold``.
+    """
+    lut = np.arange(n, dtype=np.int64)
+    while len(pairs):
+        mean = sums / (2.0 * 255.0 * np.maximum(counts, 1))
+        low = mean < threshold
+        if not low.any():
+            break
+        step = _components(n, pairs[low])
+        lut = step[lut]
+        a, b = step[pairs[:, 0]], step[pairs[:, 1]]
+        keep = a != b
+        key = np.minimum(a[keep], b[keep]) * n + np.maximum(a[keep], b[keep])
+        uniq, inverse = np.unique(key, return_inverse=True)
+        sums = np.bincount(inverse, weights=sums[keep], minlength=len(uniq))
+        counts = np.bincount(inverse, weights=counts[keep], minlength=len(uniq)).astype(np.int64)
+        pairs = np.stack(np.divmod(uniq, n), axis=1)
+    return lut
 
 
 def _absorb_small(
@@ -100,4 +131,4 @@ def _absorb_small(
     return _components(k, joins)[lut]
 
 
-__all__ = ["agglomerate", "region_edges"]
+__all__ = ["agglomerate", "merge_below", "region_edges"]

@@ -1,0 +1,135 @@
+"""Choose ``emseg segment``'s parameters on annotated slices, then score them once elsewhere.
+
+A grid over the seeds (``maxima`` | ``cores``), the seed threshold, the minimum distance, the
+merge threshold and the minimum size is scored on the tuning prediction's slices (foreground-
+restricted V_rand after thinning, as ``emseg evaluate`` scores a segmentation); the best is
+printed and, with ``--apply``, applied once to another prediction and scored there. Beside each
+segmentation score stands the oracle P(cell) score: V_rand of the thresholded P(cell) at the best
+of 11 thresholds chosen on the scored slices themselves (``emseg evaluate``'s figure).
+
+The fair protocol for ISBI 2012: tune on a model that did not train on the tuning slices (e.g.
+trained on 0-19, tuned on its prediction of 20-26), then apply to the main model's prediction of
+27-29, which nothing was chosen on::
+
+    python benchmarks/segment_tune.py --tune predT.zarr tune.zarr 20:27 --apply pred.zarr isbi.zarr 27:30 \
+        --json benchmarks/results/segment_quality.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def load(pred: str, data: str, span: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """(P(cell) uint8 (Z, Y, X), truth {0, 1} (Z, Y, X), first slice) of data slices A:B."""
+    from emseg.io.zarr import first_slice, open_ome
+    from emseg.segmentation.blocks import as_probability
+
+    a, b = (int(v) for v in span.split(":"))
+    prediction, image = open_ome(pred), open_ome(data)
+    offset = first_slice(prediction)
+    prob = as_probability(np.asarray(prediction.array[a - offset : b - offset]))
+    truth = (np.asarray(image.labels["cells"].array[a:b]) > 0).astype(np.uint8)
+    return prob, truth, a
+
+
+def oracle(prob: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    """(best V_rand of thresholded P(cell) over ``emseg evaluate``'s thresholds, that threshold)."""
+    from emseg.evaluation.metrics import evaluate_arrays
+
+    scores = evaluate_arrays(prob.astype(np.float32) / 255, truth)
+    return scores.v_rand, scores.v_rand_threshold
+
+
+def segment(prob: np.ndarray, params: dict) -> np.ndarray:
+    from emseg.segmentation.blocks import Job, segment_image
+
+    job = Job(prob="", scratch="", labels="", faces="", done="", mode="2d", voxel_size=(50.0, 4.0, 4.0), **params)
+    return segment_image(prob, job)[0]
+
+
+def score(labels: np.ndarray, truth: np.ndarray) -> float:
+    from emseg.evaluation.instances import score_instances
+
+    return score_instances(labels, truth).v_rand
+
+
+def grid(prob: np.ndarray, truth: np.ndarray, args: argparse.Namespace) -> list[tuple[float, dict]]:
+    """Scores of every combination, best first (min size fixed at its middle value first, then
+    the best combinations' min sizes)."""
+    from emseg.segmentation.agglomerate import agglomerate
+    from emseg.segmentation.watershed import fragments
+
+    results = []
+    for seeds, seed_thr, dist in itertools.product(args.seeds, args.seed_thresholds, args.min_distances):
+        frags = [fragments(p, seed_thr, dist, None, seeds) for p in prob]
+        for merge, size in itertools.product(args.merge_thresholds, args.min_sizes):
+            labels = np.stack([agglomerate(f, h, merge, size)[0] for f, h in frags])
+            params = {
+                "seeds": seeds,
+                "seed_threshold": seed_thr,
+                "min_distance": dist,
+                "merge_threshold": merge,
+                "min_size": size,
+            }
+            results.append((score(labels, truth), params))
+    return sorted(results, key=lambda r: -r[0])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tune", nargs=3, metavar=("PRED", "DATA", "A:B"), required=True)
+    parser.add_argument("--apply", nargs=3, metavar=("PRED", "DATA", "A:B"))
+    parser.add_argument("--seeds", nargs="+", default=["maxima", "cores"])
+    parser.add_argument("--seed-thresholds", nargs="+", type=float, default=[0.5, 0.6, 0.7, 0.8, 0.9])
+    parser.add_argument("--min-distances", nargs="+", type=int, default=[2, 4, 7, 10, 15])
+    parser.add_argument("--merge-thresholds", nargs="+", type=float, default=[0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
+    parser.add_argument("--min-sizes", nargs="+", type=int, default=[30, 100, 200])
+    parser.add_argument("--defaults", action="store_true", help="Also score emseg's default parameters.")
+    parser.add_argument("--json", dest="json_path", type=Path)
+    args = parser.parse_args()
+
+    from emseg.config import SegmentConfig
+
+    t0 = time.perf_counter()
+    prob, truth, _ = load(*args.tune)
+    ranked = grid(prob, truth, args)
+    best_score, best = ranked[0]
+    p_best, p_thr = oracle(prob, truth)
+    report: dict = {
+        "machine": platform.processor() or platform.machine(),
+        "date": time.strftime("%Y-%m-%d"),
+        "tune": {"pred": args.tune[0], "slices": args.tune[2], "segment_v_rand": best_score, "p_best": p_best},
+        "p_best_threshold_tune": p_thr,
+        "chosen": best,
+        "top5": [{"v_rand": s, **p} for s, p in ranked[:5]],
+        "combinations": len(ranked),
+    }
+    defaults = SegmentConfig()
+    default_params = {k: getattr(defaults, k) for k in best}
+    print(f"tuned on {args.tune[0]} {args.tune[2]}: segment {best_score:.4f} with {best}; P(cell) best {p_best:.4f}")
+    if args.apply:
+        prob2, truth2, _ = load(*args.apply)
+        applied = score(segment(prob2, best), truth2)
+        p2, t2 = oracle(prob2, truth2)
+        report["apply"] = {"pred": args.apply[0], "slices": args.apply[2], "segment_v_rand": applied, "p_best": p2}
+        report["p_best_threshold_apply"] = t2
+        print(f"applied to {args.apply[0]} {args.apply[2]}: segment {applied:.4f}; P(cell) best {p2:.4f} (t {t2})")
+        if args.defaults:
+            report["apply"]["defaults_v_rand"] = score(segment(prob2, default_params), truth2)
+            print(f"  defaults {default_params}: {report['apply']['defaults_v_rand']:.4f}")
+    report["seconds"] = time.perf_counter() - t0
+    if args.json_path:
+        args.json_path.parent.mkdir(parents=True, exist_ok=True)
+        args.json_path.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
