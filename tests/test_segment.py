@@ -314,3 +314,21 @@ def test_merging_measures_the_whole_border_of_merged_segments():
     assert single[1] == single[2] and single[3] != single[1]
     # every border left between two segments has a mean of at least the threshold
     assert merge_below(5, pairs, sums, counts, 0.3)[3] != merge_below(5, pairs, sums, counts, 0.3)[1]
+
+
+def test_a_segmentation_sits_where_its_prediction_sits(small: dict[str, Path], tmp_path: Path) -> None:
+    """A prediction of slices A:B starts at z = A x voxel z; its segmentation (own store or
+    --into) carries the same translation at every level, so viewers overlay the two."""
+    labels = small["labels"]
+    pred = tmp_path / "pred.zarr"
+    root = create_image_store(pred, "0.4", attrs={"emseg": provenance("predict", complete=True)})
+    spec = LevelSpec(shape=labels.shape, dtype="uint8", chunks=(1, 128, 128), pyramid_min_size=128)
+    arrays = create_multiscale(root, spec, (50.0, 4.0, 4.0), "0.4", "probabilities", origin=(1350.0, 0.0, 0.0))
+    arrays[0][:] = np.round(prob_from_labels(labels) * 255).astype(np.uint8)
+    root.require_group("labels").attrs.update({"labels": []})
+    assert open_ome(pred).origin == (1350.0, 0.0, 0.0)
+    seg = open_ome(segment_store(pred, tmp_path / "seg.zarr", SegmentConfig(block=128)))
+    assert seg.origin == (1350.0, 0.0, 0.0)
+    entry = dict(seg.attrs)["multiscales"][0]
+    shifts = [t["translation"] for d in entry["datasets"] for t in d["coordinateTransformations"][1:]]
+    assert shifts == [[1350.0, 0.0, 0.0], [1350.0, 2.0, 2.0]] and entry["type"] == "mode"
