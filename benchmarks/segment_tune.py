@@ -86,7 +86,7 @@ def grid(prob: np.ndarray, truth: np.ndarray, args: argparse.Namespace) -> list[
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tune", nargs=3, metavar=("PRED", "DATA", "A:B"), required=True)
-    parser.add_argument("--apply", nargs=3, metavar=("PRED", "DATA", "A:B"))
+    parser.add_argument("--apply", nargs=3, metavar=("PRED", "DATA", "A:B"), action="append", default=[])
     parser.add_argument("--seeds", nargs="+", default=["maxima", "cores"])
     parser.add_argument("--seed-thresholds", nargs="+", type=float, default=[0.5, 0.6, 0.7, 0.8, 0.9])
     parser.add_argument("--min-distances", nargs="+", type=int, default=[2, 4, 7, 10, 15])
@@ -115,16 +115,17 @@ def main() -> None:
     defaults = SegmentConfig()
     default_params = {k: getattr(defaults, k) for k in best}
     print(f"tuned on {args.tune[0]} {args.tune[2]}: segment {best_score:.4f} with {best}; P(cell) best {p_best:.4f}")
-    if args.apply:
-        prob2, truth2, _ = load(*args.apply)
+    report["apply"] = []
+    for pred, data, span in args.apply:
+        prob2, truth2, _ = load(pred, data, span)
         applied = score(segment(prob2, best), truth2)
         p2, t2 = oracle(prob2, truth2)
-        report["apply"] = {"pred": args.apply[0], "slices": args.apply[2], "segment_v_rand": applied, "p_best": p2}
-        report["p_best_threshold_apply"] = t2
-        print(f"applied to {args.apply[0]} {args.apply[2]}: segment {applied:.4f}; P(cell) best {p2:.4f} (t {t2})")
+        row = {"pred": pred, "slices": span, "segment_v_rand": applied, "p_best": p2, "p_best_threshold": t2}
+        print(f"applied to {pred} {span}: segment {applied:.4f}; P(cell) best {p2:.4f} (threshold {t2})")
         if args.defaults:
-            report["apply"]["defaults_v_rand"] = score(segment(prob2, default_params), truth2)
-            print(f"  defaults {default_params}: {report['apply']['defaults_v_rand']:.4f}")
+            row["defaults_v_rand"] = score(segment(prob2, default_params), truth2)
+            print(f"  defaults {default_params}: {row['defaults_v_rand']:.4f}")
+        report["apply"].append(row)
     report["seconds"] = time.perf_counter() - t0
     if args.json_path:
         args.json_path.parent.mkdir(parents=True, exist_ok=True)

@@ -47,9 +47,15 @@ def exported(isbi_zarr, tmp_path_factory):
 
 
 def _reference(run, x: np.ndarray) -> np.ndarray:
+    """P(cell) of (B, 1, H, W) ``x`` (H, W multiples of the divisor) mirrored by predict's edge
+    context, as emseg's whole-slice pass sees it."""
+    from emseg.inference.tiling import mirrored_context
+
     model = emseg.load_model(run)
+    c = mirrored_context(64, model.emseg_meta["divisor"])
+    mirrored = np.pad(x, ((0, 0), (0, 0), (c, c), (c, c)), mode="reflect")
     with torch.no_grad():
-        return torch.sigmoid(model(torch.from_numpy(x))).numpy()
+        return torch.sigmoid(model(torch.from_numpy(mirrored))).numpy()[..., c:-c, c:-c]
 
 
 def _rdf(folder) -> dict:
@@ -95,8 +101,14 @@ def test_bioimageio_core_prediction_equals_emseg_predict_edges_included(exported
     raw = np.asarray(open_ome(isbi_zarr).array[29])  # a whole slice (512 x 512 ISBI, else 256 x 256)
     tifffile.imwrite(tmp_path / "slice.tif", raw[None], photometric="minisblack")
     store = ingest_stack(tmp_path / "slice.tif", tmp_path / "slice.zarr", IngestConfig(voxel_size=(50, 4, 4)))
-    side = raw.shape[0]  # one tile per slice: emseg's whole-slice pass
-    pred = emseg.predict(run, store, tmp_path / "pred.zarr", tile=side, dtype="float32", precision="fp32", device="cpu")
+    from emseg.inference.tiling import mirrored_context
+    from emseg.models.export import edge_context
+
+    divisor = emseg.load_model(run).emseg_meta["divisor"]
+    context = mirrored_context(64, divisor)
+    assert edge_context(divisor) == context  # the package mirrors the edges as predict's tiles do
+    tile = -(-(raw.shape[0] + 2 * context) // divisor) * divisor  # one tile: the slice and its mirrored context
+    pred = emseg.predict(run, store, tmp_path / "pred.zarr", tile=tile, dtype="float32", precision="fp32", device="cpu")
     ours = np.asarray(open_ome(pred).array[0])
     out = core.predict(model=folder / "rdf.yaml", inputs=raw[None, None].astype(np.float32))
     theirs = out.members["probability"].data.values[0, 0]

@@ -25,6 +25,7 @@ from emseg.inference.tiling import (
     axis_origins,
     check_tiling,
     plan_block,
+    mirrored_context,
     read_reflected,
     reflect_index,
 )
@@ -88,12 +89,15 @@ def test_reflection_matches_numpy_reflect(n, lo, span):
 
 
 def test_axis_origins_cover_small_and_exact_cases():
-    assert axis_origins(0, 100, 512, 64, 16, 32, 100).tolist() == [0]  # a slice smaller than a tile
+    assert axis_origins(0, 100, 512, 64, 16, 32, 100).tolist() == [-32]  # a slice smaller than a tile
     full = axis_origins(0, 8192, 512, 64, 16, 32, 8192)
-    assert full[0] == 0 and full[-1] + 512 == 8192 and len(full) == 19  # MONAI's grid: no tile wasted
-    assert len(axis_origins(0, 4096, 512, 64, 16, 32, 4096)) == 9
+    # mirrored context of 32 px beyond both edges, and still MONAI's 19 tiles
+    assert full[0] == -32 and full[-1] + 512 == 8192 + 32 and len(full) == 19
+    assert len(axis_origins(0, 4096, 512, 64, 16, 32, 4096)) == 10
     inner = axis_origins(4096, 8192, 512, 64, 16, 32, 12288)  # a block between two others
     assert inner[0] == 4096 - 32 and inner[-1] + 512 == 8192 + 32
+    end = axis_origins(8000, 8192, 512, 64, 16, 32, 8192)  # one tile at the end: real context before it
+    assert end.tolist() == [8192 + 32 - 512]
 
 
 def test_bad_tiling_is_refused():
@@ -137,20 +141,21 @@ def _store(tmp: Path, raw: np.ndarray, chunks=(1, 64, 64), name="data.zarr") -> 
     return emseg.ingest(tmp / f"{name}.tif", tmp / name, voxel_size=(50, 4, 4), chunks=chunks)
 
 
-def _whole_slice(model_run: Path, plane: np.ndarray) -> np.ndarray:
-    """One pass of the model over the whole slice, mirror-padded at its end to the model's size
-    grid as predict pads it."""
+def _whole_slice(model_run: Path, plane: np.ndarray, overlap: int) -> np.ndarray:
+    """One pass of the model over the whole slice mirrored by the context predict's tiles add at
+    the slice's edges (half the overlap, on the model's size grid), cropped back to the slice."""
     model = emseg.load_model(model_run)
     meta = model.emseg_meta
+    c = mirrored_context(overlap, meta["divisor"])
     h, w = plane.shape
-    hp = -(-h // meta["divisor"]) * meta["divisor"]
-    wp = -(-w // meta["divisor"]) * meta["divisor"]
-    padded = read_reflected(lambda r, c: plane[r, c], plane.shape, 0, hp, 0, wp)
+    hp = -(-(h + c) // meta["divisor"]) * meta["divisor"]
+    wp = -(-(w + c) // meta["divisor"]) * meta["divisor"]
+    padded = read_reflected(lambda r, col: plane[r, col], plane.shape, -c, hp, -c, wp)
     norm = meta["normalization"]
     x = (torch.from_numpy(padded.astype(np.float32)) - norm["mean"]) / norm["std"]
     with torch.no_grad():
         prob = torch.sigmoid(model(x[None, None]))[0, 0].numpy()
-    return prob[:h, :w]
+    return prob[c : c + h, c : c + w]
 
 
 def test_crop_blending_with_enough_overlap_equals_one_whole_slice_pass(model_run, isbi_arrays, tmp_path):
@@ -171,7 +176,7 @@ def test_crop_blending_with_enough_overlap_equals_one_whole_slice_pass(model_run
         config=PredictConfig(block=128, normalization="checkpoint"),
     )
     tiled = open_ome(out).array[0]
-    whole = _whole_slice(model_run, raw[0])
+    whole = _whole_slice(model_run, raw[0], 2 * halo)
     assert np.abs(tiled - whole).max() < 1e-4
 
 
@@ -189,7 +194,7 @@ def test_gaussian_blending_at_overlap_64_is_close_to_the_whole_slice(model_run, 
         precision="fp32",
         config=PredictConfig(block=128, normalization="checkpoint"),
     )
-    diff = np.abs(open_ome(out).array[0] - _whole_slice(model_run, raw[0]))
+    diff = np.abs(open_ome(out).array[0] - _whole_slice(model_run, raw[0], 64))
     record_property("gaussian_overlap64_max_abs_diff", float(diff.max()))
     record_property("gaussian_overlap64_mean_abs_diff", float(diff.mean()))
     assert diff.max() < 0.2 and diff.mean() < 0.01

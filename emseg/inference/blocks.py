@@ -3,8 +3,8 @@
 A :class:`Block` is plain data (no model, no arrays), so it travels to any dask worker. It
 writes the output region (slice ``z_out``, rows ``y``, columns ``x``: whole output chunks, so no
 two blocks write the same chunk) and reads input slice ``z_in`` over that region grown by the
-tile plan's margin: real neighbouring pixels across chunk and block borders, mirror reflection
-only beyond the stack's true edges. :func:`run_block` runs it through the process's
+tile plan's margin: real neighbouring pixels across chunk and block borders, the slice's mirror
+image beyond its true edges. :func:`run_block` runs it through the process's
 :class:`~emseg.inference.engine.Engine` (built once per process from the checkpoint path), writes
 the probabilities and the membrane mask, and leaves a done-marker for ``--resume``.
 """

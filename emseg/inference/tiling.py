@@ -1,15 +1,15 @@
 """Tile grids, halos, padding and blending windows. Pure numpy, no torch.
 
 Coordinates are global pixel coordinates of a slice ``[0, H) x [0, W)``. A *block* is the part of
-the output one task computes; its tiles cover the block extended by ``context`` pixels of real
-neighbouring pixels where it borders another block, so pixels at block borders have as much
-context as pixels inside it. At the slice's true edges the tiles stop at the edge, like one
-whole-slice pass (mirror reflection only fills up to the size grid or a slice smaller than a tile).
+the output one task computes; its tiles cover the block extended by ``context`` pixels: real
+neighbouring pixels where it borders another block, the slice's mirror image beyond its true
+edges, so pixels at block borders and slice edges have as much context as pixels inside it.
 
 Tile origins are multiples of ``align`` (the model's size divisor) in global coordinates, so every
 tile sees the same pooling phase as one whole-slice pass; with ``blend="crop"`` and
-``overlap >= 2 * halo`` the tiled result therefore equals the whole-slice pass exactly (up to
-floating-point summation order), whatever the blocks.
+``overlap >= 2 * halo`` the tiled result therefore equals one pass over the whole slice mirrored
+by the context (:func:`mirrored_context`) exactly (up to floating-point summation order),
+whatever the blocks.
 """
 
 from __future__ import annotations
@@ -78,30 +78,33 @@ def axis_origins(
 ) -> np.ndarray:
     """Tile origins along one axis covering ``[b0 - context, b1 + context)``.
 
-    Context is added only where the block borders another block: at the axis' true edges
-    (0 and ``length``) the tiles stop at the edge, as a whole-slice pass does (the network's own
-    zero padding is the context there), which saves a row of tiles per edge. The covered domain is
-    widened to multiples of ``align``; origins are multiples of ``align``, the first tile starts at
-    the domain's start and the last ends at its end, and neighbouring tiles overlap by at least
-    ``overlap``. A domain shorter than a tile gets one tile (mirror-padded beyond the edge).
+    The context is real neighbouring pixels where the block borders another block and the
+    slice's mirror image beyond its true edges (0 and ``length``), as the U-Net paper extrapolates
+    missing context by mirroring: a pixel at the slice's edge is predicted from as much context
+    as one inside it, and every view of test-time augmentation sees the same mirrored context.
+    The covered domain is widened to multiples of ``align``; origins are multiples of ``align``,
+    the first tile starts at the domain's start and the last ends at its end, and neighbouring
+    tiles overlap by at least ``overlap``. A domain shorter than a tile gets one tile (mirror-padded
+    beyond the edge); at the slice's end it ends there, with more real context before it.
     """
     if tile % align:
         raise ValueError("tile must be a multiple of align")
     at_end = length is not None and b1 >= length
-    start = b0 if b0 == 0 else b0 - context
-    end = b1 if at_end else b1 + context
-    d0 = max(0, (start // align) * align)  # context never reaches past the slice's edges
-    d1 = -(-end // align) * align
-    if length is not None:
-        d1 = min(d1, -(-length // align) * align)
+    d0 = ((b0 - context) // align) * align
+    d1 = -(-(b1 + context) // align) * align
     span = d1 - d0 - tile
-    if span <= 0:  # one tile; at the true end it ends there (more real context before it instead)
-        origin = d1 - tile if at_end and (b0 > 0 or d1 - tile >= 0) else d0
-        return np.array([max(origin, 0) if b0 == 0 else origin], dtype=np.int64)
+    if span <= 0:  # one tile
+        return np.array([d1 - tile if at_end and b0 > 0 else d0], dtype=np.int64)
     units = span // align
     max_gap = max(1, (tile - overlap) // align)
     n = math.ceil(units / max_gap) + 1
     return d0 + align * np.round(np.linspace(0, units, n)).astype(np.int64)
+
+
+def mirrored_context(overlap: int, align: int) -> int:
+    """Pixels of context each tile grid adds around a block: half the overlap, rounded up to
+    ``align`` (real neighbours inside the slice, its mirror image beyond the edges)."""
+    return -(-(overlap // 2) // align) * align if overlap else 0
 
 
 def window_1d(kind: str, tile: int, overlap: int) -> np.ndarray:
@@ -191,8 +194,8 @@ def plan_block(
     shape: tuple[int, int] | None = None,
 ) -> TilePlan:
     """Tiles for the output block ``y[0]:y[1], x[0]:x[1]`` of a slice of ``shape`` (H, W), with
-    ``overlap // 2`` pixels of context (rounded up to ``align``) where it borders other blocks."""
-    context = -(-(overlap // 2) // align) * align if overlap else 0
+    ``overlap // 2`` pixels of context (rounded up to ``align``) on every side."""
+    context = mirrored_context(overlap, align)
     h, w = shape if shape is not None else (None, None)
     ys = axis_origins(y[0], y[1], tile, overlap, align, context, h)
     xs = axis_origins(x[0], x[1], tile, overlap, align, context, w)

@@ -12,7 +12,7 @@ Writes into a folder:
 
 Both files take (B, 1, H, W) float32 normalised intensities and return (B, 1, H, W) P(cell interior)
 (a sigmoid is part of the exported network). They treat a slice's edges as ``emseg predict`` does
-(:class:`SliceEdges`): the network's own zero padding at the edges, mirror reflection up to a
+(:class:`SliceEdges`): mirror reflection beyond the edges by predict's context and up to a
 multiple of the size divisor, so any size is accepted. NaN pixels mark padding beyond the image:
 the network runs on the rows and columns inside it only, so a tool that tiles and pads with NaN
 gets emseg's prediction at the edges too. The package declares no halo (it is in the README and
@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from emseg._version import __version__
+from emseg.config import PredictConfig
 from emseg.errors import BadInputError
 from emseg.io.outputs import Output, check_output
 from emseg.models.checkpoint import load_trained
@@ -77,17 +78,19 @@ class SliceEdges(nn.Module):
     """``net`` applied as ``emseg predict`` applies it to a slice, for any (B, 1, H, W) input.
 
     Rows and columns that are NaN throughout are padding outside the image: the network runs on
-    the image inside them only, so at the image's edges it sees its own zero padding, as in
-    emseg's whole-slice pass, whatever padding a tool added. The image is mirrored (numpy's
-    "reflect", emseg's one reflection rule) up to a multiple of ``divisor`` at its far end, as
-    predict does, and cut back. The output is 0 outside the image. Every step is a tensor
-    operation (no Python branches on data), so tracing keeps it for TorchScript and ONNX.
+    the image inside them only, whatever padding a tool added. The image is mirrored (numpy's
+    "reflect", emseg's one reflection rule) by ``context`` pixels beyond every edge and up to a
+    multiple of ``divisor`` at its far end, as predict's tiles mirror it (half predict's default
+    overlap, on the size grid: :func:`emseg.inference.tiling.mirrored_context`), and cut back. The
+    output is 0 outside the image. Every step is a tensor operation (no Python branches on data),
+    so tracing keeps it for TorchScript and ONNX.
     """
 
-    def __init__(self, net: nn.Module, divisor: int) -> None:
+    def __init__(self, net: nn.Module, divisor: int, context: int = 0) -> None:
         super().__init__()
         self.net = net
         self.divisor = int(divisor)
+        self.context = int(context)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         real = ~torch.isnan(x)
@@ -95,6 +98,7 @@ class SliceEdges(nn.Module):
         cols = real.any(2).any(1).any(0)
         inputs = x
         back = []
+        c = self.context
         for axis, inside in ((2, rows), (3, cols)):
             n = inside.shape[0]
             index = torch.arange(n, device=x.device)
@@ -102,11 +106,11 @@ class SliceEdges(nn.Module):
             stop = torch.maximum(torch.where(inside, index, -1).max() + 1, start + 1)
             size = stop - start
             grid = torch.div(size + self.divisor - 1, self.divisor, rounding_mode="floor") * self.divisor
-            steps = torch.arange(grid, device=x.device)  # type: ignore[call-overload]  # 0-d tensor: kept dynamic by tracing
+            steps = torch.arange(grid + 2 * c, device=x.device) - c  # type: ignore[call-overload]  # 0-d tensor: kept dynamic by tracing
             m = steps % torch.clamp(2 * (size - 1), min=1)
             reflected = m - 2 * (m - (size - 1)) * (m >= size).to(m.dtype)
             inputs = inputs.index_select(axis, start + reflected)
-            source = torch.minimum((index - start).clamp(min=0), grid - 1)
+            source = torch.minimum((index - start).clamp(min=0), grid - 1) + c
             back.append((axis, source, (index >= start) & (index < stop)))
         y = self.net(inputs)
         for axis, source, _ in back:
@@ -123,6 +127,13 @@ def package_context(halo: int, divisor: int) -> int:
     """The halo the package declares: the network's, rounded up to a multiple of ``divisor``, so a
     tool's blocks start where whole-slice pooling starts (emseg aligns its tiles the same way)."""
     return -(-int(halo) // divisor) * divisor
+
+
+def edge_context(divisor: int) -> int:
+    """The mirrored context ``emseg predict`` gives a slice's edges with its default overlap
+    (:func:`emseg.inference.tiling.mirrored_context`; models/ does not import inference/)."""
+    overlap = PredictConfig.overlap
+    return -(-(overlap // 2) // divisor) * divisor if overlap else 0
 
 
 def normalize(raw: np.ndarray, norm: dict[str, Any]) -> np.ndarray:
@@ -217,7 +228,7 @@ def export_model(run: str | Path, output: str | Path, *, overwrite: bool = False
     halo = int(meta["halo"]) if meta.get("halo") is not None else measure_halo(model, divisor)
     context = package_context(halo, divisor)
     norm = dict(meta["normalization"])
-    net = SliceEdges(Probability(model), divisor).eval()
+    net = SliceEdges(Probability(model), divisor, edge_context(divisor)).eval()
     raw, source = training_crop(meta, divisor, min_side=2 * context + divisor)
     x = torch.from_numpy(normalize(raw, norm))[None, None]
     with torch.no_grad():
