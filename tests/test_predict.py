@@ -24,8 +24,8 @@ from emseg.inference.engine import Engine, EngineSettings, dihedral, dihedral_in
 from emseg.inference.tiling import (
     axis_origins,
     check_tiling,
-    plan_block,
     mirrored_context,
+    plan_block,
     read_reflected,
     reflect_index,
 )
