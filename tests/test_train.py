@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -437,10 +438,31 @@ def test_a_time_limited_run_ends_with_a_decayed_learning_rate_and_says_what_it_s
     from emseg.config import TrainConfig, merge_train
     from emseg.training.loop import fit
 
+    class Recorder:
+        def __init__(self) -> None:
+            self.starts: list[tuple[str, float | None]] = []
+            self.fields: list[dict] = []
+
+        def start(self, description: str, total: float | None, unit: str = "") -> None:
+            self.starts.append((description, total))
+
+        def advance(self, amount: float = 1, **fields) -> None:
+            if amount:  # not the resume point's offset (0 steps here)
+                self.fields.append(fields)
+
+        def finish(self) -> None:
+            pass
+
     run = tmp_path / "run"
     config = merge_train(TrainConfig(), **{**TINY, "epochs": 1000, "steps_per_epoch": 4}, time_limit=30.0)
-    summary = fit(isbi_zarr, run, config, clock=_Clock(1.0))
+    seen = Recorder()
+    summary = fit(isbi_zarr, run, config, clock=_Clock(1.0), progress=seen)
     assert summary["stopped_early"]
+    # the budget ends the run: no total of 4000 steps (and an ETA of hours), the time left instead,
+    # and never a "loss nan" before the first loss is known
+    assert seen.starts == [("train (for 30 s)", None)]
+    assert all("time_left" in f for f in seen.fields) and seen.fields[-1]["time_left"] == "0 s"
+    assert all(math.isfinite(f["loss"]) for f in seen.fields if "loss" in f) and "loss" in seen.fields[-1]
     rows = _rows(run)
     lrs = [float(r["lr"]) for r in rows]
     assert lrs[-1] == pytest.approx(config.lr * config.min_lr_ratio) and lrs[-1] < min(lrs[:-1])

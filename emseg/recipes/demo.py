@@ -220,7 +220,7 @@ def _segmentation(
     """The last step: instance labels of the validation prediction (``emseg segment``), their
     scores and a picture of them (random colours over the EM)."""
     from emseg.config import SegmentConfig
-    from emseg.evaluation.instances import evaluate_instances
+    from emseg.evaluation.instances import boundary_lines, evaluate_instances
     from emseg.io.outputs import write_json_atomic
     from emseg.io.zarr import first_slice, open_ome
     from emseg.segmentation.segment import segment_store
@@ -238,6 +238,7 @@ def _segmentation(
         colours = rng.random((int(ids.max()) + 1, 3)).astype(np.float32)
         grey = (raw - raw.min()) / max(float(raw.max() - raw.min()), 1.0)
         rgb = 0.5 * grey[..., None] + 0.5 * colours[ids]
+        rgb[boundary_lines(ids) != ids] = 0.0  # a dark line between segments: neighbours of like colour stay apart
         rows.append({f"image (slice {z})": raw, "cells: one colour per segment": rgb})
     picture = panel_rows(rows, out / "cells.png")
     return {"segmentation": str(seg), "scores_cells": str(out / "scores-cells.json"), "pictures_cells": str(picture)}

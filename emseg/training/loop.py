@@ -229,9 +229,9 @@ def _duration(seconds: float) -> str:
 class EpochMeter:
     """Loss and pixel accuracy summed on the device since the epoch began (or the run resumed)."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, shown_loss: float = float("nan")) -> None:
         self.loss, self.correct = torch.zeros((), device=device), torch.zeros((), device=device)
-        self.steps, self.started, self.shown_loss = 0, time.perf_counter(), float("nan")
+        self.steps, self.started, self.shown_loss = 0, time.perf_counter(), shown_loss
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, label: torch.Tensor) -> None:
         self.loss += loss.detach()
@@ -363,7 +363,10 @@ def fit(
         judged = average.model if average is not None else model
         validate_model = functools.partial(validate, judged, val, mean, std, device, config, loss_fn, model.divisor)
         per_epoch, total = config.steps_per_epoch, config.epochs * config.steps_per_epoch
-        progress.start("train", total=total, unit="steps")
+        if config.time_limit is None:
+            progress.start("train", total=total, unit="steps")
+        else:  # the budget, not the step count, ends the run: no ETA of hours for a 3-minute run
+            progress.start(f"train (for {_duration(config.time_limit)})", total=None, unit="steps")
         progress.advance(state["step"])
         t0, stop, scores, meter = clock() - state["elapsed"], False, {}, EpochMeter(device)
         spent, sync_every, estimate = float(state["elapsed"]), SYNC_EVERY if dist.enabled else 1, None
@@ -393,7 +396,10 @@ def fit(
             stop = check and config.time_limit is not None and spent > config.time_limit
             if estimate is not None:
                 estimate.step_done(config, total - step - 1, spent)
-            progress.advance(1, loss=meter.shown_loss, crops_per_s=meter.crops_per_s(config.batch_size * dist.world))
+            shown: dict[str, Any] = {} if math.isnan(meter.shown_loss) else {"loss": meter.shown_loss}
+            if config.time_limit is not None:
+                shown["time_left"] = _duration(max(0.0, config.time_limit - spent))
+            progress.advance(1, **shown, crops_per_s=meter.crops_per_s(config.batch_size * dist.world))
             state["step"] = step + 1
             if not (epoch_ends or stop):
                 continue
@@ -408,7 +414,7 @@ def fit(
                 state["elapsed"] = row["seconds"] = clock() - t0
                 save_epoch(run, model, optimizer, meta, row, state, per_epoch, average)
             D.barrier(dist)
-            meter = EpochMeter(device)
+            meter = EpochMeter(device, shown_loss=meter.shown_loss)  # the last loss shown stays until the next
             if stop:
                 log.info(
                     "time limit of %s s reached at epoch %d step %d", config.time_limit, epoch, step % per_epoch + 1
