@@ -372,20 +372,23 @@ SEGMENT_MODES = ("2d", "3d")
 
 @dataclass(frozen=True)
 class SegmentConfig:
-    """How ``emseg segment`` turns P(cell) into instance labels (defaults tuned on ISBI slices 20-26)."""
+    """How ``emseg segment`` turns P(cell) into instance labels. The defaults score best at their
+    worst over two sets that share nothing with ISBI's held-out slices 27-29: ISBI slices 20-26
+    predicted by a model trained on 0-19 only, and a synthetic EM-like stack
+    (benchmarks/segment_tune.py, benchmarks/README.md)."""
 
     #: "2d": every slice on its own (serial sections); "3d": volumes, anisotropy from the voxel size.
     mode: str = "2d"
     #: Seeds grow from the distance transform of the pixels with P(cell) above this.
-    seed_threshold: float = 0.8
+    seed_threshold: float = 0.6
     #: "maxima": distance maxima within 2 * min_distance + 1 pixels; "cores": the confident
     #: regions farther than min_distance from the membrane (finest axis in 3D).
     seeds: str = "maxima"
-    min_distance: int = 15
-    #: Neighbouring fragments merge when their mean P(membrane) along the shared border is below this.
-    merge_threshold: float = 0.5
+    min_distance: int = 4
+    #: Neighbouring segments merge while the mean P(membrane) along their whole shared border is below this.
+    merge_threshold: float = 0.6
     #: Segments of fewer pixels (voxels) join their lowest-border neighbour.
-    min_size: int = 100
+    min_size: int = 200
     #: Block side in y and x (whole chunks); in 3D mode also the block depth in slices.
     block: int = 2048
     #: Pixels each block reads beyond its borders in y and x (scaled by the voxel size in z).
