@@ -182,4 +182,6 @@ def test_preview_config_survives_and_keyword_wins(small: dict[str, Path]) -> Non
     cfg = PreviewConfig(crop=32, samples=3, seed=2)
     three = Image.open(emseg.augment_preview(small["store"], d / "three.png", config=cfg)).size
     one = Image.open(emseg.augment_preview(small["store"], d / "one.png", samples=1, config=cfg)).size
-    assert three[0] == one[0] and three[1] > one[1]  # 4 rows of panels against 2, same width
+    # 4 rows of panels against 2, the same columns (pictures are cropped to what is drawn: a few
+    # pixels of width may differ with the tick labels)
+    assert abs(three[0] - one[0]) <= 0.02 * one[0] and three[1] > 1.5 * one[1]
