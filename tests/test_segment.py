@@ -17,7 +17,7 @@ from emseg.evaluation.instances import boundary_lines, is_instance_store, score_
 from emseg.evaluation.metrics import rand_info_scores
 from emseg.io.outputs import provenance
 from emseg.io.zarr import LevelSpec, create_image_store, create_multiscale, open_ome
-from emseg.segmentation.agglomerate import agglomerate
+from emseg.segmentation.agglomerate import agglomerate, region_edges
 from emseg.segmentation.flood import flood
 from emseg.segmentation.labels import mode2
 from emseg.segmentation.segment import segment_store
@@ -91,6 +91,65 @@ def test_flood_matches_scikit_image_on_a_smooth_map() -> None:
     ours = flood(heights, markers)
     assert (ours > 0).all() and (ours[markers > 0] == markers[markers > 0]).all()
     assert (ours == watershed(heights, markers, connectivity=1)).mean() > 0.97
+
+
+def reference_flood(heights: np.ndarray, markers: np.ndarray) -> np.ndarray:
+    """The flooding order the bucket queue promises, by a heap: seeds in raster order at their
+    height, then the lowest (priority, push order) first; a neighbour (face connectivity, axes in
+    order, lower side first) is labelled when pushed, at priority max(its height, the level)."""
+    import heapq
+
+    labels = markers.astype(np.int32).copy()
+    heap, count = [], 0
+    for index in zip(*np.nonzero(labels > 0), strict=True):
+        heap.append((int(heights[index]), count, index))
+        count += 1
+    heapq.heapify(heap)
+    while heap:
+        level, _, index = heapq.heappop(heap)
+        for axis in range(heights.ndim):
+            for step in (-1, 1):
+                j = list(index)
+                j[axis] += step
+                if 0 <= j[axis] < heights.shape[axis] and labels[tuple(j)] == 0:
+                    labels[tuple(j)] = labels[index]
+                    heapq.heappush(heap, (max(int(heights[tuple(j)]), level), count, tuple(j)))
+                    count += 1
+    return labels
+
+
+@pytest.mark.parametrize("shape", [(40, 37), (6, 17, 15)])
+def test_flood_is_exactly_the_priority_flood(shape: tuple[int, ...]) -> None:
+    rng = np.random.default_rng(len(shape))
+    heights = rng.integers(0, 256, shape).astype(np.uint8)
+    heights[heights < 120] //= 8  # many ties, the case where the order matters
+    markers = np.zeros(shape, np.int32)
+    flat = rng.choice(heights.size, 9, replace=False)
+    markers.reshape(-1)[flat] = np.arange(1, 10)
+    assert np.array_equal(flood(heights, markers), reference_flood(heights, markers))
+
+
+def test_region_edges_are_every_differing_neighbour_pair() -> None:
+    rng = np.random.default_rng(3)
+    for shape in [(30, 41), (5, 12, 9)]:
+        labels = ndi.zoom(rng.integers(1, 8, tuple(-(-s // 4) for s in shape)), 4, order=0)
+        labels = labels[tuple(slice(0, s) for s in shape)].astype(np.int32)
+        heights = rng.integers(0, 256, shape).astype(np.uint8)
+        expected: dict[tuple[int, int], list[float]] = {}
+        for axis in range(labels.ndim):
+            a = np.moveaxis(labels, axis, 0)
+            h = np.moveaxis(heights, axis, 0)
+            for i in range(a.shape[0] - 1):
+                for la, lb, ha, hb in zip(a[i].ravel(), a[i + 1].ravel(), h[i].ravel(), h[i + 1].ravel(), strict=True):
+                    if la != lb:
+                        key = (min(la, lb), max(la, lb))
+                        entry = expected.setdefault(key, [0.0, 0])
+                        entry[0] += float(ha) + float(hb)
+                        entry[1] += 1
+        pairs, sums, counts = region_edges(labels, heights)
+        assert [tuple(p) for p in pairs.tolist()] == sorted(expected)
+        assert sums.tolist() == [expected[k][0] for k in sorted(expected)]
+        assert counts.tolist() == [expected[k][1] for k in sorted(expected)]
 
 
 def test_agglomerate_merges_weak_borders_and_small_fragments() -> None:

@@ -5,14 +5,15 @@ boundary height along their shared border (the mean over the neighbouring pixel 
 pixels' heights). Segments whose whole shared border is below the threshold are merged, round
 after round on the graph, until every border left is at least the threshold
 (:func:`merge_below`); then every segment smaller than the minimum size joins the neighbour it
-shares the lowest border with. The graph is built with
-numpy (``np.unique`` over pixel pairs) and merged with scipy's connected components: skimage's
-``rag_boundary``/``merge_hierarchical`` build a networkx graph in Python, over a hundred times
-slower on a megapixel of fragments, and only the threshold cut is needed here.
+shares the lowest border with. The graph is built with numba (the differing neighbour pairs)
+and numpy (``np.unique`` of their keys), and merged with scipy's connected components:
+skimage's ``rag_boundary``/``merge_hierarchical`` build a networkx graph in Python, over a
+hundred times slower on a megapixel of fragments, and only the threshold cut is needed here.
 """
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
@@ -22,29 +23,47 @@ def region_edges(labels: np.ndarray, heights: np.ndarray) -> tuple[np.ndarray, n
     """The region adjacency graph of ``labels`` ((Y, X) or (Z, Y, X) int labels 1..N) on uint8
     ``heights``: (pairs (E, 2) int64 with a < b, summed heights (E,) float64, pixel pairs (E,)
     int64). The mean border height of edge e is ``sums[e] / (2 * counts[e])``."""
-    keys, weights = [], []
     n = int(labels.max()) + 1
-    for axis in range(labels.ndim):
-        a = _cut(labels, axis, 0)
-        b = _cut(labels, axis, 1)
-        diff = a != b
-        la, lb = a[diff].astype(np.int64), b[diff].astype(np.int64)
-        keys.append(np.minimum(la, lb) * n + np.maximum(la, lb))
-        weights.append(_cut(heights, axis, 0)[diff].astype(np.float64) + _cut(heights, axis, 1)[diff])
-    key = np.concatenate(keys)
-    if key.size == 0:
+    flat = np.ascontiguousarray(labels).reshape(-1)
+    hflat = np.ascontiguousarray(heights).reshape(-1)
+    none_k, none_w = np.zeros(0, np.int64), np.zeros(0, np.float64)
+    axes, total = [], 0
+    for axis in range(labels.ndim):  # axis as (outer, length, inner) of the flat array
+        outer, inner = int(np.prod(labels.shape[:axis])), int(np.prod(labels.shape[axis + 1 :]))
+        axes.append((outer, labels.shape[axis], inner, total))
+        total += _border_pairs(flat, hflat, outer, labels.shape[axis], inner, n, none_k, none_w, False)
+    if total == 0:
         return np.zeros((0, 2), np.int64), np.zeros(0), np.zeros(0, np.int64)
-    uniq, inverse = np.unique(key, return_inverse=True)
-    sums = np.bincount(inverse, weights=np.concatenate(weights))
+    keys, weights = np.empty(total, np.int64), np.empty(total, np.float64)
+    for outer, length, inner, start in axes:
+        _border_pairs(flat, hflat, outer, length, inner, n, keys[start:], weights[start:], True)
+    uniq, inverse = np.unique(keys, return_inverse=True)
+    sums = np.bincount(inverse, weights=weights)
     counts = np.bincount(inverse).astype(np.int64)
     return np.stack(np.divmod(uniq, n), axis=1), sums, counts
 
 
-def _cut(array: np.ndarray, axis: int, first: int) -> np.ndarray:
-    """``array`` without its last (``first=0``) or first (``first=1``) plane along ``axis``."""
-    index = [slice(None)] * array.ndim
-    index[axis] = slice(0, -1) if first == 0 else slice(1, None)
-    return array[tuple(index)]
+@numba.njit(cache=True, nogil=True)
+def _border_pairs(
+    labels: np.ndarray, heights: np.ndarray, outer: int, length: int, inner: int, n: int,
+    keys: np.ndarray, weights: np.ndarray, fill: bool,
+) -> int:  # pragma: no cover - compiled  # fmt: skip
+    """The neighbouring pixel pairs along one axis whose labels differ: their count, and with
+    ``fill`` their keys ``min * n + max`` and summed heights. The axis is the middle one of the
+    flat arrays seen as (outer, length, inner)."""
+    e = 0
+    for a in range(outer):
+        for k in range(length - 1):
+            base = (a * length + k) * inner
+            for b in range(inner):
+                i = base + b
+                la, lb = labels[i], labels[i + inner]
+                if la != lb:
+                    if fill:
+                        keys[e] = np.int64(min(la, lb)) * n + max(la, lb)
+                        weights[e] = np.float64(heights[i]) + np.float64(heights[i + inner])
+                    e += 1
+    return e
 
 
 def _components(n: int, pairs: np.ndarray) -> np.ndarray:
@@ -61,18 +80,18 @@ def agglomerate(
     (0-1) merge (:func:`merge_below`); then each segment of fewer than ``min_size`` pixels joins
     its lowest-border neighbour."""
     n = int(labels.max()) + 1
+    sizes = np.bincount(labels.reshape(-1), minlength=n)
     pairs, sums, counts = region_edges(labels, heights)
     lut = merge_below(n, pairs, sums, counts, merge_threshold)
     if min_size > 1 and len(pairs):
-        lut = _absorb_small(labels, lut, pairs, sums, counts, min_size)
+        lut = _absorb_small(sizes, lut, pairs, sums, counts, min_size)
     # compact: background 0 stays 0, the rest 1..K in order of first appearance in the lut
     present = np.zeros(int(lut.max()) + 1, bool)
-    present[lut[np.unique(labels)]] = True
+    present[lut[sizes > 0]] = True
     present[lut[0]] = False
     new = np.cumsum(present).astype(np.int32)
     new[~present] = 0
-    out = new[lut][labels]
-    return out.astype(np.int32, copy=False), int(present.sum())
+    return new[lut][labels], int(present.sum())
 
 
 def merge_below(n: int, pairs: np.ndarray, sums: np.ndarray, counts: np.ndarray, threshold: float) -> np.ndarray:
@@ -105,11 +124,11 @@ def merge_below(n: int, pairs: np.ndarray, sums: np.ndarray, counts: np.ndarray,
 
 
 def _absorb_small(
-    labels: np.ndarray, lut: np.ndarray, pairs: np.ndarray, sums: np.ndarray, counts: np.ndarray, min_size: int
+    fragment_sizes: np.ndarray, lut: np.ndarray, pairs: np.ndarray, sums: np.ndarray, counts: np.ndarray, min_size: int
 ) -> np.ndarray:
     """``lut`` after every merged segment smaller than ``min_size`` joined the neighbour it
     shares the lowest mean border with (one round; a small one may join a small one)."""
-    sizes = np.bincount(lut[labels].ravel(), minlength=int(lut.max()) + 1)
+    sizes = np.bincount(lut, weights=fragment_sizes, minlength=int(lut.max()) + 1)
     a, b = lut[pairs[:, 0]], lut[pairs[:, 1]]
     keep = a != b
     a, b, s, c = a[keep], b[keep], sums[keep], counts[keep]

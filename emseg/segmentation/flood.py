@@ -2,9 +2,17 @@
 
 Why by hand: scikit-image's ``watershed`` keeps a binary heap of float64 heights and floods
 about 2 MPix/s per core; the boundary maps here have 256 levels, so a queue per level (a
-hierarchical queue, Meyer's flooding) does the same work in O(N) at 30-60 MPix/s. Ties flood
-first in, first out, as in scikit-image; a pixel takes the label of the neighbour that pushed
-it. Any number of dimensions, face connectivity (4 in 2D, 6 in 3D).
+hierarchical queue, Meyer's flooding) does the same work in O(N). Ties flood first in, first
+out, as in scikit-image; a pixel takes the label of the neighbour that pushed it. Any number of
+dimensions, face connectivity (4 in 2D, 6 in 3D).
+
+The queues are laid out for the cache, which decides the speed on slices of a few megapixels:
+a pixel waiting for a level above the one being flooded waits at its own height, so each
+level's queue gets a fixed slice of one array (sized by the height histogram), and the pixels
+pushed at the current level go to a second plain array. Both are read and written in order;
+the only random accesses are the neighbours' bytes in a "done" mask and the heights, and one
+label write per pixel (a linked list through the pixels, the first version, was 2x slower
+above 2000² and gave the same labels).
 """
 
 from __future__ import annotations
@@ -18,36 +26,56 @@ def _flood(heights: np.ndarray, labels: np.ndarray, offsets: np.ndarray) -> None
     """Flood ``labels`` (flat int32 of the padded image, -1 on the pad, 0 = unlabelled, >0 =
     seeds) over flat uint8 ``heights`` in place."""
     n = labels.size
-    nxt = np.empty(n, dtype=offsets.dtype)  # the next pixel in the same level's queue
-    head = np.full(256, -1, dtype=offsets.dtype)
-    tail = np.full(256, -1, dtype=offsets.dtype)
+    hist = np.zeros(257, np.int64)
     for i in range(n):
-        if labels[i] > 0:
-            h = heights[i]
-            nxt[i] = -1
-            if tail[h] < 0:
-                head[h] = i
-            else:
-                nxt[tail[h]] = i
-            tail[h] = i
+        if labels[i] >= 0:
+            hist[heights[i] + 1] += 1
+    start = np.cumsum(hist)  # level L's queue: slots start[L] .. start[L + 1] of bucket
+    fill = start[:256].copy()
+    bucket = np.empty(n, offsets.dtype)
+    bucket_label = np.empty(n, np.int32)
+    current = np.empty(n, offsets.dtype)  # pushed while its level is being flooded
+    current_label = np.empty(n, np.int32)
+    done = np.zeros(n, np.uint8)
+    for i in range(n):
+        lab = labels[i]
+        if lab != 0:
+            done[i] = 1
+            if lab > 0:
+                h = heights[i]
+                bucket[fill[h]] = i
+                bucket_label[fill[h]] = lab
+                fill[h] += 1
     for level in range(256):
-        while head[level] >= 0:
-            i = head[level]
-            head[level] = nxt[i]
-            if head[level] < 0:
-                tail[level] = -1
-            lab = labels[i]
+        # first in, first out: what waited for this level (all pushed earlier), then what it pushes
+        b = start[level]
+        c = 0
+        end = 0
+        while True:
+            if b < fill[level]:
+                i = bucket[b]
+                lab = bucket_label[b]
+                b += 1
+            elif c < end:
+                i = current[c]
+                lab = current_label[c]
+                c += 1
+            else:
+                break
             for k in range(offsets.size):
                 j = i + offsets[k]
-                if labels[j] == 0:
+                if done[j] == 0:
+                    done[j] = 1
                     labels[j] = lab
-                    h = max(heights[j], level)
-                    nxt[j] = -1
-                    if tail[h] < 0:
-                        head[h] = j
+                    h = heights[j]
+                    if h > level:
+                        bucket[fill[h]] = j
+                        bucket_label[fill[h]] = lab
+                        fill[h] += 1
                     else:
-                        nxt[tail[h]] = j
-                    tail[h] = j
+                        current[end] = j
+                        current_label[end] = lab
+                        end += 1
 
 
 def flood(heights: np.ndarray, markers: np.ndarray) -> np.ndarray:
