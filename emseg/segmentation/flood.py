@@ -9,10 +9,11 @@ dimensions, face connectivity (4 in 2D, 6 in 3D).
 The queues are laid out for the cache, which decides the speed on slices of a few megapixels:
 a pixel waiting for a level above the one being flooded waits at its own height, so each
 level's queue gets a fixed slice of one array (sized by the height histogram), and the pixels
-pushed at the current level go to a second plain array. Both are read and written in order;
-the only random accesses are the neighbours' bytes in a "done" mask and the heights, and one
-label write per pixel (a linked list through the pixels, the first version, was 2x slower
-above 2000² and gave the same labels).
+pushed at the current level go to a second plain array. Both are read and written in order,
+and each entry carries its pixel's label, so a popped pixel's label is not read back from the
+image (reading it back was 15 % slower on 2304² blocks); the only random accesses are the
+neighbours' bytes in a "done" mask and the heights, and one label write per pixel (a linked
+list through the pixels, the first version, was 2x slower above 2000² and gave the same labels).
 """
 
 from __future__ import annotations
