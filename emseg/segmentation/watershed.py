@@ -1,8 +1,9 @@
 """Fragments of one image: a seeded watershed of the boundary map ``1 - P(cell)``.
 
-Seeds are the maxima of the distance transform of the confident cell pixels
-(``P(cell) > seed_threshold``): one seed per cell body, and more where a cell has a neck, which
-agglomeration merges back. In 2D the distance is scipy's taxicab chamfer transform (ten times
+Seeds come from the distance transform of the confident cell pixels (``P(cell) >
+seed_threshold``): by default their cores away from the membrane (one seed per cell body, a thin
+bridge between two cells cut), or its maxima (more seeds per cell, which agglomeration merges
+back). In 2D the distance is scipy's taxicab chamfer transform (ten times
 faster than the exact one, and its maxima serve as seeds as well); in 3D the exact Euclidean one
 with the voxel size as sampling, so anisotropic stacks get round seeds. Flooding is
 :func:`~emseg.segmentation.flood.flood` (a bucket-queue watershed).
