@@ -1,8 +1,8 @@
 """Speed of ``emseg segment`` in 2D mode on an ISBI-like P(cell) map, per CPU core.
 
-The map is a prediction store's slice (default: ISBI slice 0 as predicted by the README's small
-CPU model) mirrored into a ``--side``² slice (tile_isbi_like), or a synthetic map when no store
-is given. Two figures, one thread each: the per-slice work alone (seeds, flooding,
+The map is the first slice of a prediction store (e.g. the README's small CPU model's prediction
+of ISBI 27-29) mirrored into a ``--side``² slice (tile_isbi_like), or a synthetic map when no
+store is given. Two figures, one thread each: the per-slice work alone (seeds, flooding,
 agglomeration: ``segment_image``) and the whole command (``segment_store`` with ``threads=1``:
 reading, both passes, stitching, the pyramid). Wall-clock and process CPU seconds are both
 given: on a shared machine CPU seconds are the fairer per-core figure.
@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import tempfile
 import time
 from pathlib import Path
@@ -82,6 +84,8 @@ def main() -> None:
         create_multiscale(root, spec, (50, 4, 4), "0.4", "probabilities")[0][:] = np.round(prob * 255).astype(np.uint8)
         cmd_wall, cmd_cpu = timed(lambda: segment_store(store, Path(tmp) / "seg.zarr", cfg))
     result = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}",
         "side": args.side,
         "mpix": mpix,
         "map": args.pred or "synthetic",
