@@ -373,9 +373,10 @@ SEGMENT_MODES = ("2d", "3d")
 @dataclass(frozen=True)
 class SegmentConfig:
     """How ``emseg segment`` turns P(cell) into instance labels. The defaults score best at their
-    worst, against the best threshold of the same P(cell), over four cross-validation folds of
-    ISBI slices 0-26 (each predicted by a small model that did not train on it), none of which
-    is the held-out 27-29 (benchmarks/README.md)."""
+    worst, against the best threshold of the same P(cell), over five sets, none of them ISBI's
+    held-out 27-29: four cross-validation folds of ISBI slices 0-26 (each predicted by a small
+    model that did not train on it) and ``emseg demo``'s synthetic stack predicted by its
+    3-minute model (benchmarks/README.md)."""
 
     #: "2d": every slice on its own (serial sections); "3d": volumes, anisotropy from the voxel size.
     mode: str = "2d"
@@ -384,12 +385,12 @@ class SegmentConfig:
     #: "maxima": distance maxima within 2 * min_distance + 1 pixels; "cores": the confident
     #: regions farther than min_distance from the membrane (finest axis in 3D).
     seeds: str = "cores"
-    min_distance: int = 2
+    min_distance: int = 4
     #: Neighbouring segments merge, lowest border first, while the mean P(membrane) along their
     #: whole shared border is below this.
-    merge_threshold: float = 0.82
+    merge_threshold: float = 0.78
     #: Segments of fewer pixels (voxels) join their lowest-border neighbour.
-    min_size: int = 100
+    min_size: int = 200
     #: Block side in y and x (whole chunks); in 3D mode also the block depth in slices.
     block: int = 2048
     #: Pixels each block reads beyond its borders in y and x (scaled by the voxel size in z).
