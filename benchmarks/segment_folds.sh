@@ -2,11 +2,13 @@
 # The cross-validation folds emseg segment's defaults were tuned on (benchmarks/README.md,
 # "Instance segmentation"): ISBI 2012 slices 0-26 only (27-29 stay held out), four small CPU
 # models (the README's configuration, 400 steps), each trained without one fold of 7 slices and
-# predicting it. Then benchmarks/segment_tune.py scores the grid on the four predictions.
+# predicting it. Then benchmarks/segment_tune.py scores the grid on the four predictions and on
+# `emseg demo`'s (its synthetic stack's validation slices 27-29, predicted by its 3-minute model).
 #
 #   bash benchmarks/segment_folds.sh ../shared/data/isbi2012 /tmp/folds      # STEPS=40 x 10 epochs
 #   python benchmarks/segment_tune.py --tune /tmp/folds/predA.zarr /tmp/folds/tune.zarr 0:7 \
-#       --tune /tmp/folds/predB.zarr /tmp/folds/tune.zarr 7:14 ... --apply pred.zarr isbi.zarr 27:30
+#       --tune /tmp/folds/predB.zarr /tmp/folds/tune.zarr 7:14 ... \
+#       --tune emseg-demo/pred-val.zarr emseg-demo/train.zarr 27:30 --apply pred.zarr isbi.zarr 27:30
 set -euo pipefail
 isbi=${1:?ISBI folder with train-volume.tif and train-labels.tif}
 out=${2:?output folder}

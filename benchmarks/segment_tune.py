@@ -13,10 +13,12 @@ it (e.g. a model trained on the other 20 slices of a store of slices 0-26, with 
 on the fold); a setting's figure is its worst margin over the folds against each fold's own
 best threshold (the issue's target is relative, and folds differ in how hard they are). The
 best is applied once to the main models' predictions of 27-29, which nothing was chosen on.
-``--synthetic`` adds a synthetic EM-like stack as one more fold::
+emseg's defaults also had ``emseg demo``'s prediction of its synthetic stack as a fifth set;
+``--synthetic`` adds a soft map (blurred ground truth) as one more::
 
     python benchmarks/segment_tune.py --tune predA.zarr tune.zarr 0:7 --tune predB.zarr tune.zarr 7:14 \
         --tune predC.zarr tune.zarr 13:20 --tune predT.zarr tune.zarr 20:27 \
+        --tune emseg-demo/pred-val.zarr emseg-demo/train.zarr 27:30 \
         --apply pred.zarr isbi.zarr 27:30 --defaults --json benchmarks/results/segment_tuning.json
 """
 
