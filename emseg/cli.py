@@ -779,6 +779,8 @@ def demo_cmd(
     table.add_row("V_rand (validation)", f"{s['v_rand']:.4f} at threshold {s['v_rand_threshold']:.1f}")
     table.add_row("V_info (validation)", f"{s['v_info']:.4f} at threshold {s['v_info_threshold']:.1f}")
     table.add_row("pixel accuracy", f"{s['pixel_accuracy']:.4f}")
+    if "cells_v_rand" in s:
+        table.add_row("V_rand (cells)", f"{s['cells_v_rand']:.4f}, {s['cells_objects']} cells from emseg segment")
     for name, path in result.outputs.items():
         table.add_row(name.replace("_", " "), path)
     stdout.print(table)

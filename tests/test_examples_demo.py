@@ -36,6 +36,8 @@ def test_demo_runs_end_to_end_on_synthetic_data(tmp_path, monkeypatch):
     scores = json.loads(Path(result.outputs["scores"]).read_text())
     assert 0 < scores["v_rand"] <= 1 and 0 < scores["pixel_accuracy"] <= 1
     assert result.scores["steps"] >= 1
+    cells = json.loads(Path(result.outputs["scores_cells"]).read_text())
+    assert result.scores["cells_v_rand"] == cells["v_rand"] and result.scores["cells_objects"] == cells["n_objects"] > 0
     assert emseg.info(result.outputs["prediction_test"])["shape"] == [8, 128, 128]
 
 

@@ -12,13 +12,16 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from emseg.config import ISBI_VOXEL_SIZE_NM, IngestConfig, ModelConfig, PredictConfig, TrainConfig
 from emseg.errors import BadInputError
 from emseg.progress import Reporter
+
+if TYPE_CHECKING:
+    from emseg.evaluation.instances import InstanceScores
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +190,9 @@ def run_demo(
         pictures_validation=str(_pictures(train, pred_val, val, out / "validation.png", with_truth=True)),
         pictures_test=str(_pictures(test, pred_test, (0, 10, 20), out / "test.png", with_truth=False)),
     )
-    result.outputs.update(_segmentation(train, pred_val, val, out, progress))
+    outputs, cells = _segmentation(train, pred_val, val, out, progress)
+    result.outputs.update(outputs)
+    result.scores.update(cells_v_rand=cells.v_rand, cells_objects=cells.n_objects)
     return result
 
 
@@ -216,9 +221,9 @@ def _pictures(data: Path, pred: Path, slices: tuple[int, ...], output: Path, wit
 
 def _segmentation(
     data: Path, pred: Path, slices: tuple[int, ...], out: Path, progress: Reporter | None
-) -> dict[str, str]:
+) -> tuple[dict[str, str], InstanceScores]:
     """The last step: instance labels of the validation prediction (``emseg segment``), their
-    scores and a picture of them (random colours over the EM)."""
+    scores and a picture of them (random colours over the EM): (outputs, scores)."""
     from emseg.config import SegmentConfig
     from emseg.evaluation.instances import boundary_lines, evaluate_instances
     from emseg.io.outputs import write_json_atomic
@@ -227,7 +232,8 @@ def _segmentation(
     from emseg.viz import panel_rows
 
     seg = segment_store(pred, out / "cells-val.zarr", SegmentConfig(overwrite=True), progress=progress)
-    write_json_atomic(out / "scores-cells.json", evaluate_instances(seg, data).to_dict())
+    cells = evaluate_instances(seg, data)
+    write_json_atomic(out / "scores-cells.json", cells.to_dict())
     image, labels = open_ome(data), open_ome(seg)
     offset = first_slice(open_ome(pred))
     rng = np.random.default_rng(0)
@@ -241,4 +247,5 @@ def _segmentation(
         rgb[boundary_lines(ids) != ids] = 0.0  # a dark line between segments: neighbours of like colour stay apart
         rows.append({f"image (slice {z})": raw, "cells: one colour per segment": rgb})
     picture = panel_rows(rows, out / "cells.png")
-    return {"segmentation": str(seg), "scores_cells": str(out / "scores-cells.json"), "pictures_cells": str(picture)}
+    outputs = {"segmentation": str(seg), "scores_cells": str(out / "scores-cells.json"), "pictures_cells": str(picture)}
+    return outputs, cells
