@@ -167,11 +167,13 @@ def _merge_hierarchical(
                 else:
                     eb[e2] = u
         adjacency[v].clear()
-    for i in range(n):
+    for i in range(n):  # each merge hung a root under a root: find each node's root, compressing the path
         root = i
         while parent[root] != root:
             root = parent[root]
-        parent[i] = root
+        node = i
+        while parent[node] != root:
+            parent[node], node = root, parent[node]
     return parent
 
 
