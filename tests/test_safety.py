@@ -99,9 +99,10 @@ COMMANDS = {
         lambda w, o: ["predict", w["run"], w["data"], "-o", o, "--tile", "32", "--overlap", "8", "--device", "cpu"],
         "run",
     ),
+    "segment": (lambda w, o: ["segment", w["pred"], "-o", o, "--block", "32", "-q"], "pred"),
     "export": (lambda w, o: ["export", w["pred"], "-o", o, "--format", "tif", "-q"], "pred"),
     "export-png": (lambda w, o: ["export", w["pred"], "-o", o, "--format", "png", "-q"], "pred"),
-    "export-model": (lambda w, o: ["export-model", w["run"], "-o", o], "run"),
+    "export-model": (lambda w, o: ["export-model", w["run"], "-o", o, "-q"], "run"),
     "evaluate": (lambda w, o: ["evaluate", w["pred"], w["data"], "--json", o], "pred"),
     "evaluate-data": (lambda w, o: ["evaluate", w["pred"], w["data"], "--json", o], "data"),
     "show": (lambda w, o: ["show", w["data"], "-o", o, "--pred", w["pred"]], "data"),
@@ -187,6 +188,91 @@ def test_no_command_writes_over_what_is_not_its_own(world, tmp_path, cli, comman
     assert message.startswith("emseg: error:") and "\n" not in message, message
     assert "Traceback" not in result.output
     assert (tree_digest(world["root"]), tree_digest(scratch)) == before
+
+
+# --- emseg's own lock and partial are emseg's: never followed, truncated or deleted ----------
+
+#: Commands whose output is resumable: they keep an unfinished output in ``.NAME.partial/``.
+RESUMABLE = ("predict", "segment")
+OWN_PATHS = (
+    "the lock is a symlink to a user's file",
+    "the lock is a hard link to a user's file",
+    "the lock is a folder",
+    "the lock is a FIFO",
+    "the lock holds a user's text",
+    "the partial is a user's folder",
+    "the partial is a user's file",
+    "a user's folder is named like a dead run's partial",
+)
+
+
+def _plant(case: str, out: Path, scratch: Path) -> None:
+    """Put what ``case`` names where emseg keeps its lock or partial for the output ``out``."""
+    lock, partial = out.parent / f".{out.name}.lock", out.parent / f".{out.name}.partial"
+    user = scratch / "precious.txt"
+    user.write_bytes(FOREIGN)
+    if case == "the lock is a symlink to a user's file":
+        lock.symlink_to(user)
+    elif case == "the lock is a hard link to a user's file":
+        os.link(user, lock)
+    elif case == "the lock is a folder":
+        lock.mkdir()
+        (lock / "notes.txt").write_bytes(FOREIGN)
+    elif case == "the lock is a FIFO":
+        os.mkfifo(lock)
+    elif case == "the lock holds a user's text":
+        lock.write_bytes(FOREIGN)
+    elif case == "the partial is a user's folder":
+        partial.mkdir()
+        (partial / "thesis.txt").write_bytes(FOREIGN)
+    elif case == "the partial is a user's file":
+        partial.write_bytes(FOREIGN)
+    else:
+        import subprocess
+
+        dead = subprocess.Popen(["true"])
+        dead.wait()  # its PID no longer runs
+        leftover = out.parent / f".{out.name}.partial-{dead.pid}-0123abcd"
+        leftover.mkdir()
+        (leftover / "thesis.txt").write_bytes(FOREIGN)
+
+
+def _refused(case: str, command: str) -> bool:
+    """Whether ``case`` must stop ``command``: a lock emseg cannot own stops every command; a
+    foreign ``.NAME.partial`` stops the resumable ones (the others never use that name)."""
+    return case.startswith("the lock") or (case.startswith("the partial") and command in RESUMABLE)
+
+
+OWN_CASES = [
+    pytest.param(command, case, marks=[] if _refused(case, command) else [pytest.mark.slow])
+    for command in sorted(COMMANDS)
+    if command not in INPUT_VARIANTS
+    for case in OWN_PATHS
+]
+
+
+@pytest.mark.parametrize("command, case", OWN_CASES)
+def test_emseg_s_lock_and_partial_are_never_followed_truncated_or_deleted(world, tmp_path, cli, command, case):
+    """Every writing command x what a user may have put where emseg keeps its lock or its
+    partial: refused in one line when emseg cannot use it, else the command runs around it;
+    either way every byte that was there stays, and the symlink's target is untouched."""
+    argv_of, _ = COMMANDS[command]
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    out = tmp_path / "out" / "o"
+    out.parent.mkdir()
+    _plant(case, out, scratch)
+    before = tree_digest(tmp_path)
+    result = cli(*argv_of(world, out))
+    if _refused(case, command):
+        assert result.exit_code == 2, (case, result.output)
+        message = result.stderr.strip()
+        assert message.startswith("emseg: error:") and "\n" not in message, message
+        assert tree_digest(tmp_path) == before
+    else:
+        assert result.exit_code == 0, (case, result.output)
+        after = tree_digest(tmp_path)
+        assert {k: v for k, v in after.items() if k in before} == before  # what was there stays
 
 
 # --- --overwrite replaces what emseg wrote --------------------------------------------------

@@ -29,19 +29,24 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import fcntl
 import json
+import logging
 import os
+import re
 import shutil
 import stat
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import Any
 
 from emseg._version import __version__
-from emseg.errors import BadInputError, EmsegRuntimeError
+from emseg.errors import BadInputError, EmsegError, EmsegRuntimeError
+
+log = logging.getLogger(__name__)
 
 PARTIAL_TAG = ".partial"
 PREVIOUS_TAG = ".previous-"
@@ -50,6 +55,11 @@ LOCK_SUFFIX = ".lock"
 CONTENT_NAME = "store.zarr"
 DONE_DIR = "done"
 SETTINGS_FILE = "settings.json"
+#: The marker file emseg writes first into a resumable partial: a partial without it (and not
+#: one of emseg's from before it) is a user's and is never deleted.
+PARTIAL_MARKER = "emseg-partial.json"
+#: Everything emseg puts into a resumable partial (segment adds its scratch array and faces).
+_PARTIAL_ENTRIES = frozenset({PARTIAL_MARKER, CONTENT_NAME, DONE_DIR, SETTINGS_FILE, "scratch.zarr", "faces"})
 #: What an output is, which decides its partial (a folder or a file) and what an existing output
 #: must be before ``--overwrite`` replaces it:
 #: "store" an OME-Zarr store (only a store emseg wrote is replaced); "run" a folder emseg fills
@@ -201,6 +211,29 @@ def is_emseg_output(path: Path, kind: str) -> bool:
     return bool(entries) and all(p.suffix.lower() == ".png" and is_emseg_file(p) for p in entries)
 
 
+def partial_is_emseg(partial: Path) -> bool:
+    """Whether ``partial`` is a resumable partial folder emseg made: it holds emseg's marker
+    (:data:`PARTIAL_MARKER`), or (made before the marker existed) only what emseg puts there,
+    with a resume record."""
+    if partial.is_symlink() or not partial.is_dir():
+        return False
+    if _json_is_emseg(partial / PARTIAL_MARKER):
+        return True
+    names = {p.name for p in partial.iterdir()}
+    return SETTINGS_FILE in names and all(n in _PARTIAL_ENTRIES or n.startswith(f".{SETTINGS_FILE}.tmp") for n in names)
+
+
+def _read_record(path: Path) -> Any:
+    """A resume record, or None when it is not a small regular JSON file."""
+    try:
+        info = os.lstat(path)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > 2**26:
+            return None
+        return json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+
+
 def _real(path: Path) -> Path:
     return Path(os.path.realpath(path))
 
@@ -283,50 +316,136 @@ def check_output(
 
 # --- the lock -------------------------------------------------------------------------------
 
+#: What emseg writes into its lock file: "PID COMMAND". A lock file holding anything else is not
+#: emseg's and is never truncated.
+_LOCK_LINE = re.compile(rb"\A(\d+ [A-Za-z][\w-]*\n?)?\Z")
+#: errno values that mean the destination cannot take a write at all (the user can fix it);
+#: others (a full disk, a write budget, an I/O error) are runtime failures.
+_UNWRITABLE = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EINVAL, errno.EISDIR,
+               errno.ELOOP, errno.ENXIO, errno.EOPNOTSUPP}  # fmt: skip
+
+
+def destination_error(path: Path, exc: OSError, doing: str) -> EmsegError:
+    """An OSError while creating ``path`` as one line: :class:`BadInputError` when the destination
+    cannot be written at all (a read-only or virtual file system such as /proc, no permission),
+    :class:`EmsegRuntimeError` for a failure while writing (a full disk, a write budget)."""
+    message = f"{path}: cannot {doing} ({exc.strerror or exc})"
+    if exc.errno in _UNWRITABLE:
+        return BadInputError(f"{message}; choose a writable destination")
+    return EmsegRuntimeError(message)
+
+
+def _kind_of(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISREG(mode):
+        return "a file"
+    return "a device"
+
+
+def open_own_file(path: Path, what: str) -> int:
+    """Open (creating it) the regular file ``path`` that emseg keeps for itself (a lock) read-write,
+    never through a symbolic link, never a FIFO, socket, device or folder, never a file with
+    other hard links (writing it would change another name's content), never truncating it.
+    Returns the file descriptor; anything else is refused in one line naming ``what`` it is."""
+    wrong = f"{path}: emseg's {what} is {{}}; emseg never writes through it (remove it, or choose another output)"
+    try:
+        mode: int | None = os.lstat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as exc:
+        raise destination_error(path, exc, f"examine its {what}") from None
+    if mode is not None and not stat.S_ISREG(mode):
+        raise BadInputError(wrong.format(_kind_of(mode)))
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # a link appeared since the lstat
+            raise BadInputError(wrong.format("a symbolic link")) from None
+        raise destination_error(path, exc, f"create its {what}") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        os.close(fd)
+        kind = _kind_of(info.st_mode) if not stat.S_ISREG(info.st_mode) else "a hard link to another file"
+        raise BadInputError(wrong.format(kind))
+    os.set_blocking(fd, True)
+    return fd
+
 
 class OutputLock:
     """An exclusive lock (flock) on ``.NAME.lock`` beside the output ``final``; a second writer
     of the same output is refused with :class:`BadInputError`. The lock file names the holder's
-    process and command; the kernel drops the lock when the holder dies."""
+    process and command; the kernel drops the lock when the holder dies. The lock file is emseg's
+    own: a symbolic link, folder, FIFO, hard link or a file with other content at its path is
+    refused (:func:`open_own_file`), never followed, truncated or rewritten."""
 
     def __init__(self, final: Path, command: str = "command") -> None:
         self.final = Path(final)
         self.command = command
         self.path = self.final.parent / f".{self.final.name}{LOCK_SUFFIX}"
-        self._fh: IO[str] | None = None
+        self._fd: int | None = None
 
     def acquire(self) -> None:
         while True:
-            fh = open(self.path, "a+")
+            fd = open_own_file(self.path, "lock file")
             try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                fh.seek(0)
-                holder = fh.read().split()
-                fh.close()
+                holder = os.pread(fd, 256, 0).decode(errors="replace").split()
+                os.close(fd)
                 who = f"emseg {holder[1]} (process {holder[0]})" if len(holder) >= 2 else "emseg command"
                 raise BadInputError(f"{self.final}: another {who} is writing this output") from None
+            except OSError as exc:
+                os.close(fd)
+                raise destination_error(self.path, exc, "lock it") from None
             # the file may have been unlinked by a finishing writer between open and flock
             try:
-                same = os.fstat(fh.fileno()).st_ino == os.stat(self.path).st_ino
+                same = os.fstat(fd).st_ino == os.stat(self.path, follow_symlinks=False).st_ino
             except FileNotFoundError:
                 same = False
-            if same:
-                self._fh = fh
-                fh.seek(0)
-                fh.truncate()
-                fh.write(f"{os.getpid()} {self.command}\n")
-                fh.flush()
-                return
-            fh.close()
+            if not same:
+                os.close(fd)
+                continue
+            try:
+                self._claim(fd)
+            except BaseException:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                os.close(fd)
+                raise
+            self._fd = fd
+            return
+
+    def _claim(self, fd: int) -> None:
+        """Write "PID COMMAND" into the locked file, once it is known to be an emseg lock file
+        (empty, or a holder line a dead emseg left)."""
+        held = os.pread(fd, 4096, 0)
+        if not _LOCK_LINE.match(held):
+            raise BadInputError(
+                f"{self.path}: is not an emseg lock file (it holds other data); emseg never overwrites it "
+                "(move it away, or choose another output)"
+            )
+        line = f"{os.getpid()} {self.command}\n".encode()
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, line, 0)
+        except OSError as exc:
+            raise destination_error(self.path, exc, "write its lock file") from None
 
     def release(self) -> None:
-        if self._fh is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
-            fcntl.flock(self._fh, fcntl.LOCK_UN)
-            self._fh.close()
-            self._fh = None
+        if self._fd is not None:
+            with contextlib.suppress(OSError):  # unlink only the file this lock holds
+                if os.stat(self.path, follow_symlinks=False).st_ino == os.fstat(self._fd).st_ino:
+                    os.unlink(self.path)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
 
     def __enter__(self) -> OutputLock:
         self.acquire()
@@ -362,9 +481,21 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
+def _is_emseg_leftover(entry: Path) -> bool:
+    """Whether ``entry`` (named like a partial or previous output of a dead process) is emseg's:
+    an empty folder, an output emseg wrote of any kind, or a resumable partial with its marker."""
+    if entry.is_symlink():
+        return False
+    if entry.is_dir() and not any(entry.iterdir()):
+        return True
+    return partial_is_emseg(entry) or any(is_emseg_output(entry, kind) for kind in KINDS)
+
+
 def clear_leftovers(final: Path) -> None:
     """Remove partials of ``final`` left by processes that no longer run, and their previous
-    outputs; a previous output whose process died before the new one took its place is put back."""
+    outputs; a previous output whose process died before the new one took its place is put back.
+    Only what carries emseg's marker is removed: a user's file or folder that happens to have
+    such a name stays (with a warning)."""
     if not final.parent.is_dir():
         return
     partial, previous = f".{final.name}{PARTIAL_TAG}-", f".{final.name}{PREVIOUS_TAG}"
@@ -377,8 +508,10 @@ def clear_leftovers(final: Path) -> None:
                 continue
             if prefix == previous and not final.exists() and not final.is_symlink():
                 os.rename(entry, final)
-            else:
+            elif _is_emseg_leftover(entry):
                 _remove(entry)
+            else:
+                log.warning("%s: named like an unfinished emseg output, but emseg did not write it; left alone", entry)
 
 
 # --- the lifecycle --------------------------------------------------------------------------
@@ -452,7 +585,7 @@ class Output:
         try:
             self.final.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise BadInputError(f"{self.final}: cannot create {self.final.parent} ({exc.strerror or exc})") from None
+            raise destination_error(self.final.parent, exc, "create the output's folder") from None
         self._lock.acquire()
         try:
             clear_leftovers(self.final)  # may put back a previous output a dead run had moved aside
@@ -479,21 +612,24 @@ class Output:
             self._create(content)
 
     def _start_resumable(self) -> None:
-        settings = self._partial / SETTINGS_FILE
+        partial, settings = self._partial, self._partial / SETTINGS_FILE
+        if (partial.exists() or partial.is_symlink()) and not partial_is_emseg(partial):
+            kind = _kind_of(os.lstat(partial).st_mode)
+            raise BadInputError(
+                f"{partial}: is {kind} emseg did not write (it keeps an unfinished output there); "
+                "emseg never deletes it: move it away, or choose another output"
+            )
         if self.resume and settings.is_file() and self.path.is_dir():
-            try:
-                saved = json.loads(settings.read_text())
-            except ValueError:
-                saved = None
-            if saved != json.loads(json.dumps(self._record)):
+            if _read_record(settings) != json.loads(json.dumps(self._record)):
                 raise BadInputError(
-                    f"--resume: the interrupted run in {self._partial.name} used other settings or another "
+                    f"--resume: the interrupted run in {partial.name} used other settings or another "
                     "input; run again without --resume to start afresh"
                 )
             self.resumed = True
             return
-        _remove(self._partial)
-        self._partial.mkdir()
+        _remove(partial)
+        partial.mkdir()
+        write_json_atomic(partial / PARTIAL_MARKER, {MARKER: __version__, "command": self._lock.command})
         self._start_fresh(self.path)
         self.done_dir.mkdir()
         write_json_atomic(settings, self._record)
