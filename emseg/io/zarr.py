@@ -33,7 +33,7 @@ import zarr
 from emseg.config import Limits
 from emseg.errors import BadInputError
 from emseg.io.pyramid import pyramid_shapes
-from emseg.io.untrusted import untrusted
+from emseg.io.untrusted import check_source, untrusted
 
 #: How a store is opened: read only, read/write, ...
 OpenMode = Literal["r", "r+", "a", "w", "w-"]
@@ -342,9 +342,22 @@ def open_ome(path: str | Path, *, mode: OpenMode = "r") -> OmeImage:
     return _open_ome(Path(path), mode, is_label=False)
 
 
+#: The metadata files of a zarr v2 or v3 node.
+_METADATA_FILES = (".zgroup", ".zattrs", ".zarray", "zarr.json")
+
+
+def _check_metadata_files(node: Path) -> None:
+    """Refuse a store whose metadata files are FIFOs, sockets or devices (zarr would block reading
+    them) before zarr opens any of them."""
+    for name in _METADATA_FILES:
+        if (node / name).exists() or (node / name).is_symlink():
+            check_source(node / name, "store's metadata")
+
+
 def _open_ome(path: Path, mode: OpenMode, is_label: bool) -> OmeImage:
-    if not path.exists():
-        raise BadInputError(f"{path}: no such file or directory")
+    if check_source(path, "store").is_dir():
+        for node in (path, path / "labels", *(p for p in path.iterdir() if p.name.isdigit() and p.is_dir())):
+            _check_metadata_files(node)  # the group, its labels and levels, before zarr reads them
     with untrusted(f"{path}: not a zarr group"):
         group = zarr.open_group(str(path), mode=mode)
     with untrusted(f"{path}: malformed OME-Zarr metadata"):

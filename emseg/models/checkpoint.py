@@ -25,6 +25,7 @@ from emseg.config import ModelConfig, TrainConfig, from_dict
 from emseg.device import resolve_device
 from emseg.errors import BadInputError
 from emseg.io.outputs import write_bytes_atomic
+from emseg.io.untrusted import check_source
 from emseg.models.build import build_model, check_model_config
 
 META_KEY = "emseg"
@@ -72,10 +73,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise BadInputError(f"{path}: no such model (give a run directory or a .safetensors checkpoint)")
+    check_source(path, "model")
     if path.is_dir():
         for name in ("best.safetensors", "last.safetensors"):
-            if (path / name).is_file():
-                return path / name
+            if (path / name).exists():
+                return check_source(path / name, "checkpoint")
         raise BadInputError(f"{path}: run directory holds no best.safetensors or last.safetensors")
     return path
 
