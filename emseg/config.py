@@ -73,6 +73,15 @@ def _at_least(config: Any, minimum: float, *names: str) -> None:
             raise BadInputError(f"--{name.replace('_', '-')} {value}: must be at least {minimum:g}")
 
 
+#: Seeds are what numpy's SeedSequence and torch take alike: 0 to 2**63 - 1.
+MAX_SEED = 2**63 - 1
+
+
+def _seed(config: Any) -> None:
+    if not 0 <= config.seed <= MAX_SEED:
+        raise BadInputError(f"--seed {config.seed}: must be within 0 and 2**63 - 1")
+
+
 def _positive(config: Any, *names: str) -> None:
     import math
 
@@ -100,6 +109,10 @@ class IngestConfig:
     clevel: int = 3
     #: Replace an existing output store.
     overwrite: bool = False
+    #: Of a TIFF holding several series that do not form one stack: the one to ingest.
+    series: int | None = None
+    #: Of a TIFF with several channels: the one to ingest.
+    channel: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ngff", str(self.ngff))
@@ -135,6 +148,7 @@ class PreviewConfig:
     def __post_init__(self) -> None:
         _at_least(self, 16, "crop")
         _at_least(self, 1, "samples")
+        _seed(self)
         check_batch_memory(self.crop, self.samples, "--crop", "--samples")
 
 
@@ -193,6 +207,13 @@ class ModelConfig:
     encoder_weights: str | None = None
     in_channels: int = 1
     out_channels: int = 1
+
+    def __post_init__(self) -> None:
+        if self.encoder_weights is not None and not str(self.arch).startswith("smp:"):
+            raise BadInputError(
+                f"--encoder-weights {self.encoder_weights}: pretrained weights need an smp encoder "
+                "(--arch smp:ENCODER); emseg's own U-Net starts from random weights"
+            )
 
 
 LOSSES = ("weighted-bce", "bce", "dice", "bce+dice")
@@ -262,6 +283,7 @@ class TrainConfig:
         if self.val_slices is not None:
             object.__setattr__(self, "val_slices", slice_list(self.val_slices))
         _at_least(self, 1, "epochs", "steps_per_epoch", "batch_size", "crop", "val_every")
+        _seed(self)
         check_batch_memory(self.crop, self.batch_size, "--crop")
         _choice(self.precision, PRECISIONS, "--precision")
         _positive(self, "lr", "time_limit", "ema_decay", "grad_clip", "warmup_fraction")
@@ -334,6 +356,8 @@ class Limits:
     #: Estimated bytes of a training crop batch or a prediction tile batch (EMSEG_MAX_BATCH_BYTES):
     #: batch x side² x 128 bytes (about 32 float32 values per pixel held at once).
     max_batch_bytes: int = 2**38
+    #: Worker processes of a local dask cluster (EMSEG_MAX_LOCAL_WORKERS).
+    max_local_workers: int = 64
 
     @classmethod
     def from_env(cls) -> Limits:

@@ -78,7 +78,7 @@ def ingest_stack(
     progress = reporter_or_null(progress)
     output = Path(output)
     check_inputs(output, [source, labels])
-    with open_stack(source) as stack:
+    with open_stack(source, config.series, config.channel) as stack:
         lab = open_stack(labels) if labels is not None else None
         try:
             if lab is not None and lab.shape != stack.shape:

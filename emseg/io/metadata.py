@@ -219,3 +219,38 @@ def _ome_voxel_size(xml: str) -> FoundVoxelSize | None:
     if "Z" not in sizes:
         return FoundVoxelSize((MISSING_Z_NM, sizes["Y"], sizes["X"]), "OME-XML", False)
     return FoundVoxelSize((sizes["Z"], sizes["Y"], sizes["X"]), "OME-XML", True)
+
+
+@dataclasses.dataclass(frozen=True)
+class OmePlanes:
+    """What OME-XML declares about a file's planes: how many IFDs its images need in all (for
+    each image SizeZ x SizeT x SizeC / SamplesPerPixel), each image's (SizeZ, SizeC, SizeT), and
+    whether planes live in other files (TiffData naming a UUID FileName)."""
+
+    planes: int
+    images: list[tuple[int, int, int]]
+    multifile: bool
+
+
+def ome_planes(xml: str) -> OmePlanes | None:
+    """The planes OME-XML declares (see :class:`OmePlanes`); None when it declares no sizes that
+    make sense (tifffile then reads no OME series either)."""
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return None
+    images, total = [], 0
+    for pixels in (el for el in root.iter() if el.tag.endswith("}Pixels") or el.tag == "Pixels"):
+        try:
+            z, c, t = (int(pixels.get(f"Size{a}", "1")) for a in "ZCT")
+        except ValueError:
+            return None
+        channel = next((el for el in pixels if el.tag.endswith("Channel")), None)
+        try:
+            samples = max(1, int(channel.get("SamplesPerPixel", "1"))) if channel is not None else 1
+        except ValueError:
+            samples = 1
+        images.append((z, c, t))
+        total += z * t * max(1, -(-c // samples))
+    multifile = any(el.tag.endswith("UUID") and el.get("FileName") for el in root.iter())
+    return OmePlanes(total, images, multifile) if images else None

@@ -29,8 +29,8 @@ import numpy as np
 
 from emseg.config import Limits
 from emseg.errors import BadInputError
-from emseg.io.metadata import MISSING_Z_NM, FoundVoxelSize, tiff_voxel_info
-from emseg.io.untrusted import untrusted
+from emseg.io.metadata import MISSING_Z_NM, FoundVoxelSize, ome_planes, tiff_voxel_info
+from emseg.io.untrusted import check_source, untrusted
 
 log = logging.getLogger(__name__)
 _PIL_LOCK = threading.Lock()
@@ -168,86 +168,181 @@ def _check_size(path: Path, shape: Sequence[int], dtype: np.dtype) -> None:
         raise BadInputError(f"{path}: unsupported pixel type {dtype}")
 
 
-class TiffStack(Stack):
-    """A multi-page TIFF/BigTIFF, ImageJ hyperstack or OME-TIFF (first series, full resolution).
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """Shape, dtype and axes of what a TIFF's pages hold when emseg reads them page by page."""
 
-    Leading axes other than y, x and samples are flattened into z; a channel axis with more than
-    one channel is refused (pick a channel first).
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    axes: str
+
+
+class TiffStack(Stack):
+    """A multi-page TIFF/BigTIFF, ImageJ hyperstack or OME-TIFF, at full resolution.
+
+    The whole file is the stack: series whose planes agree in shape and dtype (a file written
+    page by page, each page its own series; an OME file of several images) are read one after
+    the other as one stack; series that differ are refused, naming them, unless ``series`` picks
+    one. Leading axes other than y, x, samples and channels (z, time, ...) are flattened into z;
+    more than one channel is refused unless ``channel`` picks one. Plane counts that metadata
+    declares are checked against the pages present before tifffile sizes anything by them.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, series: int | None = None, channel: int | None = None) -> None:
         self.path = path
         self._tif: Any = None
         self._fd: int | None = None
+        self._pages: list[Any] | None = None
+        self._cache: tuple[int, np.ndarray] | None = None
         try:
-            self._open(path)
+            self._open(path, series, channel)
         except BaseException:
             self.close()
             raise
 
-    def _open(self, path: Path) -> None:
+    def _open(self, path: Path, pick: int | None, channel: int | None) -> None:
         import tifffile
-        import zarr
 
         with _tifffile_errors() as errors:
             with untrusted(f"{path}: not a readable TIFF"):
                 self._tif = tifffile.TiffFile(path)
-                series = self._tif.series[0]
-                axes, shape = series.axes, tuple(series.shape)
-                self.dtype = np.dtype(series.dtype)
             check_tiff_pages(self._tif, path, errors)
-        self.rgb = False
-        if axes and axes[-1] == "S" and shape[-1] in (3, 4):
-            self.rgb = True
+            check_declared_planes(self._tif, path)
+            with untrusted(f"{path}: not a readable TIFF"):
+                found = list(self._tif.series)
+            if errors.messages:
+                raise BadInputError(f"{path}: its metadata does not match its pages ({errors.messages[0]})")
+        if not found:
+            raise BadInputError(f"{path}: not a readable TIFF (it holds no image)")
+        series = self._whole_file(found, pick)
+        axes, shape = str(series.axes), tuple(int(s) for s in series.shape)
+        self.dtype = np.dtype(series.dtype)
+        self.rgb = bool(axes and axes[-1] == "S" and shape[-1] in (3, 4))
+        if axes and axes[-1] == "S" and shape[-1] in (1, 3, 4):
             axes, shape = axes[:-1], shape[:-1]
-        elif axes and axes[-1] == "S" and shape[-1] == 1:
-            axes, shape = axes[:-1], shape[:-1]
-        if "C" in axes and shape[axes.index("C")] > 1:
-            raise BadInputError(
-                f"{path}: {shape[axes.index('C')]} channels; emseg segments one channel (extract it first)"
-            )
         if len(shape) < 2:
             raise BadInputError(f"{path}: not an image (shape {shape})")
+        self._fixed = self._channel(axes, shape, channel)
         _check_size(path, shape, self.dtype)
         self._series_shape = shape
-        self.shape = (int(math.prod(shape[:-2])), int(shape[-2]), int(shape[-1]))
-        with untrusted(f"{path}: not a readable TIFF"):
+        free = [s for i, s in enumerate(shape[:-2]) if i not in self._fixed]
+        self.shape = (int(math.prod(free)), int(shape[-2]), int(shape[-1]))
+        if sum(s > 1 for s in free) > 1:
+            log.info("%s: axes %s read as %d slices, the first axis slowest", path.name, axes, self.shape[0])
+        voxel = tiff_voxel_info(self._tif)
+        self.voxel_size = None if voxel is None else voxel.zyx
+        self._note_missing_z(voxel)
+        self._offset: int | None = None
+        self.row_block = 1
+        if self._pages is None:
+            self._open_series(series)
+
+    def _channel(self, axes: str, shape: tuple[int, ...], channel: int | None) -> dict[int, int]:
+        """{axis: index} fixing the channel axis: ``channel``, or the only one."""
+        channels = shape[axes.index("C")] if "C" in axes[:-2] else 1
+        if channel is not None and not 0 <= channel < channels:
+            raise BadInputError(f"--channel {channel}: {self.path} has channels 0-{channels - 1}")
+        if channels > 1 and channel is None:
+            raise BadInputError(
+                f"{self.path}: {channels} channels; emseg segments one channel "
+                f"(pick it with --channel 0-{channels - 1})"
+            )
+        return {axes.index("C"): channel or 0} if "C" in axes[:-2] else {}
+
+    def _whole_file(self, found: list[Any], pick: int | None) -> Any:
+        """The series to read: the one picked, the only one, or all of them as one stack when each
+        page is one plane and the planes agree in shape and dtype; otherwise an error naming them."""
+        if pick is not None:
+            if not 0 <= pick < len(found):
+                raise BadInputError(f"--series {pick}: {self.path} has series 0-{len(found) - 1}")
+            return found[pick]
+        if len(found) == 1:
+            return found[0]
+        pages = [p for s in found for p in s.pages]
+        plane_shapes = {(tuple(p.shape), np.dtype(p.dtype).str) for p in pages if p is not None}
+        one_plane_each = all(
+            s.pages[0] is not None and math.prod(s.shape) == len(s.pages) * math.prod(s.pages[0].shape) for s in found
+        )
+        if len(plane_shapes) != 1 or not one_plane_each or any(p is None for p in pages):
+            listed = ", ".join(f"{i}: {tuple(s.shape)} {np.dtype(s.dtype)}" for i, s in enumerate(found[:4]))
+            more = f", ... ({len(found)} in all)" if len(found) > 4 else ""
+            raise BadInputError(
+                f"{self.path}: holds {len(found)} series that do not form one stack ({listed}{more}); "
+                f"pick one with --series 0-{len(found) - 1}"
+            )
+        import tifffile
+
+        log.info(
+            "%s: %d series of one plane shape read as one stack of %d slices", self.path.name, len(found), len(pages)
+        )
+        plane, dtype = pages[0].shape, np.dtype(found[0].dtype)
+        axes = "I" + ("YXS" if len(plane) == 3 else "YX")
+        if len({p.hash for p in pages}) == 1:  # stored alike: tifffile reads them as one series, by chunks
+            return tifffile.TiffPageSeries(pages, (len(pages), *plane), dtype, axes, parent=self._tif, kind="emseg")
+        self._pages = pages  # stored differently (compression, tiling): decoded page by page
+        return _Layout((len(pages), *plane), dtype, axes)
+
+    def _open_series(self, series: Any) -> None:
+        import zarr
+
+        with untrusted(f"{self.path}: not a readable TIFF"):
             # level 0: a pyramidal OME-TIFF would otherwise open as a group of all its levels
             z = zarr.open(series.aszarr(level=0), mode="r")
         if not isinstance(z, zarr.Array):
-            raise BadInputError(f"{path}: not a readable TIFF (its first series is not one image)")
+            raise BadInputError(f"{self.path}: not a readable TIFF (its series is not one image)")
         self._z = z
-        found = tiff_voxel_info(self._tif)
-        self.voxel_size = None if found is None else found.zyx
-        self._note_missing_z(found)
         # Uncompressed data stored in one contiguous block (ImageJ, tifffile, many scanners) is
         # read with pread at exact offsets: no decoding and no strip larger than the band.
         self._offset = series.dataoffset if series.dataoffset is not None and not series.is_multifile else None
         self._file_dtype = np.dtype(series.dtype).newbyteorder(self._tif.byteorder)
         if self._offset is not None:
-            self._fd = os.open(path, os.O_RDONLY)
+            self._fd = os.open(self.path, os.O_RDONLY)
             samples = 1 if not self.rgb else int(series.shape[-1])
             self._row_items = self.shape[2] * samples
-            end = self._offset + self.shape[0] * self.shape[1] * self._row_items * self._file_dtype.itemsize
+            planes = math.prod(self._series_shape[:-2])
+            end = self._offset + planes * self.shape[1] * self._row_items * self._file_dtype.itemsize
             if end > os.fstat(self._fd).st_size:
-                raise BadInputError(f"{path}: file is truncated ({os.path.getsize(path)} bytes, header needs {end})")
+                raise BadInputError(
+                    f"{self.path}: file is truncated ({os.path.getsize(self.path)} bytes, its header needs {end})"
+                )
         #: Rows the source stores together: bands aligned to it never decode a strip twice.
         self.row_block = 1 if self._offset is not None else int(self._z.chunks[len(self._series_shape) - 2])
 
+    def _index(self, z: int) -> tuple[int, ...]:
+        """The index over the series' leading axes of slice ``z`` (the fixed channel in place)."""
+        lead = self._series_shape[:-2]
+        free = [i for i in range(len(lead)) if i not in self._fixed]
+        index = dict(zip(free, (int(i) for i in np.unravel_index(z, [lead[i] for i in free])), strict=True))
+        return tuple(index.get(i, self._fixed.get(i, 0)) for i in range(len(lead)))
+
     def _read(self, z0: int, z1: int, y0: int, y1: int) -> np.ndarray:
+        if self._pages is not None:
+            return np.stack([self._page(z)[y0:y1] for z in range(z0, z1)])
         if self._offset is not None:
             return self._pread(z0, z1, y0, y1)
         lead = self._series_shape[:-2]
-        if len(lead) <= 1:  # (Y, X[, S]) or (Z, Y, X[, S])
+        if len(lead) <= 1 and not self._fixed:  # (Y, X[, S]) or (Z, Y, X[, S])
             keys: list[tuple[int | slice, ...]] = [(slice(z0, z1), slice(y0, y1)) if lead else (slice(y0, y1),)]
-        else:  # several leading axes flattened into z: one plane each
-            keys = [(*(int(i) for i in np.unravel_index(z, lead)), slice(y0, y1)) for z in range(z0, z1)]
+        else:  # several leading axes flattened into z, or a channel picked: one plane each
+            keys = [(*self._index(z), slice(y0, y1)) for z in range(z0, z1)]
         with self._decoding(z0, z1):
             planes = [np.asarray(self._z[key]) for key in keys]
-        data = planes[0] if len(lead) == 1 else np.stack(planes)
+        data = planes[0] if len(lead) == 1 and not self._fixed else np.stack(planes)
         if data.ndim == 4 and not self.rgb:  # a single-sample axis
             data = data[..., 0]
         return data
+
+    def _page(self, z: int) -> np.ndarray:
+        """Page ``z`` of a stack read page by page, decoded whole (its size is within the page
+        limits :func:`check_tiff_pages` checked); the last one is kept for the next band."""
+        assert self._pages is not None
+        if self._cache is None or self._cache[0] != z:
+            with self._decoding(z, z + 1):
+                data = np.asarray(self._pages[z].asarray())
+            if data.ndim == 3 and not self.rgb:
+                data = data[..., 0]
+            self._cache = (z, data)
+        return self._cache[1]
 
     def _pread(self, z0: int, z1: int, y0: int, y1: int) -> np.ndarray:
         assert self._fd is not None and self._offset is not None
@@ -255,10 +350,12 @@ class TiffStack(Stack):
         row_bytes = self._row_items * itemsize
         plane_bytes = self.shape[1] * row_bytes
         trailing = (self._row_items // self.shape[2],) if self.rgb else ()
-        if y0 == 0 and y1 == self.shape[1]:
+        lead = self._series_shape[:-2]
+        if not self._fixed and y0 == 0 and y1 == self.shape[1]:
             planes = [(z0, z1)]
         else:
-            planes = [(z, z + 1) for z in range(z0, z1)]
+            file_plane = [int(np.ravel_multi_index(self._index(z), lead)) if lead else 0 for z in range(z0, z1)]
+            planes = [(p, p + 1) for p in file_plane]
         out = []
         for a, b in planes:
             start = self._offset + a * plane_bytes + y0 * row_bytes
@@ -285,6 +382,40 @@ class TiffStack(Stack):
         if fd is not None:
             os.close(fd)
             self._fd = None
+
+
+def check_declared_planes(tif: Any, path: Path) -> None:
+    """Check the planes a file's metadata declares against the pages it holds, before tifffile
+    sizes a series by them: OME-XML that says ``SizeZ="9"`` over three pages would be read as
+    nine slices (six of zeros), one that says 2**31 would allocate by it, and ImageJ's
+    ``images=2`` over three pages would drop one. A mismatch is an error naming both counts.
+    Exceptions the formats define: a multi-file OME image (planes in other files) and an ImageJ
+    hyperstack over 4 GiB (one page; its data are checked to be in the file when opened)."""
+    with untrusted(f"{path}: not a readable TIFF"):
+        pages = len(tif.pages)
+        xml = tif.pages[0].description if tif.is_ome else None
+        imagej = tif.imagej_metadata if tif.is_imagej else None
+    fix = "the metadata or the file is wrong (fix the metadata, or strip it, e.g. with tifffile)"
+    declared = ome_planes(xml) if xml else None
+    if declared is not None:
+        sizes = ", ".join(f"SizeZ={z} SizeC={c} SizeT={t}" for z, c, t in declared.images[:3])
+        if declared.planes > MAX_SLICES:
+            raise BadInputError(
+                f"{path}: its OME-XML declares {declared.planes} planes ({sizes}); emseg takes {MAX_SLICES}"
+            )
+        if declared.planes != pages and not declared.multifile:
+            raise BadInputError(
+                f"{path}: its OME-XML declares {declared.planes} planes ({sizes}) "
+                f"but the file holds {pages} pages; {fix}"
+            )
+    if isinstance(imagej, dict) and declared is None:
+        images = imagej.get("images", 1)
+        if not isinstance(images, int) or not 1 <= images <= MAX_SLICES:
+            raise BadInputError(f"{path}: its ImageJ metadata declares images={images!r}; {fix}")
+        if pages > 1 and images != pages:
+            raise BadInputError(
+                f"{path}: its ImageJ metadata declares {images} images but the file holds {pages} pages; {fix}"
+            )
 
 
 class FolderStack(Stack):
@@ -451,16 +582,21 @@ def _header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
             with untrusted(unreadable):
                 tif = tifffile.TiffFile(path)
             try:
+                check_tiff_pages(tif, path, errors)
+                check_declared_planes(tif, path)
                 with untrusted(unreadable):
+                    images = sum(not getattr(page, "is_reduced", False) for page in tif.pages)
                     series = tif.series[0]
                     shape = tuple(int(s) for s in series.shape)
                     axes = str(series.axes)
                     dtype = np.dtype(series.dtype)
-                check_tiff_pages(tif, path, errors)
             finally:
                 tif.close()
-        if len([s for s, a in zip(shape, axes, strict=False) if a not in "YXS" and s > 1]) > 0:
-            raise BadInputError(f"{path}: a slice folder must hold 2D images; this file has shape {shape}")
+        if images > 1 or len([s for s, a in zip(shape, axes, strict=False) if a not in "YXS" and s > 1]) > 0:
+            raise BadInputError(
+                f"{path}: a slice folder holds one 2D image per file; this file holds {images} pages "
+                f"(first image {shape}): ingest it on its own"
+            )
         keep = [s for s, a in zip(shape, axes, strict=False) if a in "YXS"]
         return tuple(keep), dtype
     from PIL import Image
@@ -520,15 +656,15 @@ def list_slices(folder: Path) -> list[Path]:
     return sorted(files, key=natural_key)
 
 
-def open_stack(source: str | Path) -> Stack:
-    """Open a TIFF/BigTIFF stack, a slice folder or a single 2D image lazily.
+def open_stack(source: str | Path, series: int | None = None, channel: int | None = None) -> Stack:
+    """Open a TIFF/BigTIFF stack, a slice folder or a single 2D image lazily; ``series`` and
+    ``channel`` pick one series or channel of a TIFF that holds several (see :class:`TiffStack`).
 
     Raises :class:`BadInputError` for a missing path, an empty folder, a file that is not an
-    image, slices of different sizes, more than one channel, or absurd header sizes.
+    image, slices of different sizes, series that do not form one stack, more than one channel,
+    or absurd header sizes.
     """
-    path = Path(source)
-    if not path.exists():
-        raise BadInputError(f"{path}: no such file or directory")
+    path = check_source(source, "stack")
     if path.is_dir():
         files = list_slices(path)
         if not files:
@@ -541,7 +677,9 @@ def open_stack(source: str | Path) -> Stack:
     if suffix in PNG_SUFFIXES:
         return FolderStack([path], path)
     if suffix in TIFF_SUFFIXES or _looks_like_tiff(path):
-        return TiffStack(path)
+        return TiffStack(path, series, channel)
+    if series is not None or channel is not None:
+        raise BadInputError(f"{path}: --series and --channel pick from a multi-series or multi-channel TIFF")
     raise BadInputError(f"{path}: not a TIFF or PNG image (expected .tif, .tiff or .png, or a folder of them)")
 
 
