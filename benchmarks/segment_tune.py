@@ -38,12 +38,12 @@ import numpy as np
 def load(pred: str, data: str, span: str) -> tuple[np.ndarray, np.ndarray, int]:
     """(P(cell) uint8 (Z, Y, X), truth {0, 1} (Z, Y, X), first slice) of data slices A:B."""
     from emseg.io.zarr import first_slice, open_ome
-    from emseg.segmentation.blocks import as_probability
+    from emseg.probability import probability_uint8
 
     a, b = (int(v) for v in span.split(":"))
     prediction, image = open_ome(pred), open_ome(data)
     offset = first_slice(prediction)
-    prob = as_probability(np.asarray(prediction.array[a - offset : b - offset]))
+    prob = probability_uint8(np.asarray(prediction.array[a - offset : b - offset]), pred)
     truth = (np.asarray(image.labels["cells"].array[a:b]) > 0).astype(np.uint8)
     return prob, truth, a
 
@@ -74,13 +74,13 @@ def synthetic_set() -> tuple[np.ndarray, np.ndarray]:
     ground truth, as tests/test_segment.py makes it): small cells with faint membranes."""
     from scipy import ndimage as ndi
 
-    from emseg.segmentation.blocks import as_probability
+    from emseg.probability import probability_uint8
     from emseg.synthetic import synthetic_stack
 
     _, labels = synthetic_stack((3, 256, 256), seed=2)
     smooth = ndi.gaussian_filter((labels > 0).astype(np.float32), sigma=(0, 1.5, 1.5))
     noisy = np.clip(smooth + np.random.default_rng(0).normal(0, 0.08, labels.shape), 0, 1).astype(np.float32)
-    return as_probability(noisy), (labels > 0).astype(np.uint8)
+    return probability_uint8(noisy, "synthetic"), (labels > 0).astype(np.uint8)
 
 
 def grid(

@@ -22,6 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
         "emseg.system",
         "emseg.device",
         "emseg.viz",
+        "emseg.probability",
         "emseg.synthetic",
     ),
     ("emseg.io",),

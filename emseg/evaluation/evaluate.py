@@ -11,6 +11,7 @@ from emseg.errors import BadInputError
 from emseg.evaluation.metrics import Scores, evaluate_arrays
 from emseg.io.stacks import TIFF_SUFFIXES, open_stack
 from emseg.io.zarr import first_slice, open_ome
+from emseg.probability import probability_float
 
 
 def load_probabilities(pred: str | Path, n_slices: int, shape_yx: tuple[int, int]) -> tuple[Any, int]:
@@ -26,7 +27,7 @@ def load_probabilities(pred: str | Path, n_slices: int, shape_yx: tuple[int, int
             raise BadInputError(f"{path}: shape {stack.shape} differs from the data's {(n_slices, *shape_yx)}")
 
         def read_tiff(z: int) -> np.ndarray:
-            return as_probability(stack.read(z, z + 1)[0], path)
+            return probability_float(stack.read(z, z + 1)[0], str(path))
 
         return read_tiff, 0
     image = open_ome(path)
@@ -35,7 +36,7 @@ def load_probabilities(pred: str | Path, n_slices: int, shape_yx: tuple[int, int
     offset = first_slice(image)
 
     def read_store(z: int) -> np.ndarray:
-        return as_probability(np.asarray(image.array[z]), path)
+        return probability_float(np.asarray(image.array[z]), str(path))
 
     return read_store, offset
 
@@ -50,17 +51,6 @@ def check_both_classes(labels: np.ndarray, what: str) -> None:
             f"{what}: the ground truth holds only {kind} pixels; scores need both cells and membranes "
             "(check the labels, or choose other slices)"
         )
-
-
-def as_probability(plane: np.ndarray, path: str | Path) -> np.ndarray:
-    """P(cell) as float32 in [0, 1] from uint8 (0-255) or float (0-1) values."""
-    if plane.dtype == np.uint8:
-        return plane.astype(np.float32) / 255.0
-    if np.issubdtype(plane.dtype, np.floating):
-        if plane.size and (np.nanmin(plane) < 0 or np.nanmax(plane) > 1 or not np.isfinite(plane).all()):
-            raise BadInputError(f"{path}: float probabilities must lie within [0, 1]")
-        return plane.astype(np.float32)
-    raise BadInputError(f"{path}: probabilities must be uint8 (0-255) or float (0-1), not {plane.dtype}")
 
 
 def evaluate_prediction(pred: str | Path, data: str | Path, slices: tuple[int, int] | None = None) -> Scores:

@@ -9,6 +9,7 @@ On a CPU it trains a small U-Net for a few minutes; on a GPU the full one.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,13 +130,13 @@ def run_demo(
     from emseg.training.loop import fit
 
     out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
     plan = GPU_PLAN if dev.type == "cuda" else CPU_PLAN
     budget = plan.minutes if minutes is None else float(minutes)
-    if budget <= 0:
-        raise BadInputError(f"--minutes {minutes}: must be positive")
+    if not (math.isfinite(budget) and budget > 0):
+        raise BadInputError(f"--minutes {minutes}: must be a positive number")
     folder = find_isbi(data)
+    _demo_folder(out)
     source = "ISBI 2012" if folder is not None else "synthetic EM-like stack"
     if folder is None:
         folder = write_synthetic(out / "synthetic", shape=shape)
@@ -196,10 +197,23 @@ def run_demo(
     return result
 
 
+def _demo_folder(out: Path) -> None:
+    """Create the demo's folder (or use an existing one), after the checks: a path that is not a
+    folder, or one that cannot be created, is one line."""
+    from emseg.io.outputs import destination_error
+
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise BadInputError(f"-o {out}: is not a folder; the demo writes its results into a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise destination_error(out, exc, "create the demo's folder") from None
+
+
 def _pictures(data: Path, pred: Path, slices: tuple[int, ...], output: Path, with_truth: bool) -> Path:
     """Rows of image | truth | prediction | overlay (truth only for annotated slices)."""
-    from emseg.evaluation.evaluate import as_probability
     from emseg.io.zarr import first_slice, open_ome
+    from emseg.probability import probability_float
     from emseg.viz import overlay, panel_rows
 
     image, prediction = open_ome(data), open_ome(pred)
@@ -209,7 +223,7 @@ def _pictures(data: Path, pred: Path, slices: tuple[int, ...], output: Path, wit
         if not offset <= z < offset + prediction.shape[0] or z >= image.shape[0]:
             continue
         raw = np.asarray(image.array[z])
-        prob = as_probability(np.asarray(prediction.array[z - offset]), pred)
+        prob = probability_float(np.asarray(prediction.array[z - offset]), str(pred))
         row = {f"image (slice {z})": raw}
         if with_truth and "cells" in image.labels:
             row["truth: cells"] = np.asarray(image.labels["cells"].array[z]).astype(bool)

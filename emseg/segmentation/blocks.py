@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from emseg.probability import probability_uint8
 from emseg.segmentation.agglomerate import agglomerate
 from emseg.segmentation.stitch import Region, face_planes
 from emseg.segmentation.watershed import fragments
@@ -54,17 +55,10 @@ class Task:
     table: np.ndarray | None = None
 
 
-def as_probability(block: np.ndarray) -> np.ndarray:
-    """uint8 0-255 or float 0-1 P(cell) -> uint8 0-255 (the watershed's 256 levels)."""
-    if block.dtype == np.uint8:
-        return block
-    return np.round(np.clip(np.nan_to_num(block.astype(np.float32, copy=False)), 0.0, 1.0) * 255).astype(np.uint8)
-
-
 def segment_image(prob: np.ndarray, job: Job) -> tuple[np.ndarray, int]:
     """(Z, Y, X) P(cell) (uint8 0-255 or float 0-1) -> (uint32 labels 1..n, n): per slice in 2D
     mode (IDs unique over the slices), as one volume in 3D mode."""
-    prob = as_probability(prob)
+    prob = probability_uint8(prob, "P(cell)")
     if job.mode == "3d":
         frags, heights = fragments(prob, job.seed_threshold, job.min_distance, job.voxel_size, job.seeds)
         labels, n = agglomerate(frags, heights, job.merge_threshold, job.min_size)
@@ -84,7 +78,8 @@ def segment_block(task: Task) -> int:
     """First pass over one block; returns the pixels written."""
     job, region = task.job, task.region
     read = tuple(slice(a, b) for a, b in region.read)
-    prob = as_probability(np.asarray(zarr.open_array(job.prob, mode="r")[read]))
+    where = f"{Path(job.prob).parent}: block {region.name}"
+    prob = probability_uint8(np.asarray(zarr.open_array(job.prob, mode="r")[read]), where)
     labels, n = segment_image(prob, job)
     # number the IDs present in the write region 1..n; IDs only in the halo become 0 (no pixel
     # of the write region equals them, which is all the face test asks of them)
@@ -117,4 +112,4 @@ def relabel_block(task: Task) -> int:
     return int(local.size)
 
 
-__all__ = ["Job", "Task", "as_probability", "relabel_block", "segment_block", "segment_image"]
+__all__ = ["Job", "Task", "relabel_block", "segment_block", "segment_image"]

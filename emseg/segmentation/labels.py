@@ -65,9 +65,10 @@ def build_label_levels(group_path: Path) -> None:
                 dst[z : z + 1, y : y + rows] = mode2(block)[:, : min(rows, dst.shape[1] - y)]
 
 
-def list_label(image_group: Path, name: str) -> None:
-    """Add ``name`` to the ``labels`` list of ``image_group``/labels (after it was written there)."""
-    labels = zarr.open_group(str(image_group / "labels"), mode="r+")
+def list_label(image_group: Path, name: str, version: str) -> None:
+    """Add ``name`` to the ``labels`` list of ``image_group``/labels (after it was written there),
+    making ``labels`` a group of NGFF ``version`` when the store had no labels yet."""
+    labels = zarr.open_group(str(image_group / "labels"), mode="a", zarr_format=ngff_for(version).zarr_format)
     attrs = dict(labels.attrs)
     payload = ngff_payload(attrs)
     names = [n for n in payload.get("labels", []) if n != name] + [name]

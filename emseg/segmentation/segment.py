@@ -11,6 +11,7 @@ final IDs block by block; build the pyramid (2x2 mode); mark it complete and com
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
@@ -19,10 +20,13 @@ from typing import Any
 import numpy as np
 import zarr
 
+from emseg.cluster import check_local_workers, check_scheduler_address
 from emseg.config import SegmentConfig, to_dict
 from emseg.errors import BadInputError
 from emseg.io.outputs import Output, is_emseg_store, provenance
-from emseg.io.zarr import LevelSpec, OmeImage, create_image_store, open_ome
+from emseg.io.untrusted import untrusted
+from emseg.io.zarr import LevelSpec, OmeImage, create_image_store, emseg_attrs, open_ome
+from emseg.probability import check_probability
 from emseg.progress import Reporter, reporter_or_null
 from emseg.segmentation.blocks import Job, Task, relabel_block, segment_block
 from emseg.segmentation.labels import build_label_levels, create_label_image, list_label
@@ -44,13 +48,17 @@ def segment_store(
     progress = reporter_or_null(progress)
     image = _checked_input(pred)
     final = _final_path(image, output, config)
-    if _already_complete(final, config):
+    if config.scheduler is not None:
+        check_scheduler_address(config.scheduler)
+    elif config.workers is not None:
+        check_local_workers(config.workers)
+    settings = {k: v for k, v in to_dict(config).items() if k not in RUNTIME_ONLY}
+    if _already_complete(final, config, image, settings):
         log.info("%s is complete; nothing to resume", final)
         return final
     chunks = tuple(int(c) for c in image.array.chunks)
     block, halo = _block_and_halo(config, image.voxel_size, chunks)  # type: ignore[arg-type]
     regions = plan_regions(image.shape, chunks, block, halo)  # type: ignore[arg-type]
-    settings = {k: v for k, v in to_dict(config).items() if k not in RUNTIME_ONLY}
     prov = provenance("segment", prediction=str(image.path.resolve()), settings=settings)
 
     def create(path: Path) -> None:
@@ -80,18 +88,36 @@ def segment_store(
         root = zarr.open_group(str(out.path), mode="r+")
         root.attrs["emseg"] = {**prov, "complete": True, "objects": int(table.max())}
     if config.into:
-        list_label(image.path, "cells")
+        list_label(image.path, "cells", image.version)
     return final
 
 
 # --- steps ------------------------------------------------------------------------------------
 
 
+#: Pixels of the sample of P(cell) checked before anything is written (every block is checked
+#: again as it is read).
+SAMPLE_PIXELS = 2**24
+
+
 def _checked_input(pred: str | Path) -> OmeImage:
+    """The P(cell) image, its dtype checked and a sample of its values checked as every block
+    will be (uint8, or finite floats within [0, 1]): evenly spaced slices of its coarsest level,
+    at most :data:`SAMPLE_PIXELS` in all (a NaN survives the pyramid's means), or one chunk of
+    level 0 when even one coarse slice is larger."""
     image = open_ome(pred)
     dtype = np.dtype(image.array.dtype)
     if dtype != np.uint8 and not np.issubdtype(dtype, np.floating):
         raise BadInputError(f"{pred}: expected P(cell) as uint8 (0-255) or float (0-1), not {dtype}")
+    coarse = image.levels[-1]
+    per_slice = math.prod(coarse.shape[1:])
+    if per_slice <= SAMPLE_PIXELS:
+        count = min(coarse.shape[0], SAMPLE_PIXELS // per_slice)
+        for z in np.linspace(0, coarse.shape[0] - 1, count).round().astype(int):
+            check_probability(np.asarray(coarse[int(z)]), str(pred))
+    else:
+        cy, cx = (int(c) for c in image.array.chunks[1:])
+        check_probability(np.asarray(image.array[0, :cy, :cx]), str(pred))
     return image
 
 
@@ -101,6 +127,12 @@ def _final_path(image: OmeImage, output: str | Path | None, config: SegmentConfi
             raise BadInputError(f"--into {output}: must be the prediction store {image.path} itself")
         if not is_emseg_store(image.path):
             raise BadInputError(f"--into: {image.path} was not written by emseg; write a new store with -o")
+        command = emseg_attrs(image).get("command")
+        if command != "predict":
+            raise BadInputError(
+                f"--into: {image.path} was written by emseg {command}, not emseg predict; --into adds "
+                "labels/cells to a prediction store only (write a new store with -o)"
+            )
         return (image.path / "labels" / "cells").absolute()
     if output is None:
         raise BadInputError("give an output store (-o SEG.zarr) or --into PRED.zarr")
@@ -110,16 +142,27 @@ def _final_path(image: OmeImage, output: str | Path | None, config: SegmentConfi
     return final
 
 
-def _already_complete(final: Path, config: SegmentConfig) -> bool:
-    """Whether ``--resume`` (without ``--overwrite``) finds the output already whole; refuses an
-    existing output that neither option allows."""
+def _already_complete(final: Path, config: SegmentConfig, image: OmeImage, settings: dict[str, Any]) -> bool:
+    """Whether ``--resume`` (without ``--overwrite``) finds the output already whole, made from
+    the same prediction with the same settings; refuses an existing output that neither option
+    allows, one emseg did not write, or a complete one made otherwise."""
     if final.is_symlink() or not final.exists():
         return False
     if not (config.overwrite or config.resume):
         raise BadInputError(f"{final}: already exists (use --overwrite to replace it, or --resume)")
     if not is_emseg_store(final):
         raise BadInputError(f"{final}: exists and was not written by emseg; refusing to replace it")
-    return config.resume and not config.overwrite
+    if config.overwrite:
+        return False
+    with untrusted(f"{final}: unreadable store attributes"):
+        saved = dict(zarr.open_group(str(final), mode="r").attrs).get("emseg")
+    made = (saved.get("prediction"), saved.get("settings")) if isinstance(saved, dict) else None
+    if made != (str(image.path.resolve()), json.loads(json.dumps(settings))):
+        raise BadInputError(
+            f"--resume: {final} is complete but was made from another prediction or with other settings; "
+            "use --overwrite to replace it, or another output"
+        )
+    return True
 
 
 def _block_and_halo(
@@ -191,8 +234,19 @@ def _run(fn: Any, tasks: list[Task], kind: str, config: SegmentConfig, progress:
 
 
 def _count(job: Job, region: Region) -> int:
-    with np.load(Path(job.faces) / f"{region.name}.npz", allow_pickle=False) as data:
-        return int(data["count"])
+    """The number of objects a finished block found, as its faces file records it: at most one
+    per pixel of the block (a damaged or altered file of an interrupted run is refused, not
+    trusted to size the stitching's arrays)."""
+    path = Path(job.faces) / f"{region.name}.npz"
+    with untrusted(f"{path}: damaged record of an interrupted run; run again without --resume"):
+        with np.load(path, allow_pickle=False) as data:
+            count = int(data["count"])
+    if not 0 <= count <= math.prod(b - a for a, b in region.write):
+        raise BadInputError(
+            f"{path}: records {count} objects in a block of {region.write}; the interrupted run's record is "
+            "damaged: run again without --resume"
+        )
+    return count
 
 
 def _stitch(job: Job, regions: list[Region]) -> tuple[np.ndarray, np.ndarray]:
@@ -202,12 +256,28 @@ def _stitch(job: Job, regions: list[Region]) -> tuple[np.ndarray, np.ndarray]:
     for lower, upper, axis in neighbours(regions):
         if job.mode == "2d" and axis == 0:
             continue  # slices are segmented on their own
-        with (
-            np.load(Path(job.faces) / f"{regions[lower].name}.npz", allow_pickle=False) as low,
-            np.load(Path(job.faces) / f"{regions[upper].name}.npz", allow_pickle=False) as high,
-        ):
-            joins.append((lower, upper, face_joins(low[f"hi{axis}"], high[f"lo{axis}"])))
+        low = _face(job, regions[lower], f"hi{axis}", counts[lower])
+        high = _face(job, regions[upper], f"lo{axis}", counts[upper])
+        if low.shape != high.shape:
+            raise BadInputError(
+                f"{job.faces}: the faces of blocks {regions[lower].name} and {regions[upper].name} differ in "
+                "shape; the interrupted run's record is damaged: run again without --resume"
+            )
+        joins.append((lower, upper, face_joins(low, high)))
     return global_table(counts, joins)
+
+
+def _face(job: Job, region: Region, key: str, count: int) -> np.ndarray:
+    """One face of a finished block, checked: local IDs within the block's count."""
+    path = Path(job.faces) / f"{region.name}.npz"
+    damaged = f"{path}: damaged record of an interrupted run; run again without --resume"
+    with untrusted(damaged), np.load(path, allow_pickle=False) as data:
+        face = np.asarray(data[key])
+    if face.ndim != 3 or face.shape[0] != 2 or not np.issubdtype(face.dtype, np.integer):
+        raise BadInputError(damaged)
+    if face.size and (int(face.min()) < 0 or int(face.max()) > count):
+        raise BadInputError(damaged)
+    return face
 
 
 def _create_labels(
