@@ -8,6 +8,11 @@ finishes, so the client's and the scheduler's memory stay flat whatever the numb
 Faults are dask's: a task whose worker dies is recomputed elsewhere (up to the scheduler's
 ``allowed-failures``), a task that raises is retried ``retries`` times, and a task that still
 fails ends the run with its error after the tasks in flight are cancelled.
+
+A scheduler address from the user is checked where it enters (:func:`check_scheduler_address`):
+its form as distributed parses it, then one TCP connect with a short timeout, so that a typo is
+one line in a second rather than a traceback or a 20 s wait. A local cluster is the workers that
+started: one that dies while starting costs a warning, not the run.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import socket
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -32,6 +39,13 @@ PER_WORKER = 4
 RETRIES = 2
 #: Seconds between recounts of the workers (each recount asks the scheduler).
 RECOUNT_S = 2.0
+#: Schemes a remote scheduler listens on, of those distributed knows (ucx only where installed).
+REMOTE_SCHEMES = ("tcp", "tls", "ws", "wss", "ucx")
+#: Seconds a scheduler's host may take to resolve and to accept a TCP connection.
+CONNECT_TIMEOUT_S = 5.0
+#: Longer than any scheduler address (a host name has at most 253 characters).
+_MAX_ADDRESS = 300
+_EXPECTED = "expected tcp://HOST:PORT"
 
 
 @dataclass
@@ -44,18 +58,91 @@ class WindowStats:
     max_window: int = 0
 
 
+def check_scheduler_address(address: str, timeout: float = CONNECT_TIMEOUT_S) -> str:
+    """The scheduler address ``address`` normalised (``SCHEME://HOST:PORT``; a bare ``HOST:PORT``
+    gets distributed's default scheme, tcp) once it has a scheme a remote scheduler listens on
+    (:data:`REMOTE_SCHEMES`, where distributed has the backend), a host, a port in 1..65535, and
+    the host accepts a TCP connection on that port within ``timeout`` seconds (for tls, ws and
+    wss too: the TCP connect is the check). An ``inproc://`` address passes only where it names a
+    listener in this very process (a ``LocalCluster(processes=False)`` of the caller's). Raises
+    :class:`BadInputError`, one line naming the address and what is wrong, otherwise. Starts no
+    event loop: one name lookup and one connect."""
+    from distributed.comm import registry
+    from distributed.comm.addressing import parse_address, unparse_host_port
+
+    if not isinstance(address, str):
+        raise BadInputError(f"--scheduler {address!r}: not a scheduler address ({_EXPECTED})")
+    said = f"--scheduler {_shown(address)}"
+    text = address.strip()
+    if not text:
+        raise BadInputError(f"{said}: empty ({_EXPECTED})")
+    if len(text) > _MAX_ADDRESS:
+        raise BadInputError(f"{said}: {len(text)} characters, longer than any scheduler address ({_EXPECTED})")
+    if ":" not in text:
+        raise BadInputError(f"{said}: not a scheduler address ({_EXPECTED})")
+    scheme, loc = parse_address(text)
+    if scheme == "inproc":
+        return _check_inproc(said, text, loc)
+    if scheme not in REMOTE_SCHEMES:
+        known = ", ".join(s for s in REMOTE_SCHEMES if s in registry.backends)
+        raise BadInputError(f"{said}: scheme {_shown(scheme)} is not one a scheduler listens on ({known}; {_EXPECTED})")
+    try:
+        registry.get_backend(scheme)
+    except ValueError:
+        raise BadInputError(
+            f"{said}: scheme {scheme} is not installed here (distributed has no {scheme} backend)"
+        ) from None
+    host, port = _host_port(said, scheme, loc)
+    failure = _tcp_reach(host, port, timeout)
+    if failure is not None:
+        raise BadInputError(f"{said}: {failure}")
+    return f"{scheme}://{unparse_host_port(host, port)}"
+
+
+#: Memory one local worker process needs at the least (Python, torch, a model, a few blocks).
+WORKER_BYTES = 2**29
+
+
+def check_local_workers(workers: int) -> int:
+    """Refuse a local cluster of more worker processes than this machine can hold: each needs
+    about :data:`WORKER_BYTES` (half a GiB) of the memory available now, and at most
+    ``Limits.max_local_workers`` (EMSEG_MAX_LOCAL_WORKERS raises it) start on one machine.
+    Returns ``workers``."""
+    import psutil
+
+    from emseg.config import Limits
+
+    limit = Limits.from_env().max_local_workers
+    fits = max(1, int(psutil.virtual_memory().available // WORKER_BYTES))
+    if workers > limit:
+        raise BadInputError(
+            f"--workers {workers}: more than the {limit} local worker processes emseg starts on one machine "
+            "(raise it with EMSEG_MAX_LOCAL_WORKERS; for more, start a cluster and give --scheduler)"
+        )
+    if workers > fits:
+        raise BadInputError(
+            f"--workers {workers}: this machine has memory for about {fits} worker processes "
+            f"({WORKER_BYTES / 2**30:.1f} GiB each); give fewer, or --scheduler for a cluster"
+        )
+    return workers
+
+
 @contextlib.contextmanager
 def connect(scheduler: str | None, workers: int | None, threads: int) -> Iterator[tuple[Any, int | None]]:
-    """A dask.distributed client: to the scheduler at ``scheduler``, else to a new local cluster
-    of ``workers`` processes sharing the CPUs this process may use. Yields (client, CPUs per
-    local worker, None for an external cluster); closes what it opened."""
-    from distributed import Client, LocalCluster
+    """A dask.distributed client: to the scheduler at ``scheduler`` (checked first by
+    :func:`check_scheduler_address`), else to a new local cluster of ``workers`` processes sharing
+    the CPUs this process may use. Yields (client, CPUs per local worker, None for an external
+    cluster); closes what it opened. A local worker that fails to start is left out with a
+    warning; :class:`EmsegRuntimeError` when none starts."""
+    from distributed import Client
 
     if scheduler is not None:
+        address = check_scheduler_address(scheduler)
         try:
-            client = Client(scheduler, timeout="20s")
-        except (OSError, TimeoutError) as exc:
-            raise BadInputError(f"--scheduler {scheduler}: cannot connect ({exc})") from None
+            client = Client(address, timeout="20s")
+        except (OSError, TimeoutError, ValueError, TypeError) as exc:  # TypeError: tls:// without TLS settings
+            message = " ".join(str(exc).split())
+            raise BadInputError(f"--scheduler {_shown(scheduler)}: cannot connect ({message})") from None
         try:
             yield client, None
         finally:
@@ -63,13 +150,12 @@ def connect(scheduler: str | None, workers: int | None, threads: int) -> Iterato
         return
     n = max(1, workers or 1)
     cpus_per_worker = max(1, available_cpus() // n)
-    cluster = LocalCluster(
-        n_workers=n,
-        threads_per_worker=max(1, min(threads, cpus_per_worker)),
-        processes=True,
-        dashboard_address=None,
-    )
-    client = Client(cluster)
+    cluster = _local_cluster(n, max(1, min(threads, cpus_per_worker)))
+    try:
+        client = Client(cluster)
+    except BaseException:
+        cluster.close()
+        raise
     try:
         yield client, cpus_per_worker
     finally:
@@ -192,6 +278,202 @@ def _raise_task_error(future: Any, retries: int) -> None:
     ) from exc
 
 
+def _local_cluster(n: int, threads_per_worker: int) -> Any:
+    """A LocalCluster of worker processes: those of the ``n`` that started. Logs a warning when
+    some failed; raises :class:`EmsegRuntimeError` (and closes the cluster) when none started.
+
+    ``LocalCluster(n_workers=n)`` fails as a whole when one nanny fails, and ``scale(n)`` starts
+    the workers in a loop callback whose failure tornado logs with a traceback and nobody can
+    await. So the cluster starts with no workers, gets ``n`` worker specs (``new_worker_spec``,
+    as ``scale`` does) and starts them the way ``LocalCluster.__init__`` does
+    (``_correct_state``, which waits for every worker before raising the first failure), with
+    distributed's start-up error logs quieted: the warning names what went wrong instead."""
+    from distributed import LocalCluster
+
+    cluster = LocalCluster(
+        n_workers=0,
+        threads_per_worker=threads_per_worker,
+        processes=True,
+        dashboard_address=None,
+    )
+    try:
+        with _quieter(("distributed", "tornado.application"), logging.CRITICAL):
+            started, failure = cluster.sync(_start_workers, cluster, n)
+        if failure is not None:
+            log.debug("dask worker start-up failure", exc_info=failure)
+        if started == 0:
+            raise EmsegRuntimeError(f"none of {n} dask workers started ({_root_cause(failure)})")
+        if started < n:
+            log.warning(
+                "started %d of %d dask workers (%d failed to start: %s)", started, n, n - started, _root_cause(failure)
+            )
+    except BaseException:
+        cluster.close()
+        raise
+    return cluster
+
+
+async def _start_workers(cluster: Any, n: int) -> tuple[int, BaseException | None]:
+    """Start ``n`` workers in ``cluster`` (in its event loop); forget those that failed. Returns
+    (workers running, the first failure or None)."""
+    from distributed.core import Status
+
+    names = []
+    for _ in range(n):
+        spec = cluster.new_worker_spec()
+        cluster.worker_spec.update(spec)
+        names.extend(spec)
+    failure: BaseException | None = None
+    try:
+        await cluster._correct_state()
+    except Exception as exc:  # noqa: BLE001 - not swallowed: reported, or re-raised below when no worker failed
+        failure = exc
+    running = [name for name in names if name in cluster.workers and cluster.workers[name].status == Status.running]
+    for name in set(names) - set(running):  # closed by their failed start; the cluster is the rest
+        cluster.worker_spec.pop(name, None)
+        cluster.workers.pop(name, None)
+    if failure is not None and len(running) == n:
+        raise failure  # not a worker's start-up: a bug, keep its traceback
+    return len(running), failure
+
+
+@contextlib.contextmanager
+def _quieter(names: tuple[str, ...], level: int) -> Iterator[None]:
+    """Raise the named loggers to at least ``level`` for the block; restore them after."""
+    loggers = [logging.getLogger(name) for name in names]
+    before = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(max(level, logger.level))
+    try:
+        yield
+    finally:
+        for logger, old in zip(loggers, before, strict=True):
+            logger.setLevel(old)
+
+
+def _root_cause(exc: BaseException | None) -> str:
+    """The innermost cause of ``exc`` as one line ("RuntimeError: Nanny failed to start worker
+    process")."""
+    if exc is None:
+        return "no error reported"
+    seen = {id(exc)}
+    while exc.__cause__ is not None and id(exc.__cause__) not in seen:
+        exc = exc.__cause__
+        seen.add(id(exc))
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _check_inproc(said: str, address: str, loc: str) -> str:
+    """``address`` when it is a live in-process listener's (distributed's inproc registry)."""
+    from distributed.comm.inproc import global_manager
+
+    try:
+        live = global_manager.get_listener_for(loc) is not None
+    except ValueError:  # another process's or host's address
+        live = False
+    if not live:
+        raise BadInputError(
+            f"{said}: no scheduler in this process listens there (an inproc address works only in the "
+            f"process that started the cluster; {_EXPECTED})"
+        )
+    return address
+
+
+def _shown(text: str) -> str:
+    """``text`` as it can stand in a one-line message: quoted and escaped where it is empty or
+    holds spaces or control characters, cut where it is long."""
+    if text and text.isprintable() and " " not in text and len(text) <= 80:
+        return text
+    return repr(text[:80]) + ("..." if len(text) > 80 else "")
+
+
+def _host_port(said: str, scheme: str, loc: str) -> tuple[str, int]:
+    """(host, port) of an address's location ``loc`` ("HOST:PORT", "[IPv6]:PORT"), parsed as
+    distributed parses it, or a :class:`BadInputError` saying which part is wrong."""
+    from distributed.comm.addressing import parse_host_port
+
+    expected = f"expected {scheme}://HOST:PORT"
+    tail = loc.rpartition("]")[2] if loc.startswith("[") else loc
+    if ":" not in tail:
+        raise BadInputError(f"{said}: no port ({expected})")
+    port_text = tail.rpartition(":")[2]
+    if not (port_text.isascii() and port_text.isdigit()):
+        raise BadInputError(f"{said}: port {_shown(port_text)} is not a number ({expected})")
+    try:
+        host, port = parse_host_port(loc)
+    except ValueError:
+        raise BadInputError(f"{said}: not a scheduler address ({expected}; an IPv6 host in brackets: [::1])") from None
+    if not host:
+        raise BadInputError(f"{said}: no host ({expected})")
+    if not 1 <= port <= 65535:
+        raise BadInputError(f"{said}: port {port} is not in 1..65535")
+    return host, port
+
+
+def _tcp_reach(host: str, port: int, timeout: float) -> str | None:
+    """None when ``host`` resolves and accepts a TCP connection on ``port`` within ``timeout``
+    seconds in all, else what went wrong (one line)."""
+    deadline = time.monotonic() + timeout
+    try:
+        infos = _resolve(host, port, timeout)
+    except socket.gaierror as exc:
+        return f"cannot resolve host {_shown(host)} ({exc.strerror})"
+    except TimeoutError:
+        return f"cannot resolve host {_shown(host)} within {timeout:g} s"
+    except (UnicodeError, ValueError, OSError) as exc:
+        return f"{_shown(host)} is not a host name ({' '.join(str(exc).split())})"
+    error: OSError = TimeoutError()
+    for family, kind, proto, _, sockaddr in infos:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        try:
+            with socket.socket(family, kind, proto) as sock:
+                sock.settimeout(left)
+                sock.connect(sockaddr)
+            return None
+        except OSError as exc:
+            error = exc
+    if isinstance(error, ConnectionRefusedError):
+        return "nothing listens there (connection refused)"
+    if isinstance(error, TimeoutError):
+        return f"no answer within {timeout:g} s (a wrong host, or a firewall?)"
+    return f"cannot connect ({error.strerror or error})"
+
+
+def _resolve(host: str, port: int, timeout: float) -> list[Any]:
+    """``socket.getaddrinfo`` for a TCP connection, given up after ``timeout`` seconds (a
+    resolver that does not answer blocks for much longer; the lookup thread is left to end)."""
+    box: list[Any] = []
+
+    def lookup() -> None:
+        try:
+            box.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except Exception as exc:  # noqa: BLE001 - not swallowed: re-raised in the caller's thread
+            box.append(exc)
+
+    thread = threading.Thread(target=lookup, name="emseg-resolve", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not box:
+        raise TimeoutError
+    if isinstance(box[0], Exception):
+        raise box[0]
+    return list(box[0])
+
+
 _END = object()
 
-__all__ = ["PER_WORKER", "RETRIES", "WindowStats", "connect", "run_windowed", "run_windowed_threads", "worker_count"]
+__all__ = [
+    "CONNECT_TIMEOUT_S",
+    "PER_WORKER",
+    "REMOTE_SCHEMES",
+    "RETRIES",
+    "WindowStats",
+    "check_scheduler_address",
+    "connect",
+    "run_windowed",
+    "run_windowed_threads",
+    "worker_count",
+]

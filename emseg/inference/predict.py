@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
 
+from emseg.cluster import check_local_workers, check_scheduler_address
 from emseg.config import PredictConfig, to_dict
 from emseg.device import resolve_device
 from emseg.errors import BadInputError
@@ -132,15 +132,13 @@ def _checked_model(model: str | Path, config: PredictConfig) -> tuple[Path, dict
     return model_path, meta
 
 
-#: What ``--scheduler`` may look like: [PROTOCOL://]HOST[:PORT] (dask.distributed's addresses).
-_SCHEDULER = re.compile(r"^((tcp|tls|ucx|ws|wss|inproc)://)?[A-Za-z0-9_.\-\[\]:%/]+$")
-
-
 def _check_runtime(config: PredictConfig) -> None:
     """The device and the scheduler address, checked in this process before any output exists."""
     resolve_device(config.device)
-    if config.scheduler is not None and not _SCHEDULER.match(config.scheduler):
-        raise BadInputError(f"--scheduler {config.scheduler!r}: expected an address such as tcp://HOST:PORT")
+    if config.scheduler is not None:
+        check_scheduler_address(config.scheduler)
+    elif config.workers is not None:
+        check_local_workers(config.workers)
 
 
 def _checked_input(data: str | Path, config: PredictConfig) -> tuple[OmeImage, tuple[int, int]]:
