@@ -5,6 +5,7 @@ ingest reads either back to the same voxel size."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -38,7 +39,7 @@ def _store(path: Path, data: np.ndarray, cells: np.ndarray | None = None, voxel=
 
 
 def _ome_pixels(tif: tifffile.TiffFile) -> dict[str, str]:
-    root = ET.fromstring(tif.ome_metadata)
+    root = ET.fromstring(tif.ome_metadata or "")
     return dict(next(el for el in root.iter() if el.tag.endswith("Pixels")).attrib)
 
 
@@ -177,3 +178,157 @@ def test_imagej_itself_opens_the_export_as_a_calibrated_stack(raw, tmp_path):
     assert (int(bits), int(slices), unit) == (8, 4, "nm")
     assert (float(w), float(h), float(d)) == (5.0, 4.0, 50.0)  # x, y, z
     assert float(value) == data[1, 1, 3]
+
+
+# --- stores whose pixel type or extent TIFF/PNG cannot take as they are --------------------------
+# each is converted with no value changed (the narrowest type of the format that holds every
+# value) or refused in one line before anything is written
+
+SHAPE = (3, 64, 64)
+
+
+def _ids(dtype, first: int) -> np.ndarray:
+    """(3, 64, 64) distinct IDs first, first + 1, ... of ``dtype`` (12288 of them)."""
+    return (np.arange(math.prod(SHAPE), dtype=np.int64).reshape(SHAPE) + first).astype(dtype)
+
+
+def _small(dtype) -> np.ndarray:
+    """IDs 0..200 of ``dtype``."""
+    return (np.arange(math.prod(SHAPE)).reshape(SHAPE) % 201).astype(dtype)
+
+
+def _export(cli, tmp_path: Path, image: np.ndarray, cells: np.ndarray | None, out: str, *args: str):
+    store = _store(tmp_path / "s.zarr", image, cells)
+    labels = ("--labels", "cells") if cells is not None else ()
+    return cli("export", store, *labels, "-o", tmp_path / out, "-q", *args)
+
+
+def _read_back(path: Path) -> tuple[str, np.ndarray]:
+    """("imagej", "ome" or "png", the pixels as written)."""
+    if path.is_dir():
+        from PIL import Image
+
+        slices = sorted(path.glob("slice_*.png"))
+        return "png", np.stack([np.asarray(Image.open(p)) for p in slices])
+    with tifffile.TiffFile(path) as tif:
+        assert tif.is_imagej != tif.is_ome
+        return ("imagej" if tif.is_imagej else "ome"), tif.asarray()
+
+
+def _assert_one_line_refusal(result, *words: str) -> None:
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("emseg: error:"), result.stderr
+    assert "Traceback" not in result.output
+    assert all(w in lines[0] for w in words), lines[0]
+
+
+ZEROS = np.zeros(SHAPE, np.uint8)
+CONVERSIONS = {
+    # name: (image, labels or None, output, extra args, what is written, its pixel type)
+    "int64-negative-ome": (ZEROS, _ids(np.int64, -100), "c.ome.tif", (), "ome", np.int16),
+    "int64-negative-tif": (ZEROS, _ids(np.int64, -100), "c.tif", (), "imagej", np.float32),
+    "int64-negative-wide-tif": (ZEROS, _ids(np.int64, -(2**30)), "c.tif", (), "ome", np.int32),
+    "int64-ome": (ZEROS, _ids(np.int64, 0), "c.ome.tif", (), "ome", np.uint16),
+    "int64-ome-format": (ZEROS, _ids(np.int64, 0), "c.tif", ("--format", "ome-tiff"), "ome", np.uint16),
+    "int64-tif": (ZEROS, _ids(np.int64, 0), "c.tif", (), "imagej", np.uint16),
+    "int64-small-ome": (ZEROS, _small(np.int64), "c.ome.tif", (), "ome", np.uint8),
+    "int64-small-png": (ZEROS, _small(np.int64), "png", ("--format", "png"), "png", np.uint8),
+    "int64-png": (ZEROS, _ids(np.int64, 0), "png", ("--format", "png"), "png", np.uint16),
+    "uint64-small-ome": (ZEROS, _small(np.uint64), "c.ome.tif", (), "ome", np.uint8),
+    "uint64-small-tif": (ZEROS, _small(np.uint64), "c.tif", (), "imagej", np.uint16),
+    "uint64-small-png": (ZEROS, _small(np.uint64), "png", ("--format", "png"), "png", np.uint8),
+    "uint64-32-bit-tif": (ZEROS, _ids(np.uint64, 2**32 - 2**14), "c.tif", (), "ome", np.uint32),
+    "uint32-small-png": (ZEROS, _small(np.uint32), "png", ("--format", "png"), "png", np.uint8),
+    "float16-image-ome": (_small(np.float16) / 8, None, "c.ome.tif", (), "ome", np.float32),
+    "float16-image-tif": (_small(np.float16) / 8, None, "c.tif", (), "imagej", np.float32),
+    "float16-labels-ome": (ZEROS, _small(np.float16), "c.ome.tif", (), "ome", np.float32),
+    "float16-labels-tif": (ZEROS, _small(np.float16), "c.tif", (), "imagej", np.float32),
+}
+
+
+@pytest.mark.parametrize("case", CONVERSIONS)
+def test_types_the_format_lacks_are_written_as_the_narrowest_type_that_holds_every_value(case, tmp_path, cli):
+    image, cells, out, args, kind, dtype = CONVERSIONS[case]
+    result = _export(cli, tmp_path, image, cells, out, *args)
+    assert result.exit_code == 0, result.output
+    written, back = _read_back(tmp_path / out)
+    assert (written, back.dtype) == (kind, np.dtype(dtype))
+    expected = image if cells is None else cells
+    assert back.shape == expected.shape and np.array_equal(back, expected)  # every value, exactly
+    if written == "ome":
+        with tifffile.TiffFile(tmp_path / out) as tif:
+            assert _ome_pixels(tif)["Type"] == {np.float32: "float"}.get(dtype, np.dtype(dtype).name)
+            assert tif.pages[0].predictor == (2 if np.issubdtype(dtype, np.integer) else 1)
+
+
+def test_the_tif_fallback_reads_the_store_once_and_logs_each_conversion(tmp_path, caplog):
+    cells = _ids(np.uint64, 2**32 - 2**14)  # neither uint16 nor float32 holds these: OME-TIFF uint32
+    store = _store(tmp_path / "s.zarr", ZEROS, cells)
+    started: list[str] = []
+
+    class Recorder:
+        def start(self, description, total, unit=""):
+            started.append(description)
+
+        def advance(self, amount=1, **fields):
+            pass
+
+        def finish(self):
+            pass
+
+    with caplog.at_level(logging.INFO, logger="emseg"):
+        export_store(store, tmp_path / "c.tif", label="cells", progress=Recorder())
+    assert [s.split()[0] for s in started] == ["check", "export"]  # one pass to check, one to write
+    assert "OME-TIFF instead" in caplog.text and "uint64 written as uint32 for OME-TIFF" in caplog.text
+
+
+REFUSALS = {
+    # name: (image, labels or None, output, extra args, words the one line has)
+    "uint64-64-bit-ome": (ZEROS, _ids(np.uint64, 2**40), "c.ome.tif", (), ("uint64", "64-bit", "OME-Zarr")),
+    "uint64-64-bit-tif": (ZEROS, _ids(np.uint64, 2**40), "c.tif", (), ("uint64", "1099511627776", "ImageJ")),
+    "uint64-64-bit-png": (ZEROS, _ids(np.uint64, 2**40), "png", ("--format", "png"), ("uint64", "PNG")),
+    "int64-below-int32-tif": (ZEROS, _ids(np.int64, -(2**31) - 1), "c.tif", (), ("int64", "-2147483649")),
+    "int64-negative-png": (ZEROS, _ids(np.int64, -100), "png", ("--format", "png"), ("int64", "-100", "PNG")),
+    "float16-image-png": (_small(np.float16), None, "png", ("--format", "png"), ("float16", "PNG")),
+    "float16-labels-png": (ZEROS, _small(np.float16), "png", ("--format", "png"), ("labels/cells", "float16")),
+}
+
+
+@pytest.mark.parametrize("case", REFUSALS)
+def test_values_no_type_of_the_format_holds_are_refused_in_one_line_before_writing(case, tmp_path, cli):
+    image, cells, out, args, words = REFUSALS[case]
+    result = _export(cli, tmp_path, image, cells, out, *args)
+    _assert_one_line_refusal(result, *words)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.zarr"]  # nothing written, nothing partial
+
+
+@pytest.mark.parametrize("where", ["image", "level 1", "labels"])
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_a_store_with_an_empty_axis_is_refused_in_one_line(where, axis, tmp_path, cli):
+    root = create_image_store(tmp_path / "s.zarr", "0.4")
+    spec = LevelSpec(shape=SHAPE, dtype="uint8", chunks=(1, 32, 32), pyramid_min_size=32)
+    assert len(create_multiscale(root, spec, VOXEL, "0.4", "raw")) == 2
+    labels = root.require_group("labels")
+    labels.attrs.update(ngff_for("0.4").wrap({"labels": ["cells"]}))
+    cell_spec = LevelSpec(shape=SHAPE, dtype="uint32", chunks=(1, 32, 32))
+    create_label_image(labels.create_group("cells"), cell_spec, VOXEL, "0.4", {}, in_image=True)
+    group, name = {"image": (root, "0"), "level 1": (root, "1"), "labels": (labels["cells"], "0")}[where]
+    empty = list(group[name].shape)
+    empty[axis] = 0
+    group.create_array(name, shape=tuple(empty), chunks=(1, 32, 32), dtype=group[name].dtype, overwrite=True)
+    for args in ((), ("--labels", "cells"), ("--format", "ome-tiff")):
+        result = cli("export", tmp_path / "s.zarr", *args, "-o", tmp_path / "c.tif", "-q")
+        _assert_one_line_refusal(result, "empty")
+    assert not (tmp_path / "c.tif").exists()
+
+
+def test_a_narrowing_cast_checks_every_value():
+    from emseg.errors import EmsegRuntimeError
+    from emseg.io.export import cast_exactly
+
+    plane = np.array([[0, 70_000]], np.int64)
+    assert cast_exactly(plane, np.dtype(np.uint32), "x").dtype == np.uint32
+    with pytest.raises(EmsegRuntimeError, match="changed while exporting"):
+        cast_exactly(plane, np.dtype(np.uint16), "x")  # the data changed since it was scanned
+    assert cast_exactly(np.array([[0.1]], np.float16), np.dtype(np.float32), "x").dtype == np.float32

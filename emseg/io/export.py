@@ -11,6 +11,12 @@ The ImageJ hyperstack is written uncompressed: tifffile writes ImageJ hyperstack
 virtual stacks read uncompressed contiguous planes directly, and ``emseg ingest`` reads them
 back with plain offsets. The OME-TIFF is zlib-compressed (with the horizontal predictor for
 integer data), which Bio-Formats reads everywhere.
+
+Every format is checked against the data's type and values before the output is opened, and a
+type the format lacks is converted only when no value changes: float16 becomes float32, and
+64-bit (or, for PNG, any) integers become the narrowest type of the format that holds every
+value, found by one pass over the data. Data no type of the format holds unchanged (IDs that
+need 64 bits: OME-XML has no 64-bit integers) is refused in one line and nothing is written.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from emseg.errors import BadInputError
+from emseg.errors import BadInputError, EmsegRuntimeError
 from emseg.io.outputs import Output, software_tag
 from emseg.io.zarr import open_ome
 from emseg.progress import Reporter, reporter_or_null
@@ -42,6 +48,13 @@ _HEADER_BYTES = 2**20
 IMAGEJ_SLICE_PIXELS = 2**31 - 1
 #: Integers float32 holds exactly.
 FLOAT32_EXACT = 2**24
+#: Integer pixel types OME-XML's Pixels Type has, narrowest first (it has no 64-bit integers).
+OME_UNSIGNED = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.uint32))
+OME_SIGNED = (np.dtype(np.int8), np.dtype(np.int16), np.dtype(np.int32))
+#: Pixel types an OME-TIFF holds as they are.
+OME_DTYPES = (*OME_UNSIGNED, *OME_SIGNED, np.dtype(np.float32), np.dtype(np.float64))
+#: Pixel types a PNG slice holds, narrowest first.
+PNG_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,54 +99,137 @@ def export_store(
     if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
         if array.dtype != np.bool_:
             raise BadInputError(f"{source}: pixel type {array.dtype} cannot be exported (integers, floats or bool)")
-    if fmt == "png" and array.dtype not in (np.uint8, np.uint16, np.bool_):
-        raise BadInputError(f"PNG holds 8- or 16-bit integers; {array.dtype} data needs --format tif")
     # a mask is written as 0/255 so it is visible; instance IDs (uint32/uint64 labels) as they are
     binary = (label is not None and array.dtype == np.uint8) or array.dtype == np.bool_
     dtype = np.dtype(np.uint8) if array.dtype == np.bool_ else np.dtype(array.dtype).newbyteorder("=")
     progress = reporter_or_null(progress)
     shape = tuple(int(s) for s in array.shape)
+    what = f"{source}/labels/{label}" if label is not None else str(source)
 
     def planes(out_dtype: np.dtype) -> Iterator[np.ndarray]:
         for z in range(shape[0]):
             plane = np.asarray(array[z])
             plane = (plane != 0).astype(np.uint8) * np.uint8(255) if binary else plane
-            yield plane.astype(out_dtype, copy=False)
+            yield cast_exactly(plane, out_dtype, what)
             progress.advance(1)
 
-    def scan() -> ValueRange:
-        progress.start(f"check the values of {output.name}", total=shape[0], unit="slices")
-        found = value_range(planes(dtype))
-        progress.finish()
-        return found
+    scanned: list[ValueRange] = []
+
+    def scan() -> ValueRange:  # one pass over the data, at most
+        if not scanned:
+            progress.start(f"check the values of {output.name}", total=shape[0], unit="slices")
+            scanned.append(value_range(planes(dtype)))
+            progress.finish()
+        return scanned[0]
 
     # level k is 2^k times coarser in y and x (see emseg.io.zarr)
     voxel = tuple(v * (2**level if i else 1) for i, v in enumerate(image.voxel_size))
+    # every refusal comes here, before the output is opened: nothing is left behind
+    writer, out_dtype = export_plan(fmt, shape, dtype, scan, what, output.name)
     # the earlier output (with --overwrite) stays until the new one is whole
     kind = "slices" if fmt == "png" else "file"
     with Output(output, overwrite=overwrite, kind=kind, command="export", inputs=[source]) as out:
-        imagej_dtype = None
-        if fmt == "tif":
-            imagej_dtype, why_not = imagej_plan(shape, dtype, scan)
-            if imagej_dtype is None:
-                log.warning(
-                    "%s: %s; wrote an OME-TIFF instead (open it in Fiji with File > Import > Bio-Formats)",
-                    output.name,
-                    why_not,
-                )
-            elif imagej_dtype != dtype:
-                log.info("%s: %s written as %s for ImageJ (no value changes)", output.name, dtype, imagej_dtype)
         progress.start(f"export {output.name}", total=shape[0], unit="slices")
-        if imagej_dtype is not None:
-            write_imagej(out.path, planes(imagej_dtype), shape, imagej_dtype, voxel)
-        elif fmt in ("tif", "ome-tiff"):
-            write_ome_tiff(out.path, planes(dtype), shape, dtype, voxel)
+        if writer == "imagej":
+            write_imagej(out.path, planes(out_dtype), shape, out_dtype, voxel)
+        elif writer == "ome-tiff":
+            write_ome_tiff(out.path, planes(out_dtype), shape, out_dtype, voxel)
         else:
             width = max(4, len(str(shape[0] - 1)))
-            for z, plane in enumerate(planes(dtype)):
+            for z, plane in enumerate(planes(out_dtype)):
                 write_png(out.path / f"slice_{z:0{width}d}.png", plane)
         progress.finish()
     return output
+
+
+def export_plan(
+    fmt: str, shape: Sequence[int], dtype: np.dtype, scan: Callable[[], ValueRange], what: str, name: str
+) -> tuple[str, np.dtype]:
+    """The writer ("imagej", "ome-tiff" or "png") and pixel type that hold a (Z, Y, X) stack of
+    ``dtype`` in format ``fmt`` with no value changed; ``tif`` falls back to an OME-TIFF when
+    ImageJ cannot hold the data. Raises :class:`BadInputError` (naming ``what``) when the format
+    cannot hold the values at all. ``scan`` is called only for types the format lacks; each
+    conversion is logged (INFO) under the output's ``name``."""
+    if fmt == "png":
+        writer, target = "png", png_dtype(dtype, scan, what)
+    elif fmt == "tif":
+        imagej_dtype, why_not = imagej_plan(shape, dtype, scan)
+        if imagej_dtype is None:
+            writer, target = "ome-tiff", ome_tiff_dtype(dtype, scan, what)
+            log.warning(
+                "%s: %s; wrote an OME-TIFF instead (open it in Fiji with File > Import > Bio-Formats)",
+                name,
+                why_not,
+            )
+        else:
+            writer, target = "imagej", imagej_dtype
+    else:
+        writer, target = "ome-tiff", ome_tiff_dtype(dtype, scan, what)
+    if target != dtype:
+        kind = {"imagej": "ImageJ", "ome-tiff": "OME-TIFF", "png": "PNG"}[writer]
+        log.info("%s: %s written as %s for %s (no value changes)", name, dtype, target, kind)
+    return writer, target
+
+
+def ome_tiff_dtype(dtype: np.dtype, scan: Callable[[], ValueRange], what: str) -> np.dtype:
+    """The pixel type an OME-TIFF holds ``dtype`` data in with no value changed: its own type when
+    OME-XML has it, float32 for float16, and for other integers (64-bit) the narrowest of
+    uint8/16/32 (no negative value) or int8/16/32 that holds every value ``scan`` found. Raises
+    :class:`BadInputError` when the values need 64 bits."""
+    if dtype in OME_DTYPES:
+        return dtype
+    if dtype == np.float16:
+        return np.dtype(np.float32)
+    if not np.issubdtype(dtype, np.integer):
+        raise BadInputError(f"{what}: OME-TIFF and ImageJ TIFF hold float32 or float64, not {dtype}")
+    found = scan()
+    target = _narrowest(OME_UNSIGNED if found.low >= 0 else OME_SIGNED, found)
+    if target is None:
+        raise BadInputError(
+            f"{what}: {dtype} values {_int(found.low)} to {_int(found.high)} need 64-bit integers, which OME-TIFF "
+            "and ImageJ TIFF lack (32 bits at most); the OME-Zarr keeps them: read it as it is (e.g. napari), or "
+            "export labels with fewer IDs"
+        )
+    return target
+
+
+def png_dtype(dtype: np.dtype, scan: Callable[[], ValueRange], what: str) -> np.dtype:
+    """The pixel type a PNG slice holds ``dtype`` data in with no value changed: uint8 or uint16
+    as they are, other integers as the narrowest of the two that holds every value ``scan``
+    found. Raises :class:`BadInputError` for floats and for values neither holds."""
+    if dtype in PNG_DTYPES:
+        return dtype
+    if not np.issubdtype(dtype, np.integer):
+        raise BadInputError(f"{what}: PNG holds 8- or 16-bit integers; {dtype} data needs --format tif")
+    found = scan()
+    target = _narrowest(PNG_DTYPES, found)
+    if target is None:
+        raise BadInputError(
+            f"{what}: {dtype} values {_int(found.low)} to {_int(found.high)} do not fit PNG's 8- or 16-bit "
+            "unsigned integers; use --format tif"
+        )
+    return target
+
+
+def cast_exactly(plane: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
+    """``plane`` as ``dtype``; a narrowing cast is checked value by value, so that data that
+    changed since it was scanned is never written altered (:class:`EmsegRuntimeError`)."""
+    out = plane.astype(dtype, copy=False)
+    if not np.can_cast(plane.dtype, dtype, "safe") and not np.array_equal(out, plane, equal_nan=True):
+        raise EmsegRuntimeError(f"{what}: values changed while exporting (no longer fit {dtype}); export it again")
+    return out
+
+
+def _narrowest(candidates: Sequence[np.dtype], found: ValueRange) -> np.dtype | None:
+    for candidate in candidates:
+        info = np.iinfo(candidate)
+        if info.min <= found.low and found.high <= info.max:
+            return candidate
+    return None
+
+
+def _int(value: float) -> str:
+    return str(int(value)) if math.isfinite(value) else str(value)
 
 
 def default_format(output: Path) -> str | None:
@@ -254,8 +350,9 @@ def write_ome_tiff(
             dtype=dtype,
             photometric="minisblack",
             compression="zlib",
-            # the horizontal predictor (2) is read everywhere; the floating-point one (3) is not
-            predictor=bool(np.issubdtype(dtype, np.integer)),
+            # the horizontal predictor (2) is read everywhere (tifffile applies it to integers of
+            # at most 32 bits); the floating-point one (3) is not
+            predictor=bool(np.issubdtype(dtype, np.integer) and np.dtype(dtype).itemsize <= 4),
             # for readers that ignore OME-XML: pixels per centimetre, the one TIFF length unit
             resolution=(1e7 / x_nm, 1e7 / y_nm),
             resolutionunit="CENTIMETER",
