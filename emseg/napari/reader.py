@@ -8,7 +8,8 @@
   then the cells;
 - any other 3D OME-Zarr image (NGFF 0.4/0.5): the image and its labels.
 
-Layers are lazy (dask arrays; a pyramid is a list of them, level 0 first), placed in nanometres
+Layers are lazy (dask arrays; a pyramid is a list of them, level 0 first); the only pixels read
+on opening are a bounded window for the EM's contrast limits. They are placed in nanometres
 (scale = voxel size, translate = level 0's translation) and labelled z, y, x. Labels are visible,
 in the colours of their ``image-label`` metadata. This module needs neither napari nor Qt.
 """
@@ -16,6 +17,7 @@ in the colours of their ``image-label`` metadata. This module needs neither napa
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from emseg.errors import BadInputError
+from emseg.io.info import MAX_PREVIEW_PIXELS
 from emseg.io.zarr import OmeImage, ngff_payload, open_ome
 
 log = logging.getLogger(__name__)
@@ -37,6 +40,10 @@ PROBABILITY_STYLE: dict[str, Any] = {"colormap": "magma", "opacity": 0.45, "blen
 #: instance labels (napari's random colours): light enough to see P(cell) and the EM through.
 MASK_OPACITY = 0.6
 INSTANCE_OPACITY = 0.3
+#: Side of the centred window of the smallest level's middle slice that contrast limits are taken
+#: from: 2048 x 2048 = 2**22 pixels (32 MiB as float64), within MAX_PREVIEW_PIXELS. Layers
+#: themselves are lazy; this is the only pixel data the reader reads.
+CONTRAST_WINDOW = math.isqrt(MAX_PREVIEW_PIXELS) // 2
 #: Axis units napari (pint) understands, as OME-Zarr spells them.
 _UNITS = {"angstrom", "nanometer", "micrometer", "millimeter", "meter"}
 
@@ -82,7 +89,8 @@ def read_store(path: str | list[str]) -> list[LayerData]:
 
 
 def em_layer(image: OmeImage, name: str | None = None) -> LayerData:
-    """The EM image, gray, with contrast limits from the middle slice of its smallest level."""
+    """The EM image, gray, with contrast limits from the middle slice of its smallest level (a
+    bounded window of it: :func:`contrast_limits`)."""
     data, multiscale = pyramid(image)
     kwargs = {
         "name": name or image.path.stem,
@@ -164,11 +172,14 @@ def level0_translation(image: OmeImage) -> tuple[float, float, float]:
     return (0.0, 0.0, 0.0)
 
 
-def contrast_limits(image: OmeImage) -> list[float]:
-    """(low, high): the 0.5 and 99.5 percentiles of the middle slice of the smallest level, a
-    cheap read whatever the stack's size."""
+def contrast_limits(image: OmeImage, side: int = CONTRAST_WINDOW) -> list[float]:
+    """(low, high): the 0.5 and 99.5 percentiles of the middle slice of the smallest level, or of
+    its centred ``side`` x ``side`` window when the slice is larger (a single-level huge store):
+    a cheap, bounded read whatever the stack's size."""
     top = image.levels[-1]
-    plane = np.asarray(top[top.shape[0] // 2], dtype=np.float64)
+    ny, nx = (int(s) for s in top.shape[1:])
+    y0, x0 = max(0, (ny - side) // 2), max(0, (nx - side) // 2)
+    plane = np.asarray(top[top.shape[0] // 2, y0 : y0 + side, x0 : x0 + side], dtype=np.float64)
     finite = plane[np.isfinite(plane)]
     if finite.size == 0:
         return [0.0, 1.0]
