@@ -47,6 +47,8 @@ def ingest(
     chunks: Sequence[int] | None = None,
     ngff: str | None = None,
     shards: Sequence[int] | None = None,
+    series: int | None = None,
+    channel: int | None = None,
     overwrite: bool | None = None,
     config: IngestConfig | None = None,
     progress: Reporter | None = None,
@@ -55,18 +57,27 @@ def ingest(
 
     ``labels`` (same kinds of source, same shape) are binarised into ``labels/cells``.
     ``voxel_size`` is (z, y, x) in nm; by default it comes from the TIFF metadata, else 1.
-    Returns the output path.
+    ``series`` and ``channel`` pick one of a TIFF that holds several. Returns the output path.
     """
     from emseg.io.ingest import ingest_stack
 
     cfg = merge(
-        IngestConfig, config, voxel_size=voxel_size, chunks=chunks, ngff=ngff, shards=shards, overwrite=overwrite
+        IngestConfig,
+        config,
+        voxel_size=voxel_size,
+        chunks=chunks,
+        ngff=ngff,
+        shards=shards,
+        series=series,
+        channel=channel,
+        overwrite=overwrite,
     )
     return ingest_stack(source, output, cfg, labels=labels, progress=progress)
 
 
 def info(path: PathLike) -> dict[str, Any]:
-    """Shape, dtype, chunks, voxel size, levels and labels (with foreground fraction) of a store."""
+    """Shape, dtype, chunks, voxel size, levels and labels of a store: a mask's foreground
+    fraction, an instance label image's object count."""
     from emseg.io.info import describe_store
 
     return describe_store(path)

@@ -30,6 +30,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from typer.core import TyperGroup
 
 from emseg._version import __version__
 from emseg.config import (
@@ -43,7 +44,43 @@ from emseg.config import (
 )
 from emseg.errors import EmsegError
 
+try:  # typer >= 0.20 carries its own copy of click
+    from typer._click import exceptions as _click
+except ImportError:  # pragma: no cover - older typer uses click itself
+    from click import exceptions as _click  # type: ignore[no-redef]
+
+
+class _OneLineErrors(TyperGroup):
+    """The command group: a usage error (an unknown option, a value the option's type refuses, a
+    missing argument) is one ``emseg: error:`` line on stderr with exit code 2, like every other
+    error a user can fix, instead of click's framed usage block."""
+
+    def main(  # type: ignore[override]
+        self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+        standalone_mode: bool = True, **extra: Any,
+    ) -> Any:  # fmt: skip
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _click.NoArgsIsHelpError as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except _click.ClickException as exc:
+            ctx = getattr(exc, "ctx", None)
+            where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            message = " ".join(exc.format_message().split())
+            sys.stderr.write(f"emseg: error: {message}{where}\n")
+            sys.stderr.flush()
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            sys.stderr.write("emseg: aborted\n")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=_OneLineErrors,
     name="emseg",
     help="Segment electron-microscopy stacks: ingest, train, predict, evaluate.",
     no_args_is_help=True,
@@ -225,11 +262,24 @@ class _LowerLevelFormatter(logging.Formatter):
         return super().format(record)
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is when a record is logged (a test runner replaces it
+    per command), not to the stream that was current when the handler was made."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def _setup_logging(level: int) -> None:
     logger = logging.getLogger("emseg")
     logger.setLevel(level)
     if not any(getattr(h, "_emseg", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(_LowerLevelFormatter("emseg: %(levelname)s: %(message)s"))
         handler._emseg = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
@@ -268,6 +318,10 @@ def ingest_cmd(
     chunks: tuple[int, int, int] = typer.Option(IngestConfig.chunks, "--chunks", help="Chunk shape Z Y X."),
     ngff: str = typer.Option(IngestConfig.ngff, "--ngff", help="OME-Zarr version: 0.4 (zarr v2) or 0.5 (zarr v3)."),
     shards: Optional[tuple[int, int, int]] = typer.Option(None, "--shards", help="Shard shape Z Y X (--ngff 0.5)."),
+    series: Optional[int] = typer.Option(
+        None, "--series", help="Of a TIFF whose series do not form one stack: the series to ingest (from 0)."
+    ),
+    channel: Optional[int] = typer.Option(None, "--channel", help="Of a multi-channel TIFF: the channel (from 0)."),
     overwrite: bool = OVERWRITE,
     quiet: bool = QUIET,
 ) -> None:
@@ -284,6 +338,8 @@ def ingest_cmd(
             chunks=chunks,
             ngff=ngff,
             shards=shards,
+            series=series,
+            channel=channel,
             overwrite=overwrite,
             progress=progress,
         )
@@ -317,12 +373,23 @@ def info_cmd(
     table.add_row("voxel size (nm)", " x ".join(f"{v:g}" for v in result["voxel_size_nm"]))
     table.add_row("levels", ", ".join("x".join(map(str, s)) for s in result["levels"]))
     table.add_row("size", f"{result['size_bytes'] / 2**20:.1f} MiB uncompressed")
-    for name, lab in result["labels"].items():
+
+    def described(lab: dict[str, Any]) -> str:
+        """A mask's foreground fraction, or the number of objects of instance labels."""
+        if lab.get("kind") == "instances":
+            if lab["objects"] is None:
+                return "instance labels (no level under 1 Gi elements to count their objects)"
+            level = lab["objects_level"]
+            return f"{lab['objects']} objects" + ("" if level == 0 else f" (at least: counted on level {level})")
         if lab["foreground_fraction"] is None:
-            table.add_row(f"labels/{name}", "present (no level under 1 GiB to measure its foreground)")
-            continue
+            return "present (no level under 1 Gi elements to measure its foreground)"
         note = "" if lab["fraction_level"] == 0 else f" (estimated from level {lab['fraction_level']})"
-        table.add_row(f"labels/{name}", f"foreground fraction {lab['foreground_fraction']:.4f}{note}")
+        return f"foreground fraction {lab['foreground_fraction']:.4f}{note}"
+
+    if result.get("image_label"):
+        table.add_row("label image", described(result["image_label"]))
+    for name, lab in result["labels"].items():
+        table.add_row(f"labels/{name}", described(lab))
     if not result["labels"]:
         table.add_row("labels", "none")
     if result["emseg"]:
