@@ -386,3 +386,28 @@ def test_a_bad_scheduler_is_one_line_before_any_partial(world, tmp_path, cli, co
     argv = PROC_COMMANDS[command](world, out) + ["--scheduler", address]
     one_line_refusal(cli(*argv), "--scheduler")
     assert list(tmp_path.iterdir()) == []
+
+
+# --- a store's shape passes the same bound as a TIFF's pages -----------------------------------
+
+
+@pytest.mark.parametrize("shape", [(1, 70000, 70000), (2**24 + 1, 64, 64)], ids=["huge slice", "too many slices"])
+@pytest.mark.parametrize("command", ["info", "show", "segment", "evaluate", "export"])
+def test_a_store_whose_shape_exceeds_the_bound_is_refused_from_its_metadata(world, tmp_path, cli, shape, command):
+    """Metadata alone (no chunk written): every command refuses it in one line when it opens it,
+    before a slice sized by it is allocated."""
+    from emseg.io.zarr import LevelSpec, create_image_store, create_multiscale
+
+    store = tmp_path / "big.zarr"
+    root = create_image_store(store, "0.4", attrs={"emseg": {"command": "predict"}})
+    spec = LevelSpec(shape=shape, dtype="uint8", chunks=(1, 4096, 4096), pyramid_min_size=max(shape[1:]))
+    create_multiscale(root, spec, (50, 4, 4), "0.4", "probabilities")
+    argv = {
+        "info": ["info", store],
+        "show": ["show", store, "-o", tmp_path / "v.png"],
+        "segment": ["segment", store, "-o", tmp_path / "s.zarr"],
+        "evaluate": ["evaluate", store, world["data"]],
+        "export": ["export", store, "-o", tmp_path / "x.tif"],
+    }[command]
+    one_line_refusal(cli(*argv), "big.zarr")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.zarr"]

@@ -42,7 +42,7 @@ IMAGE_SUFFIXES = TIFF_SUFFIXES | PNG_SUFFIXES
 #: files that claim absurd sizes): 2**32 pixels, e.g. 65536 x 65536 (the default of
 #: :class:`~emseg.config.Limits`; EMSEG_MAX_SLICE_PIXELS raises it).
 MAX_SLICE_PIXELS = Limits.max_slice_pixels
-#: Nor more slices than this.
+#: Nor more slices than this (the same bound as a store's, :data:`emseg.io.zarr.MAX_SLICES`).
 MAX_SLICES = 2**24
 #: Luminance weights (ITU-R BT.601) for RGB -> grayscale.
 RGB_WEIGHTS = np.array([0.299, 0.587, 0.114])

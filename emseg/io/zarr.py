@@ -380,6 +380,7 @@ def _open_ome(path: Path, mode: OpenMode, is_label: bool) -> OmeImage:
     if any(math.prod(a.shape) > MAX_ELEMENTS for a in levels):
         largest = max((a.shape for a in levels), key=math.prod)
         raise BadInputError(f"{path}: an array of shape {largest} is larger than emseg accepts")
+    _check_slices(path, tuple(int(s) for s in levels[0].shape))
     if not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in scale):
         raise BadInputError(f"{path}: voxel size {scale} is not three positive numbers")
     _check_chunks(path, levels)
@@ -393,6 +394,24 @@ def _open_ome(path: Path, mode: OpenMode, is_label: bool) -> OmeImage:
         labels={} if is_label else _open_labels(path, group, mode, tuple(levels[0].shape)),
         attrs=raw_attrs,
     )
+
+
+#: Slices one store may hold: as many as a TIFF stack (:data:`emseg.io.stacks.MAX_SLICES`).
+MAX_SLICES = 2**24
+
+
+def _check_slices(path: Path, shape: tuple[int, ...]) -> None:
+    """The same bound on a store's shape as on a TIFF's pages: a slice of at most
+    ``Limits.max_slice_pixels`` (EMSEG_MAX_SLICE_PIXELS raises it) and at most 2**24 slices, so a
+    command that reads one whole slice never allocates past it because the metadata says so."""
+    limit = Limits.from_env().max_slice_pixels
+    if shape[1] * shape[2] > limit:
+        raise BadInputError(
+            f"{path}: slices of {shape[1]} x {shape[2]} pixels are more than the limit of {limit} "
+            "(raise it with EMSEG_MAX_SLICE_PIXELS when the data really is that large)"
+        )
+    if shape[0] > MAX_SLICES:
+        raise BadInputError(f"{path}: {shape[0]} slices is more than emseg accepts ({MAX_SLICES})")
 
 
 def _check_chunks(path: Path, levels: Sequence[zarr.Array]) -> None:
