@@ -43,6 +43,7 @@ from emseg.config import (
     TrainConfig,
 )
 from emseg.errors import EmsegError
+from emseg.progress import format_duration
 
 try:  # typer >= 0.20 carries its own copy of click
     from typer._click import exceptions as _click
@@ -137,25 +138,15 @@ class PlainReporter:
             line += f"/{self._total:.0f} {unit} ({self._done / self._total:.0%})"
         else:
             line += f" {unit}"
-        line += f", {rate:.3g} {unit}/s, {_duration(elapsed)} elapsed"
+        line += f", {rate:.3g} {unit}/s, {format_duration(elapsed)} elapsed"
         if self._total and self._done < self._total:
-            line += f", ETA {_duration((self._total - self._done) / rate if rate > 0 else float('inf'))}"
+            line += f", ETA {format_duration((self._total - self._done) / rate if rate > 0 else float('inf'))}"
         return f"{line}  {self._info}" if self._info else line
 
     @staticmethod
     def _write(text: str) -> None:
         sys.stderr.write(f"emseg: {text}\n")
         sys.stderr.flush()
-
-
-def _duration(seconds: float) -> str:
-    """``75.4`` -> ``1m15s``; hours as ``2h05m``."""
-    if seconds == float("inf"):
-        return "unknown"
-    whole = int(round(seconds))
-    if whole >= 3600:
-        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
-    return f"{whole // 60}m{whole % 60:02d}s"
 
 
 class RichReporter:

@@ -37,3 +37,13 @@ class NullReporter:
 
 def reporter_or_null(progress: Reporter | None) -> Reporter:
     return NullReporter() if progress is None else progress
+
+
+def format_duration(seconds: float) -> str:
+    """A duration as people read it: ``75.4`` -> ``1m15s``, hours as ``2h05m``, ``inf`` -> ``unknown``."""
+    if seconds == float("inf"):
+        return "unknown"
+    whole = int(round(seconds))
+    if whole >= 3600:
+        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+    return f"{whole // 60}m{whole % 60:02d}s"
