@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from emseg.cli import PlainReporter, _duration
+from emseg.cli import PlainReporter
+from emseg.progress import format_duration as _duration
 
 from .conftest import run_emseg
 
