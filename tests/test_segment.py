@@ -16,10 +16,10 @@ from emseg.errors import BadInputError
 from emseg.evaluation.instances import boundary_lines, is_instance_store, score_instances
 from emseg.evaluation.metrics import rand_info_scores
 from emseg.io.outputs import provenance
+from emseg.io.pyramid import reduce2
 from emseg.io.zarr import LevelSpec, create_image_store, create_multiscale, open_ome
 from emseg.segmentation.agglomerate import agglomerate, merge_hierarchical, region_edges
 from emseg.segmentation.flood import flood
-from emseg.segmentation.labels import mode2
 from emseg.segmentation.segment import segment_store
 from emseg.segmentation.stitch import global_table, label_dtype
 from emseg.synthetic import synthetic_stack, tile_isbi_like
@@ -89,8 +89,8 @@ def test_global_table_joins_and_numbers_consecutively() -> None:
 
 def test_mode2_takes_the_most_frequent_id() -> None:
     band = np.array([[[5, 7, 1, 2], [7, 7, 3, 4]]], dtype=np.uint32)
-    assert mode2(band).tolist() == [[[7, 1]]]
-    assert mode2(np.array([[[9, 9], [3, 3]]], dtype=np.uint64)).tolist() == [[[9]]]
+    assert reduce2(band, "mode").tolist() == [[[7, 1]]]
+    assert reduce2(np.array([[[9, 9], [3, 3]]], dtype=np.uint64), "mode").tolist() == [[[9]]]
 
 
 def test_flood_matches_scikit_image_on_a_smooth_map() -> None:

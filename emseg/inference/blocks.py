@@ -1,10 +1,11 @@
 """One block of ``emseg predict``: what it reads, what it writes, and running it.
 
-A :class:`Block` is plain data (no model, no arrays), so it travels to any dask worker. It
-writes the output region (slice ``z_out``, rows ``y``, columns ``x``: whole output chunks, so no
-two blocks write the same chunk) and reads input slice ``z_in`` over that region grown by the
-tile plan's margin: real neighbouring pixels across chunk and block borders, the slice's mirror
-image beyond its true edges. :func:`run_block` runs it through the process's
+A :class:`Task` is plain data (no model, no arrays), so it travels to any dask worker: the
+:class:`Run` every block shares and one :class:`~emseg.blocks.Block`. The block writes one output
+slice over rows and columns of whole output chunks (so no two blocks write the same chunk) and
+reads the input slice over its read region, the write region grown by the tile plan's margin:
+real neighbouring pixels across chunk and block borders, the slice's mirror image beyond its
+true edges. :func:`run_block` runs it through the process's
 :class:`~emseg.inference.engine.Engine` (built once per process from the checkpoint path), writes
 the probabilities and the membrane mask, and leaves a done-marker for ``--resume``.
 """
@@ -22,8 +23,9 @@ from typing import Any
 
 import zarr
 
+from emseg.blocks import Block, Region, plan_blocks, slices
 from emseg.config import PredictConfig
-from emseg.inference.tiling import TilePlan, plan_block, read_reflected
+from emseg.inference.tiling import plan_block, read_reflected, tile_origins
 
 
 @dataclass(frozen=True)
@@ -48,54 +50,37 @@ class Run:
     #: (mean, std) for this input stack (emseg.models.normalization.stack_normalization); None
     #: uses the checkpoint's.
     normalization: tuple[float, float] | None = None
+    #: The input slice of output slice 0 (``--slices A:B`` starts at A).
+    first_slice: int = 0
 
 
 @dataclass(frozen=True)
-class Block:
-    """One block task: its run, the input slice it reads and the output region it writes."""
+class Task:
+    """One block of one prediction: the run it belongs to and its regions. The block writes
+    output slice ``z`` (``block.write[0] == (z, z + 1)``) and reads input slice
+    ``run.first_slice + z``."""
 
     run: Run
-    z_in: int
-    z_out: int
-    y: tuple[int, int]
-    x: tuple[int, int]
-
-    @property
-    def name(self) -> str:
-        """The block's done-marker name: ``Z-Y0-X0`` of its output region."""
-        return f"{self.z_out}-{self.y[0]}-{self.x[0]}"
-
-    @property
-    def write_region(self) -> tuple[int, slice, slice]:
-        """Where the block writes: (z, rows, columns) of the output's level 0."""
-        return self.z_out, slice(*self.y), slice(*self.x)
-
-    def plan(self, shape: tuple[int, int]) -> TilePlan:
-        """The tiles of this block over an input slice of (Y, X) ``shape``; ``plan.domain`` is the
-        read region (y0, y1, x0, x1), which may reach beyond the slice (reflected there)."""
-        c = self.run.config
-        return plan_block(self.y, self.x, c.tile, c.overlap, self.run.divisor, c.blend, shape)
+    block: Block
 
 
-def axis_blocks(length: int, chunk: int, target: int) -> list[tuple[int, int]]:
-    """Split [0, length) into blocks of whole chunks close to ``target`` pixels; an axis at most
-    1.5 times the target is one block."""
-    if length <= 1.5 * target:
-        return [(0, length)]
-    step = max(1, round(target / chunk)) * chunk
-    return [(a, min(a + step, length)) for a in range(0, length, step)]
+def plan_tasks(run: Run, shape: tuple[int, int, int], chunks: tuple[int, int, int]) -> tuple[int, Iterator[Task]]:
+    """(how many, every task) over the output's (Z, Y, X) ``shape`` stored in ``chunks``: one slice
+    and about ``config.block`` pixels of whole chunks per block (:func:`emseg.blocks.plan_blocks`),
+    read over the tile plan's domain. The tasks come from a generator."""
+    c = run.config
+
+    def read(write: Region) -> Region:
+        ys, xs = tile_origins(write[1], write[2], c.tile, c.overlap, run.divisor, shape[1:])
+        return write[0], (int(ys[0]), int(ys[-1]) + c.tile), (int(xs[0]), int(xs[-1]) + c.tile)
+
+    count, blocks = plan_blocks(shape, chunks, (1, c.block, c.block), read)
+    return count, (Task(run, block) for block in blocks)
 
 
-def plan_blocks(
-    run: Run, z_range: tuple[int, int], shape: tuple[int, int, int], chunks: tuple[int, int, int]
-) -> tuple[int, Iterator[Block]]:
-    """(how many, every block) of input slices ``z_range`` of a (Z, Y, X) ``shape`` stored in
-    ``chunks`` (output slice 0 is input slice ``z_range[0]``). The blocks come from a generator,
-    so a stack of millions of blocks never holds them all in memory."""
-    ys = axis_blocks(shape[1], chunks[1], run.config.block)
-    xs = axis_blocks(shape[2], chunks[2], run.config.block)
-    count = (z_range[1] - z_range[0]) * len(ys) * len(xs)
-    return count, (Block(run, z, z - z_range[0], y, x) for z in range(*z_range) for y in ys for x in xs)
+def with_torch_threads(task: Task, threads: int) -> Task:
+    """``task`` for a local cluster's worker process that may use ``threads`` CPUs."""
+    return dataclasses.replace(task, run=dataclasses.replace(task.run, torch_threads=threads))
 
 
 # --- per-process caches (safe to drop) ------------------------------------------------------
@@ -135,29 +120,21 @@ def process_device(spec: str) -> str:
 
 def _engine(run: Run) -> Any:
     """The process's engine for this checkpoint and settings, built on first use."""
-    from emseg.inference.engine import Engine, EngineSettings
+    from emseg.inference.engine import Engine
     from emseg.models.checkpoint import load_trained
 
     c = run.config
     device = process_device(c.device)
-    key: tuple = (run.model, os.path.getmtime(run.model), device, c.batch_size, c.tta, c.dtype, c.threshold)
-    key += (c.compile, c.precision, run.normalization)
+    key: tuple = (run.model, os.path.getmtime(run.model), device, c, run.normalization, run.torch_threads)
     with _LOCK:
         if key not in _ENGINES:
-            model, meta = load_trained(run.model, device, compiled=c.compile, threads=run.torch_threads)
+            model, meta = load_trained(run.model, device, compiled=c.torch_compile, threads=run.torch_threads)
             norm = meta["normalization"]
-            settings = EngineSettings(
-                batch_size=c.batch_size,
-                tta=c.tta,
-                output_dtype=c.dtype,
-                threshold=c.threshold,
-                precision=c.precision,
-            )
             for old in _ENGINES.values():
                 old.close()
             _ENGINES.clear()
             mean, std = run.normalization or (norm["mean"], norm["std"])
-            _ENGINES[key] = Engine(model, next(model.parameters()).device, mean, std, settings)
+            _ENGINES[key] = Engine(model, next(model.parameters()).device, mean, std, c)
         return _ENGINES[key]
 
 
@@ -181,20 +158,30 @@ def drop_caches() -> None:
 # --- running one block ----------------------------------------------------------------------
 
 
-def run_block(block: Block) -> tuple[str, int]:
-    """Predict one block, write it and mark it done; returns (block name, pixels written)."""
-    run = block.run
+def run_block(task: Task) -> int:
+    """Predict one block, write it and mark it done; returns the pixels written."""
+    run, block = task.run, task.block
+    c = run.config
     engine = _engine(run)
     source = _array(str(Path(run.data) / "0"), "r", run.run_id)
-    plan = block.plan(source.shape[1:])
-    y0, y1, x0, x1 = plan.domain
-    region = read_reflected(lambda r, s: source[block.z_in, r, s], source.shape[1:], y0, y1, x0, x1)
+    (z, _), (y0, y1), (x0, x1) = block.read
+    plan = plan_block(block.write[1], block.write[2], c.tile, c.overlap, run.divisor, c.blend, source.shape[1:])
+    region = read_reflected(lambda r, s: source[run.first_slice + z, r, s], source.shape[1:], y0, y1, x0, x1)
     prob, membranes = engine.run_block(region, plan)
-    where = block.write_region
+    where = (z, *slices(block.write[1:]))
     _array(str(Path(run.output) / "0"), "r+", run.run_id)[where] = prob
     _array(str(Path(run.output) / "labels" / "membranes" / "0"), "r+", run.run_id)[where] = membranes
     (Path(run.done) / block.name).touch()
-    return block.name, prob.size
+    return int(prob.size)
 
 
-__all__ = ["Block", "Run", "axis_blocks", "drop_caches", "plan_blocks", "process_device", "run_block", "worker_index"]
+__all__ = [
+    "Run",
+    "Task",
+    "drop_caches",
+    "plan_tasks",
+    "process_device",
+    "run_block",
+    "with_torch_threads",
+    "worker_index",
+]

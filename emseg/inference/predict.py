@@ -3,13 +3,13 @@
 The steps of :func:`predict_store`: validate the checkpoint, the settings and the input; plan
 the output store (the input's chunks and pyramid depth, probabilities plus a membranes label)
 and its blocks; open the output (:class:`~emseg.io.outputs.Output`: locked, written into a hidden
-partial, resumable); run the unfinished blocks (:mod:`~emseg.inference.schedule`); build the
+partial, resumable; :func:`~emseg.io.outputs.complete_output` first says whether ``--resume`` has
+nothing left to do); run the unfinished blocks (:func:`~emseg.blocks.run_blocks`); build the
 pyramid levels from level 0; mark the store complete and commit it under its name.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -17,15 +17,14 @@ from typing import Any
 import numpy as np
 import zarr
 
+from emseg.blocks import run_blocks
 from emseg.cluster import check_local_workers, check_scheduler_address
-from emseg.config import PredictConfig, to_dict
+from emseg.config import PredictConfig, runtime_fields, to_dict
 from emseg.device import resolve_device
 from emseg.errors import BadInputError
-from emseg.inference.blocks import Run, plan_blocks
-from emseg.inference.engine import OUTPUT_DTYPES
-from emseg.inference.schedule import execute
+from emseg.inference.blocks import Run, drop_caches, plan_tasks, run_block, with_torch_threads
 from emseg.inference.tiling import check_tiling
-from emseg.io.outputs import Output, check_inputs, is_emseg_store, provenance
+from emseg.io.outputs import Output, check_inputs, complete_output, provenance
 from emseg.io.pyramid import build_levels
 from emseg.io.zarr import LevelSpec, OmeImage, create_image_store, create_label, create_multiscale, open_ome
 from emseg.models.checkpoint import check_trained
@@ -34,8 +33,8 @@ from emseg.progress import Reporter, reporter_or_null
 
 log = logging.getLogger(__name__)
 
-#: Settings that may differ between an interrupted run and its ``--resume``.
-RUNTIME_ONLY = ("device", "batch_size", "threads", "workers", "scheduler", "compile", "overwrite", "resume")
+#: Settings that may differ between an interrupted run and its ``--resume`` (declared in config.py).
+RUNTIME_ONLY = runtime_fields(PredictConfig)
 
 
 def predict_store(
@@ -50,13 +49,15 @@ def predict_store(
     model_path, meta = _checked_model(model, config)
     image, z_range = _checked_input(data, config)
     _check_runtime(config)
-    if _already_complete(final, config, _resume_record(model_path, image, config)):
+    record = _resume_record(model_path, image, config)
+    if complete_output(final, record, overwrite=config.overwrite, resume=config.resume):
         log.info("%s is complete; nothing to resume", final)
         return final
     shape = (z_range[1] - z_range[0], *image.shape[1:])
     chunks = (1, int(image.array.chunks[1]), int(image.array.chunks[2]))
-    spec = LevelSpec(shape=shape, dtype=config.dtype, chunks=chunks, pyramid_min_size=_pyramid_min(image))
-    record = _resume_record(model_path, image, config)
+    spec = LevelSpec(
+        shape=shape, dtype=config.dtype, chunks=chunks, pyramid_min_size=_pyramid_min(image), clevel=config.clevel
+    )
     # slice A of --slices A:B sits where it sits in the input, for viewers and for later commands
     origin = (image.origin[0] + z_range[0] * image.voxel_size[0], *image.origin[1:])
     prov = provenance(
@@ -92,14 +93,25 @@ def predict_store(
             config,
             int(meta.get("divisor") or 1),
             normalization=stack_mean_std(meta, image, config),
+            first_slice=z_range[0],
         )
-        total, blocks = plan_blocks(run, z_range, image.shape, chunks)
+        total, tasks = plan_tasks(run, shape, chunks)
         done = out.done_names()
         if out.resumed:
             log.info("resuming: %d of %d blocks already done", len(done), total)
         progress.start("predict", total=total, unit="blocks")
         progress.advance(len(done))
-        execute((b for b in blocks if b.name not in done), config, progress)
+        run_blocks(
+            run_block,
+            (t for t in tasks if t.block.name not in done),
+            threads=config.threads,
+            workers=config.workers,
+            scheduler=config.scheduler,
+            progress=progress,
+            key=lambda t: f"emseg-block-{t.block.name}",
+            for_worker=with_torch_threads,
+            cleanup=drop_caches,
+        )
         progress.finish()
         build_levels(out.path, "mean")
         build_levels(out.path / "labels" / "membranes", "majority")
@@ -123,12 +135,6 @@ def _checked_model(model: str | Path, config: PredictConfig) -> tuple[Path, dict
     model_path, meta = check_trained(model)  # config bounds, normalisation and finite weights
     model_path = model_path.resolve()
     check_tiling(config.tile, config.overlap, int(meta.get("divisor") or 1), config.blend)
-    if config.dtype not in OUTPUT_DTYPES:
-        raise BadInputError(f"--dtype {config.dtype}: expected uint8, float16 or float32")
-    if not 0 <= config.threshold <= 1:
-        raise BadInputError(f"--threshold {config.threshold}: must be within [0, 1]")
-    if config.batch_size < 1 or config.threads < 1:
-        raise BadInputError("--batch-size and the thread count must be at least 1")
     return model_path, meta
 
 
@@ -150,31 +156,6 @@ def _checked_input(data: str | Path, config: PredictConfig) -> tuple[OmeImage, t
     if not 0 <= z0 < z1 <= image.shape[0]:
         raise BadInputError(f"--slices {z0}:{z1}: {data} has slices 0-{image.shape[0] - 1}")
     return image, (z0, z1)
-
-
-def _already_complete(final: Path, config: PredictConfig, record: dict[str, Any]) -> bool:
-    """Whether ``--resume`` (without ``--overwrite``) finds the output already whole, made with
-    the same model, input and settings; refuses an existing output that neither option allows,
-    one emseg did not write, or a complete one made with other settings or another model."""
-    if final.is_symlink() or not final.exists():
-        return False  # a symlink is refused when the output is opened
-    if not (config.overwrite or config.resume):
-        raise BadInputError(f"{final}: already exists (use --overwrite to replace it, or --resume)")
-    if not is_emseg_store(final):
-        raise BadInputError(f"{final}: exists and was not written by emseg; refusing to replace it")
-    if config.overwrite or not config.resume:
-        return False
-    try:
-        saved = zarr.open_group(str(final), mode="r").attrs.get("emseg", {})
-    except (OSError, ValueError, KeyError) as exc:
-        raise BadInputError(f"{final}: unreadable store attributes ({type(exc).__name__}: {exc})") from None
-    made = saved.get("resume_record") if isinstance(saved, dict) else None
-    if made != json.loads(json.dumps(record)):
-        raise BadInputError(
-            f"--resume: {final} is complete but was made with other settings or another model or input; "
-            "use --overwrite to replace it, or another output"
-        )
-    return True
 
 
 def _resume_record(model: Path, image: OmeImage, config: PredictConfig) -> dict[str, Any]:

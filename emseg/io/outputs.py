@@ -1,7 +1,7 @@
 """The one output lifecycle: whatever emseg writes appears whole under its name, or not at all.
 
-Every command that writes an output (ingest, export, export-model, predict) goes through
-:class:`Output`:
+Every command that writes an output (ingest, export, export-model, predict, segment) goes
+through :class:`Output`:
 
 1. check: an output that is, lies inside, contains or links to one of the command's inputs is
    refused (with or without ``--overwrite``); a symbolic link, a FIFO, socket or device node is
@@ -18,9 +18,12 @@ Every command that writes an output (ingest, export, export-model, predict) goes
 
 On failure the partial is removed and the previous output is left untouched; an OSError (a full
 disk, a write budget) becomes an :class:`~emseg.errors.EmsegRuntimeError`. A *resumable* output
-(predict) writes into ``.NAME.partial/`` instead, which holds the content (``store.zarr``), its
-resume record (``settings.json``: the settings a resume must match) and one done-marker per
-finished piece (``done/``); on failure all of it is kept for ``--resume``.
+(predict, segment) writes into ``.NAME.partial/`` instead, which holds the content
+(``store.zarr``), its resume record (``settings.json``: the settings a resume must match) and one
+done-marker per finished piece (``done/``); on failure all of it is kept for ``--resume``. The
+finished store keeps the record in its ``emseg`` attributes (``resume_record``), so that
+:func:`complete_output` can tell ``--resume`` on a complete output "nothing to do" from "made
+otherwise".
 
 Single files inside an output (checkpoints, metrics) are written with :func:`write_bytes_atomic`.
 """
@@ -111,19 +114,53 @@ def provenance(command: str, **fields: Any) -> dict[str, Any]:
     }
 
 
-def is_emseg_store(path: Path) -> bool:
-    """Whether ``path`` is a zarr store emseg wrote (its root attributes name emseg)."""
+def _emseg_attrs(path: Path) -> dict[str, Any] | None:
+    """The ``emseg`` block of the root attributes of the zarr store ``path`` (v2 or v3), or None
+    where there is none or it cannot be read."""
     for meta in (".zattrs", "zarr.json"):
         f = path / meta
         if f.is_file():
             try:
                 attrs = json.loads(f.read_text())
             except (OSError, ValueError):
-                return False
+                return None
             if meta == "zarr.json" and isinstance(attrs, dict):
                 attrs = attrs.get("attributes", attrs)
-            return isinstance(attrs, dict) and "emseg" in attrs
-    return False
+            if not isinstance(attrs, dict) or "emseg" not in attrs:
+                return None
+            return attrs["emseg"] if isinstance(attrs["emseg"], dict) else {}
+    return None
+
+
+def is_emseg_store(path: Path) -> bool:
+    """Whether ``path`` is a zarr store emseg wrote (its root attributes name emseg)."""
+    return _emseg_attrs(path) is not None
+
+
+def complete_output(final: str | Path, record: dict[str, Any], *, overwrite: bool, resume: bool) -> bool:
+    """Whether a resumable store ``final`` is already complete, to be checked before it is opened:
+    True when ``resume`` (without ``overwrite``) finds it made with the same resume ``record``
+    (JSON-ready; stored as ``resume_record`` in its ``emseg`` attributes). Refuses, in one line,
+    an existing output that neither option allows, one emseg did not write, or a complete one
+    made with another record (or none: written before stores kept theirs). False when there is
+    nothing to finish yet or ``overwrite`` replaces it; a symlink is refused when it is opened."""
+    final = Path(final)
+    if final.is_symlink() or not final.exists():
+        return False
+    if not (overwrite or resume):
+        raise BadInputError(f"{final}: already exists (use --overwrite to replace it, or --resume)")
+    saved = _emseg_attrs(final)
+    if saved is None:
+        raise BadInputError(f"{final}: exists and was not written by emseg; refusing to replace it")
+    if overwrite:
+        return False
+    made = saved.get("resume_record")
+    if made != json.loads(json.dumps(record)):
+        how = "other settings or other inputs" if made is not None else "an emseg that kept no resume record"
+        raise BadInputError(
+            f"--resume: {final} is complete but was made with {how}; use --overwrite to replace it, or another output"
+        )
+    return True
 
 
 def software_tag() -> str:
@@ -305,6 +342,12 @@ def check_output(
             raise BadInputError(
                 f"{final}: exists and was not written by emseg (it carries no emseg marker); refusing to replace it"
             )
+    _check_parent(final)
+    check_lock_path(final)
+
+
+def _check_parent(final: Path) -> None:
+    """The nearest existing folder above ``final`` must be a writable directory."""
     existing = final.parent
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -349,7 +392,30 @@ def _kind_of(mode: int) -> str:
     return "a device"
 
 
-def open_own_file(path: Path, what: str) -> int:
+def check_lock_path(final: Path) -> None:
+    """Refuse, before any work, what a lock of ``final`` could not be: its ``.NAME.lock`` is
+    checked as :class:`OutputLock` will open it (a symbolic link, folder, FIFO, hard link or a
+    file holding anything but emseg's holder line is one line), without creating anything."""
+    lock = final.parent / f".{final.name}{LOCK_SUFFIX}"
+    if not (lock.exists() or lock.is_symlink()):
+        return
+    fd = open_own_file(lock, "lock file", create=False)
+    try:
+        held = os.pread(fd, 4096, 0)
+    finally:
+        os.close(fd)
+    if not _LOCK_LINE.match(held):
+        raise BadInputError(_foreign_lock(lock))
+
+
+def _foreign_lock(lock: Path) -> str:
+    return (
+        f"{lock}: is not an emseg lock file (it holds other data); emseg never overwrites it "
+        "(move it away, or choose another output)"
+    )
+
+
+def open_own_file(path: Path, what: str, *, create: bool = True) -> int:
     """Open (creating it) the regular file ``path`` that emseg keeps for itself (a lock) read-write,
     never through a symbolic link, never a FIFO, socket, device or folder, never a file with
     other hard links (writing it would change another name's content), never truncating it.
@@ -363,7 +429,7 @@ def open_own_file(path: Path, what: str) -> int:
         raise destination_error(path, exc, f"examine its {what}") from None
     if mode is not None and not stat.S_ISREG(mode):
         raise BadInputError(wrong.format(_kind_of(mode)))
-    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    flags = (os.O_RDWR | os.O_CREAT if create else os.O_RDONLY) | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
         fd = os.open(path, flags, 0o644)
     except OSError as exc:
@@ -427,10 +493,7 @@ class OutputLock:
         (empty, or a holder line a dead emseg left)."""
         held = os.pread(fd, 4096, 0)
         if not _LOCK_LINE.match(held):
-            raise BadInputError(
-                f"{self.path}: is not an emseg lock file (it holds other data); emseg never overwrites it "
-                "(move it away, or choose another output)"
-            )
+            raise BadInputError(_foreign_lock(self.path))
         line = f"{os.getpid()} {self.command}\n".encode()
         try:
             os.ftruncate(fd, 0)
@@ -534,11 +597,11 @@ class Output:
         self,
         final: str | Path,
         *,
-        overwrite: bool = False,
+        overwrite: bool,
         kind: str = "store",
         command: str = "command",
         resume_record: dict[str, Any] | None = None,
-        resume: bool = False,
+        resume: bool | None = None,
         create: Callable[[Path], None] | None = None,
         inputs: Iterable[str | Path | None] = (),
     ) -> None:
@@ -547,7 +610,7 @@ class Output:
         self.final = Path(final).absolute()
         self.kind = kind
         self.overwrite = overwrite
-        self.resume = resume
+        self.resume = bool(resume)
         self.resumed = False
         self._record = resume_record
         self._create = create
@@ -687,6 +750,7 @@ __all__ = [
     "MARKER",
     "check_inputs",
     "check_output",
+    "complete_output",
     "is_emseg_file",
     "is_emseg_output",
     "software_tag",

@@ -1,8 +1,9 @@
 """The one pyramid builder: level shapes, the 2x2 reduction, and the two ways levels get written.
 
 Level k > 0 of an image is the 2x2 block mean of level k - 1 in y and x (block majority for
-{0, 1} label masks); z is never reduced. Ingest streams its source once and feeds every level
-band by band (:class:`PyramidWriter`); predict writes level 0 block by block and then builds the
+{0, 1} label masks, the 2x2 mode for label IDs, so IDs are never averaged into ones that do not
+exist); z is never reduced. Ingest streams its source once and feeds every level band by band
+(:class:`PyramidWriter`); predict and segment write level 0 block by block and then build the
 levels from it (:func:`build_levels`). Both write whole chunk rows, so no two writes share a chunk.
 
 This module knows zarr arrays but not OME-Zarr metadata (``emseg.io.zarr`` imports it).
@@ -20,11 +21,14 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-#: The two reductions: "mean" for images (rounded for integers), "majority" for {0, 1} masks.
-REDUCTIONS = ("mean", "majority")
+from emseg.config import IngestConfig
+
+#: The reductions: "mean" for images (rounded for integers), "majority" for {0, 1} masks, "mode"
+#: for label IDs.
+REDUCTIONS = ("mean", "majority", "mode")
 
 
-def pyramid_shapes(shape: Sequence[int], min_size: int = 1024) -> list[tuple[int, int, int]]:
+def pyramid_shapes(shape: Sequence[int], min_size: int = IngestConfig.pyramid_min_size) -> list[tuple[int, int, int]]:
     """Level shapes: level 0 is ``shape``; each next level halves y and x (rounding up) until the
     largest of y and x is at most ``min_size``."""
     z, y, x = (int(s) for s in shape)
@@ -37,11 +41,18 @@ def pyramid_shapes(shape: Sequence[int], min_size: int = 1024) -> list[tuple[int
 
 def reduce2(band: np.ndarray, kind: str) -> np.ndarray:
     """2x2 reduction in y and x of a (Z, Y, X) band: block mean ("mean", in the band's dtype,
-    rounded for integers) or block majority of a {0, 1} band ("majority", ties to 1; uint8).
-    Odd sizes are padded by edge replication, so the output is (Z, ceil(Y/2), ceil(X/2))."""
+    rounded for integers), block majority of a {0, 1} band ("majority", ties to 1; uint8) or the
+    most frequent ID ("mode", in the band's dtype; top-left on a four-way tie). Odd sizes are
+    padded by edge replication, so the output is (Z, ceil(Y/2), ceil(X/2))."""
     z, y, x = band.shape
     if y % 2 or x % 2:
         band = np.pad(band, ((0, 0), (0, y % 2), (0, x % 2)), mode="edge")
+    if kind == "mode":
+        a, b = band[:, 0::2, 0::2], band[:, 0::2, 1::2]
+        c, d = band[:, 1::2, 0::2], band[:, 1::2, 1::2]
+        # a wins when it appears twice; else b when it does; else c when c == d; else a (all differ)
+        out = np.where((b == c) | (b == d), b, np.where(c == d, c, a))
+        return np.where((a == b) | (a == c) | (a == d), a, out)
     if kind == "majority":
         acc = band[:, 0::2].astype(np.uint8) + band[:, 1::2]
         acc = acc[:, :, 0::2] + acc[:, :, 1::2]

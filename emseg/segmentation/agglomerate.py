@@ -49,7 +49,7 @@ def region_edges(labels: np.ndarray, heights: np.ndarray) -> tuple[np.ndarray, n
 
 
 @numba.njit(cache=True, nogil=True)
-def _border_pairs(
+def _border_pairs(  # noqa: PLR0913 - a numba kernel takes arrays and counts, not objects
     labels: np.ndarray, heights: np.ndarray, outer: int, length: int, inner: int, n: int,
     keys: np.ndarray, weights: np.ndarray, fill: bool,
 ) -> int:  # pragma: no cover - compiled  # fmt: skip
@@ -118,7 +118,7 @@ def merge_hierarchical(n: int, pairs: np.ndarray, sums: np.ndarray, counts: np.n
 
 
 @numba.njit(cache=True, nogil=True)
-def _merge_hierarchical(
+def _merge_hierarchical(  # noqa: C901 - one compiled loop over a heap; split, numba would call across functions in the hot path
     n: int, ea: np.ndarray, eb: np.ndarray, sums: np.ndarray, counts: np.ndarray, threshold: float
 ) -> np.ndarray:  # pragma: no cover - compiled  # fmt: skip
     """The priority queue of :func:`merge_hierarchical`: a heap of (mean, edge, version) with

@@ -16,9 +16,11 @@ from typing import Any
 import numpy as np
 import zarr
 
+from emseg.blocks import Block, slices
+from emseg.config import SegmentConfig
 from emseg.probability import probability_uint8
 from emseg.segmentation.agglomerate import agglomerate
-from emseg.segmentation.stitch import Region, face_planes
+from emseg.segmentation.stitch import face_planes
 from emseg.segmentation.watershed import fragments
 
 
@@ -44,13 +46,13 @@ class Job:
     #: Voxel size (z, y, x), the distance transform's sampling in 3D mode.
     voxel_size: tuple[float, float, float]
     #: "cores" or "maxima" (see :func:`~emseg.segmentation.watershed.seeds`).
-    seeds: str = "cores"
+    seeds: str = SegmentConfig.seeds
 
 
 @dataclass(frozen=True)
 class Task:
     job: Job
-    region: Region
+    block: Block
     #: For the relabel pass: final IDs of local IDs 0..n (None in the first pass).
     table: np.ndarray | None = None
 
@@ -76,39 +78,38 @@ def segment_image(prob: np.ndarray, job: Job) -> tuple[np.ndarray, int]:
 
 def segment_block(task: Task) -> int:
     """First pass over one block; returns the pixels written."""
-    job, region = task.job, task.region
-    read = tuple(slice(a, b) for a, b in region.read)
-    where = f"{Path(job.prob).parent}: block {region.name}"
-    prob = probability_uint8(np.asarray(zarr.open_array(job.prob, mode="r")[read]), where)
+    job, block = task.job, task.block
+    where = f"{Path(job.prob).parent}: block {block.name}"
+    prob = probability_uint8(np.asarray(zarr.open_array(job.prob, mode="r")[slices(block.read)]), where)
     labels, n = segment_image(prob, job)
     # number the IDs present in the write region 1..n; IDs only in the halo become 0 (no pixel
     # of the write region equals them, which is all the face test asks of them)
     present = np.zeros(n + 1, bool)
-    present[labels[region.inner()]] = True
+    present[labels[block.inner()]] = True
     present[0] = False
     table = np.cumsum(present, dtype=np.uint32)
     table[~present] = 0
     n = int(present.sum())
     labels = table[labels]
-    inner = labels[region.inner()]
-    zarr.open_array(job.scratch, mode="r+")[tuple(slice(a, b) for a, b in region.write)] = inner
-    tmp = Path(job.faces) / f".{region.name}.tmp.npz"
-    arrays: dict[str, Any] = {"count": np.int64(n), **face_planes(region, labels)}
+    inner = labels[block.inner()]
+    zarr.open_array(job.scratch, mode="r+")[slices(block.write)] = inner
+    tmp = Path(job.faces) / f".{block.name}.tmp.npz"
+    arrays: dict[str, Any] = {"count": np.int64(n), **face_planes(block, labels)}
     np.savez(tmp, **arrays)
-    tmp.replace(Path(job.faces) / f"{region.name}.npz")
-    (Path(job.done) / f"frag-{region.name}").touch()
+    tmp.replace(Path(job.faces) / f"{block.name}.npz")
+    (Path(job.done) / f"frag-{block.name}").touch()
     return int(inner.size)
 
 
 def relabel_block(task: Task) -> int:
     """Second pass over one block: final IDs from the local ones; returns the pixels written."""
-    job, region = task.job, task.region
+    job, block = task.job, task.block
     assert task.table is not None
-    where = tuple(slice(a, b) for a, b in region.write)
+    where = slices(block.write)
     local = np.asarray(zarr.open_array(job.scratch, mode="r")[where])
     target = zarr.open_array(job.labels, mode="r+")
     target[where] = task.table.astype(target.dtype)[local]
-    (Path(job.done) / f"label-{region.name}").touch()
+    (Path(job.done) / f"label-{block.name}").touch()
     return int(local.size)
 
 

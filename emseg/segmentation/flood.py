@@ -23,7 +23,7 @@ import numpy as np
 
 
 @numba.njit(cache=True, nogil=True)
-def _flood(heights: np.ndarray, labels: np.ndarray, offsets: np.ndarray) -> None:  # pragma: no cover - compiled
+def _flood(heights: np.ndarray, labels: np.ndarray, offsets: np.ndarray) -> None:  # pragma: no cover - compiled  # noqa: C901 - the priority flood's one compiled loop (queues, neighbours, labels) is the speed
     """Flood ``labels`` (flat int32 of the padded image, -1 on the pad, 0 = unlabelled, >0 =
     seeds) over flat uint8 ``heights`` in place."""
     n = labels.size

@@ -1,17 +1,18 @@
 """``emseg segment``: instance labels from a P(cell) map, blockwise on dask, without seams.
 
 The steps of :func:`segment_store`: check the input and settings; plan blocks of whole chunks
-with halos; open the output (:class:`~emseg.io.outputs.Output`: locked, written into a hidden
-partial, resumable); first pass: fragments and agglomeration per block into a scratch array of
-local IDs, with each block's face planes; join the blocks across their faces into one table of
-consecutive IDs; create the label image (uint32, or uint64 when needed); second pass: write the
-final IDs block by block; build the pyramid (2x2 mode); mark it complete and commit it. With
-``into`` the output is the prediction store's ``labels/cells``.
+with halos (:func:`~emseg.blocks.plan_blocks`); open the output (:class:`~emseg.io.outputs.Output`:
+locked, written into a hidden partial, resumable; :func:`~emseg.io.outputs.complete_output` first
+says whether ``--resume`` has nothing left to do); first pass: fragments and agglomeration per
+block into a scratch array of local IDs, with each block's face planes; join the blocks across
+their faces into one table of consecutive IDs; create the label image (uint32, or uint64 when
+needed); second pass: write the final IDs block by block; build the pyramid (2x2 mode); mark it
+complete and commit it. Both passes run through :func:`~emseg.blocks.run_blocks`. With ``into``
+the output is the prediction store's ``labels/cells``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -20,23 +21,24 @@ from typing import Any
 import numpy as np
 import zarr
 
+from emseg.blocks import Block, grow, plan_blocks, run_blocks
 from emseg.cluster import check_local_workers, check_scheduler_address
-from emseg.config import SegmentConfig, to_dict
+from emseg.config import SegmentConfig, runtime_fields, to_dict
 from emseg.errors import BadInputError
-from emseg.io.outputs import Output, is_emseg_store, provenance
+from emseg.io.outputs import Output, complete_output, is_emseg_store, provenance
+from emseg.io.pyramid import build_levels
 from emseg.io.untrusted import untrusted
 from emseg.io.zarr import LevelSpec, OmeImage, create_image_store, emseg_attrs, open_ome
 from emseg.probability import check_probability
 from emseg.progress import Reporter, reporter_or_null
 from emseg.segmentation.blocks import Job, Task, relabel_block, segment_block
-from emseg.segmentation.labels import build_label_levels, create_label_image, list_label
-from emseg.segmentation.schedule import run_tasks
-from emseg.segmentation.stitch import Region, face_joins, global_table, label_dtype, neighbours, plan_regions
+from emseg.segmentation.labels import create_label_image, list_label
+from emseg.segmentation.stitch import face_joins, global_table, label_dtype, neighbours
 
 log = logging.getLogger(__name__)
 
 #: Settings that may differ between an interrupted run and its ``--resume``.
-RUNTIME_ONLY = ("threads", "workers", "scheduler", "overwrite", "resume")
+RUNTIME_ONLY = runtime_fields(SegmentConfig)
 
 
 def segment_store(
@@ -53,38 +55,40 @@ def segment_store(
     elif config.workers is not None:
         check_local_workers(config.workers)
     settings = {k: v for k, v in to_dict(config).items() if k not in RUNTIME_ONLY}
-    if _already_complete(final, config, image, settings):
+    chunks = tuple(int(c) for c in image.array.chunks)
+    target, halo = _block_and_halo(config, image.voxel_size, chunks)  # type: ignore[arg-type]
+    blocks = list(plan_blocks(image.shape, chunks, target, lambda write: grow(write, halo, image.shape))[1])
+    # the first block's extent pins the plan: a resume never mixes blocks of two plans
+    extent = [b - a for a, b in blocks[0].write]
+    record = {"prediction": str(image.path.resolve()), "shape": list(image.shape), "config": settings, "block": extent}
+    if complete_output(final, record, overwrite=config.overwrite, resume=config.resume):
         log.info("%s is complete; nothing to resume", final)
         return final
-    chunks = tuple(int(c) for c in image.array.chunks)
-    block, halo = _block_and_halo(config, image.voxel_size, chunks)  # type: ignore[arg-type]
-    regions = plan_regions(image.shape, chunks, block, halo)  # type: ignore[arg-type]
-    prov = provenance("segment", prediction=str(image.path.resolve()), settings=settings)
+    prov = provenance("segment", resume_record=record, prediction=str(image.path.resolve()), settings=settings)
 
     def create(path: Path) -> None:
         create_image_store(path, image.version, attrs={"emseg": {**prov, "complete": False}})
 
-    record = {"prediction": str(image.path.resolve()), "shape": list(image.shape), "config": settings}
     with Output(
         final, overwrite=config.overwrite, kind="store", command="segment", create=create,
         resume_record=record, resume=config.resume,
         inputs=[] if config.into else [image.path],  # --into writes inside its input on purpose
     ) as out:  # fmt: skip
         job = _job(image, out, config)
-        _first_pass(job, regions, out.done_names(), config, progress)
-        offsets, table = _stitch(job, regions)
+        _first_pass(job, blocks, out.done_names(), config, progress)
+        offsets, table = _stitch(job, blocks)
         _create_labels(out.path, image, chunks, int(table.max()), prov, config.into)
         job = _with_labels(job, out.path)
         todo = [
-            Task(job, r, np.concatenate([[0], table[offsets[i] + 1 : offsets[i] + _count(job, r) + 1]]))
-            for i, r in enumerate(regions)
-            if f"label-{r.name}" not in out.done_names()
+            Task(job, b, np.concatenate([[0], table[offsets[i] + 1 : offsets[i] + _count(job, b) + 1]]))
+            for i, b in enumerate(blocks)
+            if f"label-{b.name}" not in out.done_names()
         ]
-        progress.start("segment: write labels", total=len(regions), unit="blocks")
-        progress.advance(len(regions) - len(todo))
+        progress.start("segment: write labels", total=len(blocks), unit="blocks")
+        progress.advance(len(blocks) - len(todo))
         _run(relabel_block, todo, "label", config, progress)
         progress.finish()
-        build_label_levels(out.path)
+        build_levels(out.path, "mode")
         root = zarr.open_group(str(out.path), mode="r+")
         root.attrs["emseg"] = {**prov, "complete": True, "objects": int(table.max())}
     if config.into:
@@ -142,29 +146,6 @@ def _final_path(image: OmeImage, output: str | Path | None, config: SegmentConfi
     return final
 
 
-def _already_complete(final: Path, config: SegmentConfig, image: OmeImage, settings: dict[str, Any]) -> bool:
-    """Whether ``--resume`` (without ``--overwrite``) finds the output already whole, made from
-    the same prediction with the same settings; refuses an existing output that neither option
-    allows, one emseg did not write, or a complete one made otherwise."""
-    if final.is_symlink() or not final.exists():
-        return False
-    if not (config.overwrite or config.resume):
-        raise BadInputError(f"{final}: already exists (use --overwrite to replace it, or --resume)")
-    if not is_emseg_store(final):
-        raise BadInputError(f"{final}: exists and was not written by emseg; refusing to replace it")
-    if config.overwrite:
-        return False
-    with untrusted(f"{final}: unreadable store attributes"):
-        saved = dict(zarr.open_group(str(final), mode="r").attrs).get("emseg")
-    made = (saved.get("prediction"), saved.get("settings")) if isinstance(saved, dict) else None
-    if made != (str(image.path.resolve()), json.loads(json.dumps(settings))):
-        raise BadInputError(
-            f"--resume: {final} is complete but was made from another prediction or with other settings; "
-            "use --overwrite to replace it, or another output"
-        )
-    return True
-
-
 def _block_and_halo(
     config: SegmentConfig, voxel: tuple[float, float, float], chunks: tuple[int, int, int]
 ) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
@@ -218,58 +199,65 @@ def _with_labels(job: Job, store: Path) -> Job:
     return replace(job, labels=str(store / "0"))
 
 
-def _first_pass(job: Job, regions: list[Region], done: set[str], config: SegmentConfig, progress: Reporter) -> None:
-    todo = [Task(job, r) for r in regions if f"frag-{r.name}" not in done]
-    if len(todo) < len(regions):
-        log.info("resuming: %d of %d blocks already segmented", len(regions) - len(todo), len(regions))
-    progress.start("segment: fragments", total=len(regions), unit="blocks")
-    progress.advance(len(regions) - len(todo))
+def _first_pass(job: Job, blocks: list[Block], done: set[str], config: SegmentConfig, progress: Reporter) -> None:
+    todo = [Task(job, b) for b in blocks if f"frag-{b.name}" not in done]
+    if len(todo) < len(blocks):
+        log.info("resuming: %d of %d blocks already segmented", len(blocks) - len(todo), len(blocks))
+    progress.start("segment: fragments", total=len(blocks), unit="blocks")
+    progress.advance(len(blocks) - len(todo))
     _run(segment_block, todo, "frag", config, progress)
     progress.finish()
 
 
 def _run(fn: Any, tasks: list[Task], kind: str, config: SegmentConfig, progress: Reporter) -> None:
-    names = [f"emseg-{kind}-{t.region.name}" for t in tasks]
-    run_tasks(fn, tasks, names, progress, threads=config.threads, workers=config.workers, scheduler=config.scheduler)
+    run_blocks(
+        fn,
+        tasks,
+        threads=config.threads,
+        workers=config.workers,
+        scheduler=config.scheduler,
+        progress=progress,
+        key=lambda t: f"emseg-{kind}-{t.block.name}",
+    )
 
 
-def _count(job: Job, region: Region) -> int:
+def _count(job: Job, block: Block) -> int:
     """The number of objects a finished block found, as its faces file records it: at most one
     per pixel of the block (a damaged or altered file of an interrupted run is refused, not
     trusted to size the stitching's arrays)."""
-    path = Path(job.faces) / f"{region.name}.npz"
+    path = Path(job.faces) / f"{block.name}.npz"
     with untrusted(f"{path}: damaged record of an interrupted run; run again without --resume"):
         with np.load(path, allow_pickle=False) as data:
             count = int(data["count"])
-    if not 0 <= count <= math.prod(b - a for a, b in region.write):
+    if not 0 <= count <= math.prod(b - a for a, b in block.write):
         raise BadInputError(
-            f"{path}: records {count} objects in a block of {region.write}; the interrupted run's record is "
+            f"{path}: records {count} objects in a block of {block.write}; the interrupted run's record is "
             "damaged: run again without --resume"
         )
     return count
 
 
-def _stitch(job: Job, regions: list[Region]) -> tuple[np.ndarray, np.ndarray]:
+def _stitch(job: Job, blocks: list[Block]) -> tuple[np.ndarray, np.ndarray]:
     """(offsets, table) of :func:`~emseg.segmentation.stitch.global_table` from the saved faces."""
-    counts = [_count(job, r) for r in regions]
+    counts = [_count(job, b) for b in blocks]
     joins = []
-    for lower, upper, axis in neighbours(regions):
+    for lower, upper, axis in neighbours(blocks):
         if job.mode == "2d" and axis == 0:
             continue  # slices are segmented on their own
-        low = _face(job, regions[lower], f"hi{axis}", counts[lower])
-        high = _face(job, regions[upper], f"lo{axis}", counts[upper])
+        low = _face(job, blocks[lower], f"hi{axis}", counts[lower])
+        high = _face(job, blocks[upper], f"lo{axis}", counts[upper])
         if low.shape != high.shape:
             raise BadInputError(
-                f"{job.faces}: the faces of blocks {regions[lower].name} and {regions[upper].name} differ in "
+                f"{job.faces}: the faces of blocks {blocks[lower].name} and {blocks[upper].name} differ in "
                 "shape; the interrupted run's record is damaged: run again without --resume"
             )
         joins.append((lower, upper, face_joins(low, high)))
     return global_table(counts, joins)
 
 
-def _face(job: Job, region: Region, key: str, count: int) -> np.ndarray:
+def _face(job: Job, block: Block, key: str, count: int) -> np.ndarray:
     """One face of a finished block, checked: local IDs within the block's count."""
-    path = Path(job.faces) / f"{region.name}.npz"
+    path = Path(job.faces) / f"{block.name}.npz"
     damaged = f"{path}: damaged record of an interrupted run; run again without --resume"
     with untrusted(damaged), np.load(path, allow_pickle=False) as data:
         face = np.asarray(data[key])

@@ -1,71 +1,33 @@
-"""Blocks with halos, and joining their fragments into one labelling without seams.
+"""Joining the fragments of blocks with halos into one labelling without seams.
 
-Every block segments its write region grown by a halo (clipped at the stack's edges) and keeps
-the write region, with local IDs 1..n. Global IDs are ``offset + local`` with offsets the running
-sum of the blocks' counts, so they are unique. Across each face between two blocks A (below)
-and B (above) lie two planes of pixels, A's last and B's first; both blocks segmented both (the
-halo). A pixel pair straddling the face joins A's object with B's when *both* blocks put the two
-pixels in one object; where either block draws a boundary, they stay apart. The joins are the
-edges of a graph over global IDs whose connected components (scipy) are the final objects,
-numbered 1..K by a lookup table; a last pass writes ``table[offset + local]``.
+Every block (:class:`emseg.blocks.Block`) segments its read region, the write region grown by a
+halo (clipped at the stack's edges), and keeps the write region, with local IDs 1..n. Global IDs
+are ``offset + local`` with offsets the running sum of the blocks' counts, so they are unique.
+Across each face between two blocks A (below) and B (above) lie two planes of pixels, A's last
+and B's first; both blocks segmented both (the halo). A pixel pair straddling the face joins A's
+object with B's when *both* blocks put the two pixels in one object; where either block draws a
+boundary, they stay apart. The joins are the edges of a graph over global IDs whose connected
+components (scipy) are the final objects, numbered 1..K by a lookup table; a last pass writes
+``table[offset + local]``.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-
-def axis_blocks(length: int, chunk: int, target: int) -> list[tuple[int, int]]:
-    """Split [0, length) into blocks of whole chunks close to ``target`` pixels (at least one chunk)."""
-    step = max(1, round(target / chunk)) * chunk
-    return [(a, min(a + step, length)) for a in range(0, length, step)]
+from emseg.blocks import Block
 
 
-@dataclass(frozen=True)
-class Region:
-    """One block: its write region ``(start, stop)`` per axis (z, y, x) and its read region
-    (grown by the halo, clipped to the shape)."""
-
-    write: tuple[tuple[int, int], ...]
-    read: tuple[tuple[int, int], ...]
-
-    @property
-    def name(self) -> str:
-        return "-".join(str(a) for a, _ in self.write)
-
-    def inner(self) -> tuple[slice, ...]:
-        """The write region as slices of the read region."""
-        return tuple(slice(w0 - r0, w1 - r0) for (w0, w1), (r0, _) in zip(self.write, self.read, strict=True))
-
-
-def plan_regions(
-    shape: tuple[int, int, int], chunks: tuple[int, int, int], block: tuple[int, int, int], halo: tuple[int, int, int]
-) -> list[Region]:
-    """Blocks of whole chunks about ``block`` (z, y, x) pixels each over ``shape``, each read with
-    ``halo`` (z, y, x) more on every side."""
-    axes = [axis_blocks(s, c, b) for s, c, b in zip(shape, chunks, block, strict=True)]
-    regions = []
-    for wz in axes[0]:
-        for wy in axes[1]:
-            for wx in axes[2]:
-                write = (wz, wy, wx)
-                read = tuple((max(0, a - h), min(s, b + h)) for (a, b), h, s in zip(write, halo, shape, strict=True))
-                regions.append(Region(write, read))
-    return regions
-
-
-def face_planes(region: Region, labels: np.ndarray) -> dict[str, np.ndarray]:
-    """What the neighbours of ``region`` need from its (Z, Y, X) read-region ``labels``: for each
+def face_planes(block: Block, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """What the neighbours of ``block`` need from its (Z, Y, X) read-region ``labels``: for each
     axis with a neighbour below (``lo{axis}``) or above (``hi{axis}``), a (2, ...) array of the
     plane inside the write region and the plane just outside it."""
     out = {}
-    inner = region.inner()
+    inner = block.inner()
     for axis in range(3):
-        (w0, w1), (r0, r1) = region.write[axis], region.read[axis]
+        (w0, w1), (r0, r1) = block.write[axis], block.read[axis]
         for side, inside, outside in (("lo", w0, w0 - 1), ("hi", w1 - 1, w1)):
             if r0 <= outside < r1:
                 index = list(inner)
@@ -87,15 +49,15 @@ def face_joins(low: np.ndarray, high: np.ndarray) -> np.ndarray:
     return np.unique(pairs, axis=0) if len(pairs) else pairs.reshape(0, 2)
 
 
-def neighbours(regions: list[Region]) -> list[tuple[int, int, int]]:
+def neighbours(blocks: list[Block]) -> list[tuple[int, int, int]]:
     """(index of the lower block, index of the upper block, axis) for every shared face."""
     starts = {}
-    for j, r in enumerate(regions):
+    for j, r in enumerate(blocks):
         for axis in range(3):
             others = tuple(r.write[a] for a in range(3) if a != axis)
             starts[(axis, r.write[axis][0], others)] = j
     found = []
-    for i, r in enumerate(regions):
+    for i, r in enumerate(blocks):
         for axis in range(3):
             others = tuple(r.write[a] for a in range(3) if a != axis)
             upper = starts.get((axis, r.write[axis][1], others))
@@ -127,13 +89,4 @@ def label_dtype(count: int) -> str:
     return "uint32" if count < 2**32 else "uint64"
 
 
-__all__ = [
-    "Region",
-    "axis_blocks",
-    "face_joins",
-    "face_planes",
-    "global_table",
-    "label_dtype",
-    "neighbours",
-    "plan_regions",
-]
+__all__ = ["face_joins", "face_planes", "global_table", "label_dtype", "neighbours"]
