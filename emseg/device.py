@@ -1,12 +1,15 @@
-"""The one place that asks torch about devices.
+"""The one place that asks torch about devices and sets its process-wide backend flags.
 
 ``resolve_device("auto")`` picks CUDA when present, else the CPU. Asking for CUDA on a machine
-without it is a :class:`BadInputError`, never a silent fallback.
+without it is a :class:`BadInputError`, never a silent fallback. :func:`backend_flags` sets the
+cuDNN autotuner and TF32 for a block and puts back what was there.
 """
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Any
 
 import torch
 
@@ -63,7 +66,7 @@ def cpu_native_bf16(flags: frozenset[str] | None = None) -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
-def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     """The autocast dtype for ``precision`` ("auto", "fp32" or "bf16") on ``device``; None means
     fp32 (no autocast). "auto" is bf16 where the device computes it natively (CUDA compute
     capability 8.0+, CPUs with AVX512-BF16 or AMX), fp16 on older CUDA GPUs, else fp32."""
@@ -104,6 +107,54 @@ def device_name(device: torch.device) -> str:
     import platform
 
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _readable(getter: Callable[[], Any]) -> Any:
+    """``getter()``, or None where torch refuses to read a setting (a RuntimeError: the program
+    mixed its older TF32 flags with the newer ``fp32_precision`` settings)."""
+    try:
+        return getter()
+    except RuntimeError:
+        return None
+
+
+def fp32_precisions() -> list[tuple[Any, str]]:
+    """(setting, value) of torch's ``fp32_precision`` for CUDA matmuls and cuDNN (torch >= 2.9)."""
+    settings = [
+        torch.backends.cuda.matmul,
+        getattr(torch.backends.cudnn, "conv", None),
+        getattr(torch.backends.cudnn, "rnn", None),
+    ]
+    return [(s, s.fp32_precision) for s in settings if s is not None and hasattr(s, "fp32_precision")]
+
+
+@contextmanager
+def backend_flags(*, cudnn_benchmark: bool | None = None, tf32: bool | None = None) -> Iterator[None]:
+    """Set torch's process-wide speed flags for the block (None leaves one alone) and put back
+    what was there before, whatever happens in the block.
+
+    TF32 is switched with torch's long-standing calls (float32 matmul precision "high" and
+    ``cudnn.allow_tf32``), which keep its older and newer settings consistent; afterwards the older
+    settings are put back (where torch can read them) and then the newer ``fp32_precision`` ones.
+    """
+    cudnn = torch.backends.cudnn
+    benchmark, precisions = cudnn.benchmark, fp32_precisions()
+    matmul, conv = _readable(torch.get_float32_matmul_precision), _readable(lambda: cudnn.allow_tf32)
+    try:
+        if cudnn_benchmark is not None:
+            cudnn.benchmark = cudnn_benchmark
+        if tf32 is not None:
+            torch.set_float32_matmul_precision("high" if tf32 else "highest")
+            cudnn.allow_tf32 = tf32
+        yield
+    finally:
+        cudnn.benchmark = benchmark
+        if matmul is not None:
+            torch.set_float32_matmul_precision(matmul)
+        if conv is not None:
+            cudnn.allow_tf32 = conv
+        for setting, value in precisions:
+            setting.fp32_precision = value
 
 
 def synchronize(device: torch.device) -> None:

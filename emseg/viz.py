@@ -1,4 +1,5 @@
-"""Pictures for the first visual checks: a slice beside its mask, prediction and overlay.
+"""Pictures for the first visual checks: a slice beside its mask, prediction and overlay, and a
+training run's curves.
 
 matplotlib with the Agg backend (no screen needed); plain numpy in, PNG out.
 """
@@ -7,13 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from emseg._version import __version__
 
 
-def _figure(n_rows: int, n_cols: int, size: float = 4.0):  # type: ignore[no-untyped-def]
+def _figure(n_rows: int, n_cols: int, size: float = 4.0):
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -61,7 +63,7 @@ def panel_rows(rows: Sequence[dict[str, np.ndarray]], output: Path, titles: Sequ
     return output
 
 
-def panel_figure(rows: Sequence[dict[str, np.ndarray]], titles: Sequence[str] | None = None):  # type: ignore[no-untyped-def]
+def panel_figure(rows: Sequence[dict[str, np.ndarray]], titles: Sequence[str] | None = None):
     """(pyplot, figure) of :func:`panel_rows`, not yet saved."""
     import textwrap
 
@@ -90,3 +92,49 @@ def panel_figure(rows: Sequence[dict[str, np.ndarray]], titles: Sequence[str] | 
             ax.set_visible(False)  # a shorter row leaves no empty frame
     fig.tight_layout()
     return plt, fig
+
+
+def curves_figure(rows: list[dict[str, Any]]):
+    """(pyplot, figure) of the training curves of ``rows`` (metrics.csv's rows), whole epochs on x."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    epochs = [r["epoch"] for r in rows]
+
+    def series(key: str) -> tuple[list, list]:
+        pts = [(r["epoch"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, keys, title in (
+        (axes[0], ("train_loss", "val_loss"), "loss"),
+        (axes[1], ("train_accuracy", "val_accuracy"), "pixel accuracy"),
+        (axes[2], ("v_rand", "v_info", "val_iou"), "validation scores"),
+    ):
+        for key in keys:
+            x, y = series(key)
+            if x:
+                ax.plot(x, y, marker="o" if len(x) < 30 else None, label=key.replace("_", " "))
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+        ax.grid(alpha=0.3)
+        ax.legend()
+        if epochs:
+            ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+    fig.tight_layout()
+    return plt, fig
+
+
+def curves_png(rows: list[dict[str, Any]]) -> bytes:
+    """PNG bytes of :func:`curves_figure` (a run directory's curves.png)."""
+    import io
+
+    plt, fig = curves_figure(rows)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()

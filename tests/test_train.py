@@ -18,8 +18,7 @@ import torch
 import emseg
 from emseg.errors import BadInputError, EmsegRuntimeError
 from emseg.models.checkpoint import read_checkpoint
-from emseg.training.loop import learning_rate
-from emseg.training.schedule import budget_learning_rate, budget_progress
+from emseg.training.schedule import TimeBudget, budget_learning_rate, budget_progress, learning_rate
 
 from .conftest import TINY, run_emseg
 
@@ -252,7 +251,7 @@ def test_a_second_writer_of_a_run_directory_is_refused(isbi_zarr, tmp_path):
 def _flags() -> dict:
     """torch's speed flags: the older ones (None where torch refuses to read them) and, on torch
     >= 2.9, the newer fp32_precision settings."""
-    from emseg.training.loop import _readable, fp32_precisions
+    from emseg.device import _readable, fp32_precisions
 
     return {
         "benchmark": torch.backends.cudnn.benchmark,
@@ -266,7 +265,7 @@ def _flags() -> dict:
 def unusual_flags(request):
     """torch's speed flags set to values neither torch nor emseg would choose (with the older
     calls, or with the newer fp32_precision settings); put back afterwards."""
-    from emseg.training.loop import backend_flags, fp32_precisions
+    from emseg.device import backend_flags, fp32_precisions
 
     with backend_flags():
         torch.backends.cudnn.benchmark = True
@@ -287,7 +286,7 @@ def _same_flags(expected: dict) -> bool:
 
 
 def test_backend_flags_put_back_what_was_there(unusual_flags):
-    from emseg.training.loop import backend_flags
+    from emseg.device import backend_flags
 
     for tf32 in (True, False):
         with pytest.raises(KeyError), backend_flags(cudnn_benchmark=False, tf32=tf32):
@@ -435,8 +434,9 @@ class _Clock:
 
 @pytest.mark.slow
 def test_a_time_limited_run_ends_with_a_decayed_learning_rate_and_says_what_it_saved(isbi_zarr, tmp_path):
-    from emseg.config import TrainConfig, merge_train
+    from emseg.config import TrainConfig, override_train
     from emseg.training.loop import fit
+    from emseg.training.validate import validator
 
     class Recorder:
         def __init__(self) -> None:
@@ -454,14 +454,14 @@ def test_a_time_limited_run_ends_with_a_decayed_learning_rate_and_says_what_it_s
             pass
 
     run = tmp_path / "run"
-    config = merge_train(TrainConfig(), **{**TINY, "epochs": 1000, "steps_per_epoch": 4}, time_limit=30.0)
+    config = override_train(TrainConfig(), **{**TINY, "epochs": 1000, "steps_per_epoch": 4}, time_limit=30.0)
     seen = Recorder()
-    summary = fit(isbi_zarr, run, config, clock=_Clock(1.0), progress=seen)
+    summary = fit(isbi_zarr, run, config, validate=validator(config), clock=_Clock(1.0), progress=seen)
     assert summary["stopped_early"]
     # the budget ends the run: no total of 4000 steps (and an ETA of hours), the time left instead,
     # and never a "loss nan" before the first loss is known
-    assert seen.starts == [("train (for 30 s)", None)]
-    assert all("time_left" in f for f in seen.fields) and seen.fields[-1]["time_left"] == "0 s"
+    assert seen.starts == [("train (for 0m30s)", None)]
+    assert all("time_left" in f for f in seen.fields) and seen.fields[-1]["time_left"] == "0m00s"
     assert all(math.isfinite(f["loss"]) for f in seen.fields if "loss" in f) and "loss" in seen.fields[-1]
     rows = _rows(run)
     lrs = [float(r["lr"]) for r in rows]
@@ -501,14 +501,14 @@ def test_the_best_weights_are_chosen_by_a_mean_of_validations_not_one_lucky_scor
 
 @pytest.mark.slow
 def test_resume_gives_the_optimizer_state_its_parameters_memory_format(isbi_zarr, tmp_path):
-    from emseg.config import TrainConfig, merge_train
+    from emseg.config import TrainConfig, override_train
     from emseg.models.build import build_model
     from emseg.training.ema import WeightAverage
     from emseg.training.run_dir import RunDir
 
     run = tmp_path / "run"
     emseg.train(isbi_zarr, run, **{**TINY, "epochs": 1, "steps_per_epoch": 2})
-    config = merge_train(TrainConfig(), **TINY)
+    config = override_train(TrainConfig(), **TINY)
     model = build_model(config.model).to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters())
     average = WeightAverage(model, 0.99)
@@ -551,7 +551,6 @@ def test_each_rank_finds_its_gpu_whether_it_sees_one_or_all():
 
 
 def test_the_duration_estimate_suggests_the_small_configuration_on_a_cpu(monkeypatch):
-    from emseg.config import TrainConfig
     from emseg.training import loop
 
     said: list[tuple[str, str]] = []
@@ -559,12 +558,12 @@ def test_the_duration_estimate_suggests_the_small_configuration_on_a_cpu(monkeyp
         monkeypatch.setattr(loop.log, level, lambda msg, *a, level=level: said.append((level, msg % a)))
     estimate = loop.DurationEstimate(torch.device("cpu"), _Clock(50.0))  # read twice, 5 steps apart: 10 s a step
     for _ in range(loop.ESTIMATE_STEPS + 1):
-        estimate.step_done(TrainConfig(), 5000, 0.0)
-    assert said[-1][0] == "warning" and "13.9 h" in said[-1][1] and "--depth 3 --base-channels 16" in said[-1][1]
+        estimate.step_done(TimeBudget(None), 5000, 0.0)
+    assert said[-1][0] == "warning" and "13h53m" in said[-1][1] and "--depth 3 --base-channels 16" in said[-1][1]
     estimate = loop.DurationEstimate(torch.device("cpu"), _Clock(50.0))
     for _ in range(loop.ESTIMATE_STEPS + 1):
-        estimate.step_done(TrainConfig(time_limit=300), 5000, 0.0)
-    assert said[-1][0] == "info" and "5 min" in said[-1][1] and "about 30 of them" in said[-1][1]
+        estimate.step_done(TimeBudget(300), 5000, 0.0)
+    assert said[-1][0] == "info" and "5m00s" in said[-1][1] and "about 30 of them" in said[-1][1]
 
 
 def test_normalisation_maps_a_new_stacks_percentiles_onto_the_training_ones():
@@ -622,3 +621,22 @@ def test_predict_and_export_take_the_normalisation_from_the_checkpoint(isbi_zarr
     outputs = [np.load(e / "test_output.npy") for e in exported]
     infos = [json.loads((e / "emseg-model.json").read_text())["normalization"] for e in exported]
     assert infos[1]["mean"] == pytest.approx(norm["mean"]) and not np.allclose(outputs[0], outputs[1])
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_validation_computes_in_the_precision_training_was_given(isbi_zarr, tmp_path, precision, dtype):
+    """Validation predicts as ``emseg predict`` would with the run's ``--precision``: it used the
+    engine's default ("auto"), so fp32 validated in bf16 on a CPU with native bf16 and bf16 in
+    fp32 on one without; one of the two fails on any CPU."""
+    seen: list[torch.dtype] = []
+
+    def record(module: torch.nn.Module, args: object, output: torch.Tensor) -> None:
+        if isinstance(module, torch.nn.Conv2d) and torch.is_inference_mode_enabled():  # validation only
+            seen.append(output.dtype)
+
+    hook = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        emseg.train(isbi_zarr, tmp_path / "run", **{**TINY, "epochs": 1, "steps_per_epoch": 1}, precision=precision)
+    finally:
+        hook.remove()
+    assert seen and set(seen) == {dtype}

@@ -6,8 +6,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from emseg.training.run_dir import curves_figure
-from emseg.viz import panel_figure, panel_rows
+from emseg.viz import curves_figure, panel_figure, panel_rows
 
 
 def test_probability_panels_have_a_colour_bar_and_long_titles_wrap(tmp_path):

@@ -7,11 +7,13 @@ from typing import Any
 
 import numpy as np
 
+from emseg.config import EvaluateConfig
 from emseg.errors import BadInputError
 from emseg.evaluation.metrics import Scores, evaluate_arrays
 from emseg.io.stacks import TIFF_SUFFIXES, open_stack
 from emseg.io.zarr import first_slice, open_ome
 from emseg.probability import probability_float
+from emseg.truth import check_both_classes
 
 
 def load_probabilities(pred: str | Path, n_slices: int, shape_yx: tuple[int, int]) -> tuple[Any, int]:
@@ -41,18 +43,6 @@ def load_probabilities(pred: str | Path, n_slices: int, shape_yx: tuple[int, int
     return read_store, offset
 
 
-def check_both_classes(labels: np.ndarray, what: str) -> None:
-    """Refuse ground truth without both classes (cells > 0 and membrane 0): every score against it
-    (V_rand 1.0 for all-background truth) would be meaningless."""
-    cells = int(np.count_nonzero(labels))
-    if cells == 0 or cells == labels.size:
-        kind = "membrane (0)" if cells == 0 else "cell (> 0)"
-        raise BadInputError(
-            f"{what}: the ground truth holds only {kind} pixels; scores need both cells and membranes "
-            "(check the labels, or choose other slices)"
-        )
-
-
 def evaluate_prediction(pred: str | Path, data: str | Path, slices: tuple[int, int] | None = None) -> Scores:
     """Scores of ``pred`` against ``data``'s labels/cells on data slices ``slices`` (default: all
     the prediction covers)."""
@@ -79,16 +69,16 @@ def _pred_slices(pred: str | Path, n_data: int) -> int:
 
 
 def evaluate(
-    pred: str | Path,
-    data: str | Path,
-    slices: tuple[int, int] | None = None,
-    json_path: str | Path | None = None,
-    overwrite: bool = False,
+    pred: str | Path, data: str | Path, config: EvaluateConfig | None = None, json_path: str | Path | None = None
 ) -> dict[str, Any]:
-    """``emseg evaluate``: the scores of :func:`evaluate_prediction` as a dict, also written as
-    JSON to ``json_path`` when given (with an ``emseg`` key saying what wrote it; an existing file
-    is replaced only with ``overwrite`` and only when emseg wrote it)."""
+    """``emseg evaluate``: the scores of :func:`evaluate_prediction` (or of an instance
+    segmentation) on ``config.slices`` as a dict, also written as JSON to ``json_path`` when given
+    (with an ``emseg`` key saying what wrote it; an existing file is replaced only with
+    ``config.overwrite`` and only when emseg wrote it)."""
     from emseg.io.outputs import Output, check_output, provenance, write_json_atomic
+
+    config = config or EvaluateConfig()
+    slices, overwrite = config.slices, config.overwrite
 
     if json_path is not None:  # before the work: a refused output should not cost an evaluation
         check_output(Path(json_path).absolute(), overwrite, kind="file", inputs=[pred, data])

@@ -97,6 +97,10 @@ SCORE_NAMES: tuple[str, ...] = (
     "v_info_merge",
 )
 
+#: P(cell) above this is cell for the pixel metrics (pixel error, IoU, Dice): the ISBI challenge's
+#: definition, not predict's --threshold.
+CELL_AT = 0.5
+
 
 def _fiji_loop_thresholds() -> tuple[float, ...]:
     """The threshold values Fiji's ``for (th = 0.0; th <= 1.0; th += 0.1)`` loop visits."""
@@ -439,7 +443,7 @@ def _pixel_scores(pred: np.ndarray, cells: np.ndarray) -> tuple[float, float, fl
     )
 
 
-def pixel_error(prob: np.ndarray, truth: np.ndarray, threshold: float = 0.5) -> float:
+def pixel_error(prob: np.ndarray, truth: np.ndarray, threshold: float = CELL_AT) -> float:
     """Fraction of pixels where the cells ``prob > threshold`` disagree with ``truth == 1``.
 
     ``prob``: any shape, float P(cell) in [0, 1]; ``truth``: same shape, {0, 1} (uint8 or
@@ -448,7 +452,7 @@ def pixel_error(prob: np.ndarray, truth: np.ndarray, threshold: float = 0.5) -> 
     return _pixel_scores(*_pixel_pair(prob, truth, threshold))[0]
 
 
-def iou(prob: np.ndarray, truth: np.ndarray, threshold: float = 0.5) -> float:
+def iou(prob: np.ndarray, truth: np.ndarray, threshold: float = CELL_AT) -> float:
     """Intersection over union of the cells ``prob > threshold`` with ``truth == 1``.
 
     Shapes and dtypes as in :func:`pixel_error`; 1.0 when neither has a cell pixel.
@@ -456,7 +460,7 @@ def iou(prob: np.ndarray, truth: np.ndarray, threshold: float = 0.5) -> float:
     return _pixel_scores(*_pixel_pair(prob, truth, threshold))[1]
 
 
-def dice(prob: np.ndarray, truth: np.ndarray, threshold: float = 0.5) -> float:
+def dice(prob: np.ndarray, truth: np.ndarray, threshold: float = CELL_AT) -> float:
     """Dice coefficient of the cells ``prob > threshold`` with ``truth == 1``.
 
     Shapes and dtypes as in :func:`pixel_error`; 1.0 when neither has a cell pixel.
@@ -506,7 +510,7 @@ def evaluate_arrays(
     truth: np.ndarray,
     *,
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
-    threshold: float = 0.5,
+    threshold: float = CELL_AT,
 ) -> Scores:
     """Score membrane predictions against ground truth, in the ISBI 2012 challenge's terms.
 

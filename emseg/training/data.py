@@ -16,12 +16,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from emseg.config import TrainConfig
 from emseg.errors import BadInputError
-from emseg.evaluation.evaluate import check_both_classes
-from emseg.inference.tiling import reflect_index
 from emseg.io.zarr import OmeImage, open_ome
 from emseg.models.normalization import robust_normalization
+from emseg.reflection import reflect_index
 from emseg.training.weights import unet_weight_map
+from emseg.truth import check_both_classes
 
 log = logging.getLogger(__name__)
 
@@ -40,17 +41,6 @@ def split_slices(n: int, val_slices: Sequence[int] | None) -> tuple[list[int], l
     if not train:
         raise BadInputError(f"--val-slices leaves no slice to train on (the data has {n})")
     return train, val
-
-
-def parse_slices(text: str) -> tuple[int, ...]:
-    """'27:30' or '27,28,29' or '27' -> (27, 28, 29)."""
-    try:
-        if ":" in text:
-            a, b = text.split(":", 1)
-            return tuple(range(int(a), int(b)))
-        return tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise BadInputError(f"--val-slices {text!r}: expected A:B or a comma-separated list") from None
 
 
 @dataclass
@@ -88,7 +78,7 @@ def load_slices(image: OmeImage, indices: Sequence[int], w0: float, sigma: float
     return Annotated(raw=raw, labels=(labels > 0).astype(np.uint8), weights=weights, indices=list(indices))
 
 
-def normalization(raw: np.ndarray, pct: Sequence[float] = (1.0, 99.0)) -> tuple[float, float]:
+def normalization(raw: np.ndarray, pct: Sequence[float] = TrainConfig.norm_percentiles) -> tuple[float, float]:
     """(mean, std) of the training slices (N, H, W) as training takes them: from robust
     percentiles (see :mod:`emseg.models.normalization`)."""
     norm = robust_normalization(raw, pct)

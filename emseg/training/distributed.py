@@ -53,15 +53,6 @@ def rank_device(local_rank: int, visible: int) -> torch.device:
     return torch.device("cuda", local_rank % max(1, visible))
 
 
-def any_flag(flag: bool, info: Dist, device: torch.device) -> bool:
-    """True on every rank if ``flag`` is true on any."""
-    if not info.enabled:
-        return flag
-    t = torch.tensor([1 if flag else 0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
 def max_across(values: list[float], info: Dist, device: torch.device) -> list[float]:
     """The largest of each value over the ranks (one all-reduce; ``values`` as given in a single
     process, where nothing waits for the device)."""

@@ -1,10 +1,10 @@
 """fit(): the training loop, top to bottom: one flat loop over global steps (nanoGPT's shape).
 
-Epoch ``step // steps_per_epoch`` ends with validation and a checkpoint, and so does a stop at the
-time limit; the resume point is the next global step with the best score, the elapsed time and the
-metrics rows, so ``--resume`` is just ``range(step, total)``. Randomness comes only from generators
-seeded with (seed, epoch, step in the epoch, rank): the same seed gives the same run on the CPU,
-and a resumed run continues exactly where the last checkpoint stopped.
+Epoch ``step // steps_per_epoch`` ends with validation (a callable passed in) and a checkpoint, and
+so does a stop at the time limit; the resume point is the next global step with the best score, the
+elapsed time and the metrics rows, so ``--resume`` is just ``range(step, total)``. Randomness comes
+only from generators seeded with (seed, epoch, step in the epoch, rank): the same seed gives the
+same run on the CPU, and a resumed run continues exactly where the last checkpoint stopped.
 """
 
 from __future__ import annotations
@@ -14,24 +14,27 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from emseg.config import TrainConfig
-from emseg.device import autocast_dtype, is_cuda, synchronize
+from emseg.device import autocast_dtype, backend_flags, is_cuda, synchronize
 from emseg.errors import BadInputError, EmsegRuntimeError
 from emseg.io.outputs import check_inputs, write_json_atomic
+from emseg.io.zarr import OmeImage
 from emseg.models.base import SegmentationNet
 from emseg.models.build import build_model
 from emseg.models.normalization import robust_normalization
-from emseg.progress import Reporter, reporter_or_null
+from emseg.progress import Reporter, format_duration, reporter_or_null
 from emseg.training import distributed as D
 from emseg.training.augment import augment_batch, context_size
 from emseg.training.data import (
+    Annotated,
     CropSampler,
     check_validation_labels,
     load_slices,
@@ -41,25 +44,19 @@ from emseg.training.data import (
 from emseg.training.ema import WeightAverage
 from emseg.training.losses import Loss, make_loss
 from emseg.training.run_dir import RunDir
-from emseg.training.schedule import budget_learning_rate, budget_progress, learning_rate
-from emseg.training.validate import validate
+from emseg.training.schedule import TimeBudget
+from emseg.training.validate import Validate
 
 log = logging.getLogger(__name__)
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-#: Under DDP the ranks agree on the time spent (one all-reduce) every this many steps.
+Split = tuple[list[int], list[int]]  # (training slices, validation slices)
+#: Steps between host syncs: the loss is read from the device, and under DDP the ranks agree on
+#: the time spent and on a finite loss (one all-reduce), every this many steps.
 SYNC_EVERY = 10
 #: Steps timed (after the first) for the estimate of the run's duration.
 ESTIMATE_STEPS = 5
 #: The README's small CPU configuration, suggested when the default would run for hours.
 SMALL_CPU = "--depth 3 --base-channels 16 --crop 256 --batch-size 4 --steps-per-epoch 40 --epochs 10"
-
-
-def step_learning_rate(step: int, total: int, spent: float, config: TrainConfig) -> float:
-    """The learning rate of ``step``: over the run's steps, or over its time budget when it has
-    one (``spent`` seconds of it gone); see :mod:`emseg.training.schedule`."""
-    if config.time_limit is None:
-        return learning_rate(step, total, config)
-    return budget_learning_rate(step, budget_progress(step, total, spent, config.time_limit), config)
 
 
 def generators(
@@ -71,54 +68,6 @@ def generators(
     host = torch.Generator().manual_seed(key % 2**63)
     dev = torch.Generator(device=device).manual_seed((key * 31 + 7) % 2**63) if is_cuda(device) else host
     return host, dev
-
-
-def _readable(getter: Callable[[], Any]) -> Any:
-    """``getter()``, or None where torch refuses to read a setting (a RuntimeError: the program
-    mixed its older TF32 flags with the newer ``fp32_precision`` settings)."""
-    try:
-        return getter()
-    except RuntimeError:
-        return None
-
-
-def fp32_precisions() -> list[tuple[Any, str]]:
-    """(setting, value) of torch's ``fp32_precision`` for CUDA matmuls and cuDNN (torch >= 2.9)."""
-    settings = [
-        torch.backends.cuda.matmul,
-        getattr(torch.backends.cudnn, "conv", None),
-        getattr(torch.backends.cudnn, "rnn", None),
-    ]
-    return [(s, s.fp32_precision) for s in settings if s is not None and hasattr(s, "fp32_precision")]
-
-
-@contextlib.contextmanager
-def backend_flags(*, cudnn_benchmark: bool | None = None, tf32: bool | None = None) -> Iterator[None]:
-    """Set torch's process-wide speed flags for the block (None leaves one alone) and put back
-    what was there before, whatever happens in the block.
-
-    TF32 is switched with torch's long-standing calls (float32 matmul precision "high" and
-    ``cudnn.allow_tf32``), which keep its older and newer settings consistent; afterwards the older
-    settings are put back (where torch can read them) and then the newer ``fp32_precision`` ones.
-    """
-    cudnn = torch.backends.cudnn
-    benchmark, precisions = cudnn.benchmark, fp32_precisions()
-    matmul, conv = _readable(torch.get_float32_matmul_precision), _readable(lambda: cudnn.allow_tf32)
-    try:
-        if cudnn_benchmark is not None:
-            cudnn.benchmark = cudnn_benchmark
-        if tf32 is not None:
-            torch.set_float32_matmul_precision("high" if tf32 else "highest")
-            cudnn.allow_tf32 = tf32
-        yield
-    finally:
-        cudnn.benchmark = benchmark
-        if matmul is not None:
-            torch.set_float32_matmul_precision(matmul)
-        if conv is not None:
-            cudnn.allow_tf32 = conv
-        for setting, value in precisions:
-            setting.fp32_precision = value
 
 
 def seeded_model(config: TrainConfig) -> SegmentationNet:
@@ -199,7 +148,7 @@ class DurationEstimate:
     def __init__(self, device: torch.device, clock: Callable[[], float]) -> None:
         self.device, self.clock, self.steps, self.started = device, clock, -1, 0.0
 
-    def step_done(self, config: TrainConfig, remaining: int, spent: float) -> None:
+    def step_done(self, budget: TimeBudget, remaining: int, spent: float) -> None:
         self.steps += 1
         if self.steps not in (0, ESTIMATE_STEPS):
             return
@@ -208,11 +157,9 @@ class DurationEstimate:
             self.started = self.clock()
             return
         per_step = (self.clock() - self.started) / ESTIMATE_STEPS
-        seconds = remaining * per_step
-        if config.time_limit is not None:
-            seconds = min(seconds, max(0.0, config.time_limit - spent))
-        text = f"{per_step:.2f} s per step: the remaining {remaining} steps take about {_duration(seconds)}"
-        if config.time_limit is not None and seconds < remaining * per_step:
+        seconds = min(remaining * per_step, budget.left(spent))
+        text = f"{per_step:.2f} s per step: the remaining {remaining} steps take about {format_duration(seconds)}"
+        if seconds < remaining * per_step:
             text += f" (the time limit stops the run after about {round(seconds / per_step)} of them)"
         if seconds > 3600 and self.device.type == "cpu":
             log.warning("%s on this CPU; for a first model in minutes try the small configuration: %s", text, SMALL_CPU)
@@ -220,10 +167,34 @@ class DurationEstimate:
             log.info("%s", text)
 
 
-def _duration(seconds: float) -> str:
-    if seconds >= 5400:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+class Watch:
+    """The checks after a step, in one all-reduce under DDP: a finite loss (read from the device every
+    ``SYNC_EVERY`` steps of an epoch and at its end) and the seconds spent (at those steps too, and
+    after every step in one process, every ``SYNC_EVERY`` global steps under DDP)."""
+
+    def __init__(self, dist: D.Dist, device: torch.device, clock: Callable[[], float], spent: float) -> None:
+        self.dist, self.device, self.clock = dist, device, clock
+        self.t0, self.spent = clock() - spent, float(spent)
+        self.every = SYNC_EVERY if dist.enabled else 1
+
+    def elapsed(self) -> float:  # seconds of this run, earlier sessions included
+        return self.clock() - self.t0
+
+    def after_step(self, step: int, per_epoch: int, loss: torch.Tensor, meter: EpochMeter, run: Path) -> bool:
+        """Whether the ranks checked after global ``step`` (then ``spent`` is fresh); refuses a non-finite loss."""
+        epoch_ends = (step + 1) % per_epoch == 0
+        check, bad = (step + 1) % self.every == 0 or epoch_ends, False
+        if meter.steps % SYNC_EVERY == 0 or epoch_ends:
+            meter.shown_loss = float(loss.detach())
+            check, bad = True, not math.isfinite(float(meter.loss))
+        if check:
+            self.spent, worst = D.max_across([self.elapsed(), float(bad)], self.dist, self.device)
+            if worst:
+                raise EmsegRuntimeError(
+                    f"the loss became non-finite at epoch {step // per_epoch} step {step % per_epoch}; stopped, the "
+                    f"last good checkpoint is kept in {run} (try a lower --lr)"
+                )
+        return check
 
 
 class EpochMeter:
@@ -264,33 +235,139 @@ def selection_score(rows: list[dict[str, Any]], row: dict[str, Any]) -> tuple[st
     return name, sum(window) / len(window), window
 
 
-def save_epoch(
-    run: RunDir,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    meta: dict[str, Any],
-    row: dict[str, Any],
-    state: dict[str, Any],
-    steps_per_epoch: int,
-    average: WeightAverage | None = None,
-) -> None:
-    """Keep the best selection score in ``state`` (:func:`selection_score`) and save the resume
-    point and checkpoints; the row says which weights were saved and why. The header also names
-    the epoch and step in it, for people."""
-    name, score, window = selection_score(run.rows, row)
-    improved, previous = score > state["best"], state["best"]
-    state["best"] = max(state["best"], score)
-    row["weights"] = "ema" if average is not None else "raw"
-    judged = f"mean {name} of {len(window)} validations ({' '.join(f'{v:.4f}' for v in window)}) {score:.4f}"
-    if improved:
-        row["saved"] = f"best+last: {judged} > {previous:.4f}"
+@dataclass
+class Trainee:
+    """The network in training and what its checkpoints hold besides: optimizer, weight average, meta."""
+
+    model: SegmentationNet
+    optimizer: torch.optim.Optimizer
+    average: WeightAverage | None
+    meta: dict[str, Any]
+
+    @property
+    def judged(self) -> SegmentationNet:
+        """The network that validation judges and the checkpoints hold: the average, if any."""
+        return cast(SegmentationNet, self.average.model) if self.average is not None else self.model
+
+    def set_learning_rate(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def update_average(self) -> None:
+        if self.average is not None:
+            self.average.update(self.model)
+
+
+def make_trainee(model: SegmentationNet, config: TrainConfig, device: torch.device, meta: dict[str, Any]) -> Trainee:
+    """``model`` moved to ``device`` in place (channels_last if configured), with AdamW and a weight average."""
+    model.to(device)
+    if config.channels_last:  # faster on CUDA and on oneDNN CPUs alike
+        model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    return Trainee(model, optimizer, WeightAverage(model, config.ema_decay) if config.ema_decay else None, meta)
+
+
+def load_data(
+    image: OmeImage, split: Split, config: TrainConfig, device: torch.device
+) -> tuple[CropSampler, Annotated, dict[str, Any]]:
+    """(crops of the training slices on ``device``, the validation slices, the training slices' normalisation)."""
+    train = load_slices(image, split[0], config.w0, config.sigma)
+    val = load_slices(image, split[1], config.w0, config.sigma)
+    norm = robust_normalization(train.raw, config.norm_percentiles)
+    return CropSampler(train, norm["mean"], norm["std"], device), val, norm
+
+
+def run_meta(
+    run: RunDir, config: TrainConfig, model: SegmentationNet, norm: dict[str, Any], image: OmeImage, split: Split
+) -> dict[str, Any]:
+    """The run's description, in config.json and every checkpoint."""
+    data = {"path": str(image.path.resolve()), "shape": list(image.shape), "voxel_size_nm": list(image.voxel_size)}
+    extra = {
+        "normalization": norm,
+        "halo": int(model.halo) if config.model.arch == "unet" else None,
+        "divisor": int(model.divisor),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "train_slices": split[0],
+        "val_slices": split[1],
+        "data": data,
+    }
+    return run.meta(config, extra)
+
+
+def start_progress(progress: Reporter, budget: TimeBudget, total: int, done: int) -> None:
+    """Steps to go, or, when the budget ends the run, the budget (no ETA of hours for a 3-minute run)."""
+    if budget.seconds is None:
+        progress.start("train", total=total, unit="steps")
     else:
-        row["saved"] = f"last: {judged} <= best {previous:.4f}"
-    if average is not None:
-        state["ema_updates"] = average.updates
-    step = state["step"]
-    saved = {"step": step, "epoch": step // steps_per_epoch, "next_step": step % steps_per_epoch, **state}
-    run.save(model, optimizer, meta, saved, improved, row, average)
+        progress.start(f"train (for {format_duration(budget.seconds)})", total=None, unit="steps")
+    progress.advance(done)
+
+
+def progress_fields(meter: EpochMeter, budget: TimeBudget, spent: float, crops_per_step: int) -> dict[str, Any]:
+    """The progress line after a step: the last loss read (none before the first), time left, crops per second."""
+    shown: dict[str, Any] = {} if math.isnan(meter.shown_loss) else {"loss": meter.shown_loss}
+    if budget.seconds is not None:
+        shown["time_left"] = format_duration(budget.left(spent))
+    return {**shown, "crops_per_s": meter.crops_per_s(crops_per_step)}
+
+
+def validation_due(config: TrainConfig, epoch: int, stop: bool) -> bool:
+    """Every ``val_every`` epochs, after the last and when the time limit stops the run."""
+    return (epoch + 1) % config.val_every == 0 or stop or epoch + 1 == config.epochs
+
+
+def end_epoch(
+    run: RunDir,
+    trainee: Trainee,
+    state: dict[str, Any],
+    row: dict[str, Any],
+    judge: Callable[[], dict[str, float]] | None,
+    watch: Watch,
+    steps_per_epoch: int,
+) -> dict[str, float]:
+    """The end of an epoch or of the budget: the ranks' buffers made equal; on the main rank ``judge``
+    run (validation, when due), the best :func:`selection_score` kept in ``state``, the checkpoints
+    saved and ``row`` (which weights, and why) added to metrics.csv. Returns the scores, {} if none."""
+    D.sync_buffers(trainee.model, watch.dist)
+    if trainee.average is not None:
+        D.sync_buffers(trainee.average.model, watch.dist)
+    scores = judge() if judge is not None and watch.dist.is_main else {}
+    if watch.dist.is_main:
+        row.update(scores)
+        state["elapsed"] = row["seconds"] = watch.elapsed()
+        name, score, window = selection_score(run.rows, row)
+        improved, previous = score > state["best"], state["best"]
+        state["best"] = max(state["best"], score)
+        row["weights"] = "ema" if trainee.average is not None else "raw"
+        why = f"mean {name} of {len(window)} validations ({' '.join(f'{v:.4f}' for v in window)}) {score:.4f}"
+        row["saved"] = f"best+last: {why} > {previous:.4f}" if improved else f"last: {why} <= best {previous:.4f}"
+        if trainee.average is not None:
+            state["ema_updates"] = trainee.average.updates
+        step = state["step"]
+        saved = {"step": step, "epoch": step // steps_per_epoch, "next_step": step % steps_per_epoch, **state}
+        run.save(trainee.model, trainee.optimizer, trainee.meta, saved, improved, row, trainee.average)
+    D.barrier(watch.dist)
+    return scores
+
+
+def write_ddp_record(run: RunDir, model: nn.Module, dist: D.Dist) -> None:
+    """ddp.json under DDP: the world size and each rank's weights digest (they must agree)."""
+    digests = D.gather_digests(model, dist)
+    if dist.is_main and dist.enabled:
+        write_json_atomic(run.path / "ddp.json", {"world_size": dist.world, "weights_sha256": digests})
+
+
+def summary(run: RunDir, state: dict[str, Any], per_epoch: int, stopped: bool, scores: dict[str, float]) -> dict:
+    """What :func:`fit` returns: run directory, epochs done, stopped early, last scores, best V_rand, rows."""
+    return {
+        "run_dir": str(run.path),
+        "epochs_done": state["step"] // per_epoch,
+        "stopped_early": stopped,
+        **scores,
+        "best_v_rand": max((float(r["v_rand"]) for r in run.rows if "v_rand" in r), default=None),
+        "selection_score": state["best"],
+        "rows": run.rows,
+    }
 
 
 def fit(
@@ -298,139 +375,73 @@ def fit(
     run_dir: str | Path,
     config: TrainConfig,
     *,
-    resume: bool = False,
-    overwrite: bool = False,
+    validate: Validate,
     progress: Reporter | None = None,
     clock: Callable[[], float] | None = None,
 ) -> dict[str, Any]:
-    """Train a network on ``data`` (an OME-Zarr store with labels/cells) into ``run_dir``.
+    """Train a network on ``data`` (an OME-Zarr store with labels/cells) into ``run_dir``; see :func:`summary`.
 
-    ``clock`` returns seconds (default ``time.perf_counter``): the time limit and the budget
-    schedule read it, so a test can run a budget deterministically. Returns a summary: the run
-    directory, finished epochs, whether the time limit stopped the run, the last validation
-    scores, the best V_rand and the metrics rows.
+    ``validate`` scores the judged network on the held-out slices at epoch ends (built above the
+    loop: :func:`~emseg.training.validate.validator` of ``config`` for the standard one);
+    ``config.resume`` continues the run there, ``config.overwrite`` starts it afresh. The time
+    budget reads ``clock`` (default ``time.perf_counter``): a test can fake it.
     """
     clock = clock or time.perf_counter
+    resume, overwrite = config.resume, config.overwrite
     check_inputs(run_dir, [data])  # a run directory never overlaps the data it trains on
     dist, device = D.init_distributed(config.device)
     progress = reporter_or_null(progress if dist.is_main else None)
     image = open_training_store(str(data))
-    train_idx, val_idx = split_slices(image.shape[0], config.val_slices)
-    check_validation_labels(image, val_idx)  # before anything is written
-    model = seeded_model(config)
-    loss_fn = make_loss(config.loss)
-    run = RunDir(run_dir)
+    split = split_slices(image.shape[0], config.val_slices)
+    check_validation_labels(image, split[1])  # before anything is written
+    model, loss_fn, budget, run = seeded_model(config), make_loss(config.loss), TimeBudget.of(config), RunDir(run_dir)
     fast = True if is_cuda(device) else None
     claim = run.claim(resume, overwrite) if dist.is_main else contextlib.nullcontext()
     with backend_flags(cudnn_benchmark=fast, tf32=fast), claim:
         D.barrier(dist)
-        train = load_slices(image, train_idx, config.w0, config.sigma)
-        val = load_slices(image, val_idx, config.w0, config.sigma)
-        norm = robust_normalization(train.raw, config.norm_percentiles)
-        mean, std = norm["mean"], norm["std"]
-        sampler = CropSampler(train, mean, std, device)
-        model.to(device)
-        if config.channels_last:  # faster on CUDA and on oneDNN CPUs alike
-            model = model.to(memory_format=torch.channels_last)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        average = WeightAverage(model, config.ema_decay) if config.ema_decay else None
-        meta = run.meta(
-            config,
-            {
-                "normalization": norm,
-                "halo": int(model.halo) if config.model.arch == "unet" else None,
-                "divisor": int(model.divisor),
-                "parameters": sum(p.numel() for p in model.parameters()),
-                "train_slices": train_idx,
-                "val_slices": val_idx,
-                "data": {
-                    "path": str(Path(data).resolve()),
-                    "shape": list(image.shape),
-                    "voxel_size_nm": list(image.voxel_size),
-                },
-            },
-        )
+        sampler, val, norm = load_data(image, split, config, device)
+        trainee = make_trainee(model, config, device, run_meta(run, config, model, norm, image, split))
         state: dict[str, Any] = {"step": 0, "best": -math.inf, "elapsed": 0.0}
         if resume:
-            state = run.resume(model, optimizer, config, average)
+            state = run.resume(model, trainee.optimizer, config, trainee.average)
         if dist.is_main:
-            run.write_config(meta)
+            run.write_config(trainee.meta)
         net = torch.nn.parallel.DistributedDataParallel(model) if dist.enabled else model
-        forward = torch.compile(net) if config.compile else net
+        forward = torch.compile(net) if config.torch_compile else net
         amp = autocast_dtype(device, config.precision) if config.amp else None
         autocast = autocast_context(device, amp)
         scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-        judged = average.model if average is not None else model
-        validate_model = functools.partial(validate, judged, val, mean, std, device, config, loss_fn, model.divisor)
+        judge = functools.partial(validate, trainee.judged, val, (norm["mean"], norm["std"])) if val.indices else None
         per_epoch, total = config.steps_per_epoch, config.epochs * config.steps_per_epoch
-        if config.time_limit is None:
-            progress.start("train", total=total, unit="steps")
-        else:  # the budget, not the step count, ends the run: no ETA of hours for a 3-minute run
-            progress.start(f"train (for {_duration(config.time_limit)})", total=None, unit="steps")
-        progress.advance(state["step"])
-        t0, stop, scores, meter = clock() - state["elapsed"], False, {}, EpochMeter(device)
-        spent, sync_every, estimate = float(state["elapsed"]), SYNC_EVERY if dist.enabled else 1, None
-        if dist.is_main and not config.compile:
-            estimate = DurationEstimate(device, clock)
+        start_progress(progress, budget, total, state["step"])
+        watch, meter, stop = Watch(dist, device, clock, state["elapsed"]), EpochMeter(device), False
+        scores: dict[str, float] = {}  # of the last validation
+        estimate = DurationEstimate(device, clock) if dist.is_main and not config.torch_compile else None
         for step in range(state["step"], total):
             epoch, epoch_ends = step // per_epoch, (step + 1) % per_epoch == 0
-            lr = step_learning_rate(step, total, spent, config)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            lr = budget.learning_rate(step, total, watch.spent, config)
+            trainee.set_learning_rate(lr)
             batch = draw_batch(sampler, config, generators(config.seed, epoch, step % per_epoch, dist.rank, device))
-            loss, logits = optimizer_step(forward, optimizer, loss_fn, batch, autocast, scaler, config.grad_clip)
-            if average is not None:
-                average.update(model)
+            loss, logits = optimizer_step(
+                forward, trainee.optimizer, loss_fn, batch, autocast, scaler, config.grad_clip
+            )
+            trainee.update_average()
             meter.add(loss, logits, batch[1])
-            check, bad = (step + 1) % sync_every == 0 or epoch_ends, False
-            if meter.steps % 10 == 0 or epoch_ends:  # one host sync per 10 steps
-                meter.shown_loss = float(loss.detach())
-                check, bad = True, not math.isfinite(float(meter.loss))
-            if check:  # the ranks agree on the time spent and on a non-finite loss (one all-reduce)
-                spent, worst = D.max_across([clock() - t0, float(bad)], dist, device)
-                if worst:
-                    raise EmsegRuntimeError(
-                        f"the loss became non-finite at epoch {epoch} step {step % per_epoch}; stopped, the last "
-                        f"good checkpoint is kept in {run.path} (try a lower --lr)"
-                    )
-            stop = check and config.time_limit is not None and spent > config.time_limit
+            stop = watch.after_step(step, per_epoch, loss, meter, run.path) and budget.exhausted(watch.spent)
             if estimate is not None:
-                estimate.step_done(config, total - step - 1, spent)
-            shown: dict[str, Any] = {} if math.isnan(meter.shown_loss) else {"loss": meter.shown_loss}
-            if config.time_limit is not None:
-                shown["time_left"] = _duration(max(0.0, config.time_limit - spent))
-            progress.advance(1, **shown, crops_per_s=meter.crops_per_s(config.batch_size * dist.world))
+                estimate.step_done(budget, total - step - 1, watch.spent)
+            progress.advance(1, **progress_fields(meter, budget, watch.spent, config.batch_size * dist.world))
             state["step"] = step + 1
             if not (epoch_ends or stop):
                 continue
-            D.sync_buffers(model, dist)
-            row: dict[str, Any] = {"epoch": epoch, "step": step + 1, **meter.means(), "lr": lr}
-            if average is not None:
-                D.sync_buffers(average.model, dist)
-            if dist.is_main:
-                if val.indices and ((epoch + 1) % config.val_every == 0 or stop or epoch + 1 == config.epochs):
-                    scores = validate_model()
-                    row.update(scores)
-                state["elapsed"] = row["seconds"] = clock() - t0
-                save_epoch(run, model, optimizer, meta, row, state, per_epoch, average)
-            D.barrier(dist)
+            row = {"epoch": epoch, "step": step + 1, **meter.means(), "lr": lr}
+            judge_now = judge if validation_due(config, epoch, stop) else None
+            scores = end_epoch(run, trainee, state, row, judge_now, watch, per_epoch) or scores
             meter = EpochMeter(device, shown_loss=meter.shown_loss)  # the last loss shown stays until the next
             if stop:
-                log.info(
-                    "time limit of %s s reached at epoch %d step %d", config.time_limit, epoch, step % per_epoch + 1
-                )
+                log.info("time limit of %s s reached at epoch %d step %d", budget.seconds, epoch, step % per_epoch + 1)
                 break
-        digests = D.gather_digests(model, dist)
-        if dist.is_main and dist.enabled:
-            write_json_atomic(run.path / "ddp.json", {"world_size": dist.world, "weights_sha256": digests})
+        write_ddp_record(run, model, dist)
         progress.finish()
     D.shutdown(dist)
-    return {
-        "run_dir": str(run.path),
-        "epochs_done": state["step"] // per_epoch,
-        "stopped_early": stop,
-        **scores,
-        "best_v_rand": max((float(r["v_rand"]) for r in run.rows if "v_rand" in r), default=None),
-        "selection_score": state["best"],
-        "rows": run.rows,
-    }
+    return summary(run, state, per_epoch, stop, scores)

@@ -19,6 +19,7 @@ from emseg.errors import BadInputError
 from emseg.io.outputs import OutputLock, check_output, is_emseg_output, write_bytes_atomic, write_json_atomic
 from emseg.models.checkpoint import load_resume_point, save_checkpoint, save_resume_point
 from emseg.training.ema import WeightAverage, WithAverage, split_average
+from emseg.viz import curves_png
 
 COLUMNS = (
     "epoch",
@@ -202,46 +203,7 @@ class RunDir:
 
     def plot(self) -> None:
         """curves.png: loss, pixel accuracy and V_rand / V_info per epoch."""
-        plt, fig = curves_figure(self.rows)
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=90)
-        plt.close(fig)
-        write_bytes_atomic(self.path / "curves.png", buf.getvalue())
-
-
-def curves_figure(rows: list[dict[str, Any]]):  # type: ignore[no-untyped-def]
-    """(pyplot, figure) of the training curves of ``rows`` (metrics.csv's rows), whole epochs on x."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    epochs = [r["epoch"] for r in rows]
-
-    def series(key: str) -> tuple[list, list]:
-        pts = [(r["epoch"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
-        return [p[0] for p in pts], [p[1] for p in pts]
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for ax, keys, title in (
-        (axes[0], ("train_loss", "val_loss"), "loss"),
-        (axes[1], ("train_accuracy", "val_accuracy"), "pixel accuracy"),
-        (axes[2], ("v_rand", "v_info", "val_iou"), "validation scores"),
-    ):
-        for key in keys:
-            x, y = series(key)
-            if x:
-                ax.plot(x, y, marker="o" if len(x) < 30 else None, label=key.replace("_", " "))
-        ax.set_title(title)
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
-        ax.grid(alpha=0.3)
-        ax.legend()
-        if epochs:
-            ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
-    fig.tight_layout()
-    return plt, fig
+        write_bytes_atomic(self.path / "curves.png", curves_png(self.rows))
 
 
 def restore_memory_format(optimizer: torch.optim.Optimizer) -> None:

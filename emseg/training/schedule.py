@@ -7,11 +7,14 @@ progress is the larger of the share of steps done and the share of the time limi
 warm-up ends at ``warmup_fraction`` of it (or after ``warmup_steps``, whichever comes first) and
 the cosine decay reaches its floor when the budget is spent. A run stopped by its time limit
 therefore always ends with a decayed learning rate, however few steps the machine gave it.
+
+:class:`TimeBudget` (the one reader of ``config.time_limit``) gives the loop all of this.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from emseg.config import TrainConfig
 
@@ -43,4 +46,30 @@ def budget_learning_rate(step: int, progress: float, config: TrainConfig) -> flo
     return _cosine((progress - warm) / max(1e-9, 1 - warm), config)
 
 
-__all__ = ["learning_rate", "budget_progress", "budget_learning_rate"]
+@dataclass(frozen=True)
+class TimeBudget:
+    """A run's time limit in seconds (``seconds`` None: the step count alone ends the run)."""
+
+    seconds: float | None
+
+    @classmethod
+    def of(cls, config: TrainConfig) -> TimeBudget:
+        return cls(config.time_limit)
+
+    def learning_rate(self, step: int, total: int, spent: float, config: TrainConfig) -> float:
+        """The learning rate of ``step``: over the run's ``total`` steps, or over the budget when
+        there is one (``spent`` seconds of it gone)."""
+        if self.seconds is None:
+            return learning_rate(step, total, config)
+        return budget_learning_rate(step, budget_progress(step, total, spent, self.seconds), config)
+
+    def left(self, spent: float) -> float:
+        """Seconds left after ``spent`` (infinite without a limit)."""
+        return math.inf if self.seconds is None else max(0.0, self.seconds - spent)
+
+    def exhausted(self, spent: float) -> bool:
+        """Whether ``spent`` seconds are past the limit: the run stops after this step."""
+        return self.seconds is not None and spent > self.seconds
+
+
+__all__ = ["learning_rate", "budget_progress", "budget_learning_rate", "TimeBudget"]

@@ -1,20 +1,35 @@
-"""Full-slice validation through the predict engine: loss, pixel accuracy, IoU, V_rand, V_info."""
+"""Full-slice validation through the predict engine: loss, pixel accuracy, IoU, V_rand, V_info.
+
+:func:`validator` builds it for whoever calls :func:`~emseg.training.loop.fit`, which takes it as a
+:data:`Validate` callable: this is the one module of training that imports inference and evaluation.
+"""
 
 from __future__ import annotations
 
 import functools
-from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 import torch
-from torch import nn
 
-from emseg.config import TrainConfig
+from emseg.config import PredictConfig, TrainConfig
 from emseg.evaluation.metrics import evaluate_arrays
-from emseg.inference.engine import Engine, EngineSettings
+from emseg.inference.engine import Engine
 from emseg.inference.tiling import plan_block, read_reflected
+from emseg.models.base import SegmentationNet
 from emseg.training.data import Annotated
-from emseg.training.losses import Loss, logits_of
+from emseg.training.losses import logits_of, make_loss
+
+#: (network, held-out slices, their (mean, std) normalisation) -> scores by metrics.csv column, on
+#: the device of the network's parameters; it may leave the network in training mode.
+Validate = Callable[[SegmentationNet, Annotated, tuple[float, float]], dict[str, float]]
+
+
+def validation_settings(config: TrainConfig) -> PredictConfig:
+    """The engine's settings in validation: the run's precision, autocast and layout; float32 P(cell)."""
+    return PredictConfig(
+        batch_size=4, dtype="float32", precision=config.precision, amp=config.amp, channels_last=config.channels_last
+    )
 
 
 def _window(plane: np.ndarray, rows: slice, cols: slice) -> np.ndarray:
@@ -22,22 +37,14 @@ def _window(plane: np.ndarray, rows: slice, cols: slice) -> np.ndarray:
 
 
 def predict_planes(
-    model: nn.Module,
-    planes: np.ndarray,
-    mean: float,
-    std: float,
-    device: torch.device,
-    config: TrainConfig,
-    divisor: int,
+    model: SegmentationNet, planes: np.ndarray, normalization: tuple[float, float], config: TrainConfig
 ) -> np.ndarray:
-    """(N, H, W) raw slices -> (N, H, W) float32 P(cell), tiled and blended like ``emseg predict``."""
-    settings = EngineSettings(
-        batch_size=4, output_dtype="float32", channels_last=config.channels_last, autocast=config.amp
-    )
+    """(N, H, W) raw slices -> (N, H, W) float32 P(cell), tiled and blended as ``emseg predict`` does."""
+    divisor, device = model.divisor, next(model.parameters()).device
     tile = min(config.val_tile, -(-max(planes.shape[1:]) // divisor) * divisor)
     overlap = min(config.val_overlap, tile - divisor)
     out = np.empty(planes.shape, np.float32)
-    with Engine(model, device, mean, std, settings) as engine:
+    with Engine(model, device, *normalization, validation_settings(config)) as engine:
         for i, plane in enumerate(planes):
             plan = plan_block((0, plane.shape[0]), (0, plane.shape[1]), tile, overlap, divisor, shape=plane.shape)
             y0, y1, x0, x1 = plan.domain
@@ -46,32 +53,29 @@ def predict_planes(
     return out
 
 
-def validate(
-    model: nn.Module,
-    data: Annotated,
-    mean: float,
-    std: float,
-    device: torch.device,
-    config: TrainConfig,
-    loss_fn: Loss,
-    divisor: int,
-) -> dict[str, Any]:
-    """Scores of the model on the held-out slices (the model is left in training mode)."""
-    try:
-        prob = predict_planes(model, data.raw, mean, std, device, config, divisor)
-    finally:
-        model.train()
-    p = torch.from_numpy(prob)[:, None]
-    target = torch.from_numpy(data.labels)[:, None].float()
-    weight = torch.from_numpy(data.weights)[:, None]
-    loss = float(loss_fn(logits_of(p), target, weight))
-    scores = evaluate_arrays(prob, data.labels)
-    return {
-        "val_loss": loss,
-        "val_accuracy": scores.pixel_accuracy,
-        "val_iou": scores.iou,
-        "v_rand": scores.v_rand,
-        "v_rand_threshold": scores.v_rand_threshold,
-        "v_info": scores.v_info,
-        "v_info_threshold": scores.v_info_threshold,
-    }
+def validator(config: TrainConfig) -> Validate:
+    """The standard validation of a run with ``config``: the held-out slices predicted whole as
+    ``emseg predict`` does (:func:`predict_planes`), scored with the run's loss and the ISBI 2012
+    metrics; the network is left in training mode."""
+    loss_fn = make_loss(config.loss)
+
+    def validate(model: SegmentationNet, data: Annotated, normalization: tuple[float, float]) -> dict[str, float]:
+        try:
+            prob = predict_planes(model, data.raw, normalization, config)
+        finally:
+            model.train()
+        p = torch.from_numpy(prob)[:, None]
+        target = torch.from_numpy(data.labels)[:, None].float()
+        weight = torch.from_numpy(data.weights)[:, None]
+        scores = evaluate_arrays(prob, data.labels)
+        return {
+            "val_loss": float(loss_fn(logits_of(p), target, weight)),
+            "val_accuracy": scores.pixel_accuracy,
+            "val_iou": scores.iou,
+            "v_rand": scores.v_rand,
+            "v_rand_threshold": scores.v_rand_threshold,
+            "v_info": scores.v_info,
+            "v_info_threshold": scores.v_info_threshold,
+        }
+
+    return validate

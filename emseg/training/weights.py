@@ -40,6 +40,9 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
+from emseg.config import TrainConfig
+
+W0, SIGMA = TrainConfig.w0, TrainConfig.sigma  # the defaults are training's
 #: Relative size (of w0) below which the border term is treated as zero by the fast version.
 BORDER_EPS = 1e-4
 
@@ -47,7 +50,7 @@ BORDER_EPS = 1e-4
 _FOUR_CONNECTED = ((0, 1, 0), (1, 1, 1), (0, 1, 0))
 
 
-def border_cutoff(sigma: float = 5.0, eps: float = BORDER_EPS) -> float:
+def border_cutoff(sigma: float = SIGMA, eps: float = BORDER_EPS) -> float:
     """The distance sum R (pixels) beyond which ``exp(-R^2 / (2 sigma^2)) < eps``."""
     return float(sigma * math.sqrt(2.0 * math.log(1.0 / eps)))
 
@@ -88,7 +91,7 @@ def _combine(cell: np.ndarray, d1: np.ndarray, d2: np.ndarray, w0: float, sigma:
     return w.astype(np.float32)
 
 
-def unet_weight_map(label: np.ndarray, *, w0: float = 10.0, sigma: float = 5.0, balance: bool = True) -> np.ndarray:
+def unet_weight_map(label: np.ndarray, *, w0: float = W0, sigma: float = SIGMA, balance: bool = True) -> np.ndarray:
     """The U-Net weight map of one slice, exact within the cut-off (see the module docstring).
 
     label: (H, W) {0, 1} of any integer or bool dtype (every non-zero value counts as cell,
@@ -121,7 +124,7 @@ def unet_weight_map(label: np.ndarray, *, w0: float = 10.0, sigma: float = 5.0, 
 
 
 def unet_weight_map_reference(
-    label: np.ndarray, *, w0: float = 10.0, sigma: float = 5.0, balance: bool = True
+    label: np.ndarray, *, w0: float = W0, sigma: float = SIGMA, balance: bool = True
 ) -> np.ndarray:
     """Slow direct computation (one full-image EDT per cell, no cut-off), for tests.
 
