@@ -6,11 +6,15 @@
 #   prepare here:  bash benchmarks/fetch_wheels.sh; mkdir -p .data && cp -r ../shared/data/isbi2012 .data/
 #   run there:     bash benchmarks/gpu_check.sh                   (carry: [".whl", ".data"], timeout_s 420)
 #   rehearse here: bash benchmarks/gpu_check.sh --rehearse        (the same steps on the CPU, tiny sizes)
+#   plan:          bash benchmarks/gpu_check.sh --plan            (each device step's name and limit, nothing run)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-REHEARSE=0
+REHEARSE=0 PLAN=0
 [[ ${1:-} == --rehearse ]] && REHEARSE=1
-if ((REHEARSE)); then
+[[ ${1:-} == --plan ]] && PLAN=1
+if ((PLAN)); then  # the device's steps as bash computes their limits, for tests/test_gpu_rehearsal.py
+  PY=true OUT=$(mktemp -d /tmp/emseg-plan-XXXX) DEVICE=cuda SLOW=1
+elif ((REHEARSE)); then
   PY=${PY:-$PWD/.venv/bin/python}
   OUT=${OUT:-$(mktemp -d /tmp/emseg-rehearse-XXXX)}
   DEVICE=cpu
@@ -30,11 +34,15 @@ summary() {
   echo "== summary (${DEVICE}, $((SECONDS - T0)) s)"
   timeout -k 5 30 "$PY" benchmarks/gpu_summary.py "$OUT" || echo "(no summary: gpu_summary.py failed)"
 }
-trap summary EXIT
+((PLAN)) || trap summary EXIT
 trap 'echo "stopped by a signal" >> "$OUT/status"; exit 124' TERM INT
 
 step() {  # step NAME SECONDS COMMAND...: runs it under timeout -k, logs to steps.log, records rc
   local name=$1 limit=$2 t=$SECONDS rc
+  if ((PLAN)); then
+    echo "plan $name $limit"
+    return 0
+  fi
   shift 2
   echo "== $name (limit ${limit}s)" | tee -a "$OUT/steps.log"
   timeout -k 5 "$limit" "$@" >> "$OUT/steps.log" 2>&1
@@ -43,7 +51,9 @@ step() {  # step NAME SECONDS COMMAND...: runs it under timeout -k, logs to step
   return $rc
 }
 
-if ((!REHEARSE)); then
+if ((PLAN)); then
+  step wheels 45 pip
+elif ((!REHEARSE)); then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
   if ls .whl/*.whl > /dev/null 2>&1; then
     step wheels 45 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -62,7 +72,7 @@ import torch, zarr, numcodecs, dask, distributed, segmentation_models_pytorch, e
 from emseg.cli import app
 from emseg.device import resolve_device, autocast_dtype
 d = resolve_device('$DEVICE')
-print('torch', torch.__version__, 'device', d, 'autocast', autocast_dtype(d), 'zarr', zarr.__version__)
+print('torch', torch.__version__, 'device', d, 'autocast', autocast_dtype(d, 'auto'), 'zarr', zarr.__version__)
 " || exit 1
 
 if ((REHEARSE)); then

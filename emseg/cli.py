@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import json
 import logging
 import os
 import signal
 import sys
 import time
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional, TypeVar
@@ -34,13 +36,23 @@ from typer.core import TyperGroup
 
 from emseg._version import __version__
 from emseg.config import (
+    PREVIEW_OUTPUT,
+    SHOW_OUTPUT,
+    BenchConfig,
+    DemoConfig,
+    EvaluateConfig,
     ExportConfig,
+    ExportModelConfig,
     IngestConfig,
     ModelConfig,
     PredictConfig,
     PreviewConfig,
     SegmentConfig,
+    ShowConfig,
     TrainConfig,
+    flag_of,
+    options,
+    user_options,
 )
 from emseg.errors import EmsegError
 from emseg.progress import format_duration
@@ -253,11 +265,11 @@ class _LowerLevelFormatter(logging.Formatter):
         return super().format(record)
 
 
-class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class _StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is when a record is logged (a test runner replaces it
     per command), not to the stream that was current when the handler was made."""
 
-    @property  # type: ignore[override]
+    @property
     def stream(self) -> Any:
         return sys.stderr
 
@@ -284,58 +296,84 @@ QUIET = typer.Option(
 )
 
 
-def _hush(quiet: bool) -> None:
+def opt(cls: type, name: str) -> Any:
+    """The Typer option of the config field ``cls.name``: its default, flag, short flag, help and
+    metavar as :mod:`emseg.config` declares them (the one place an option is written)."""
+    f = options(cls)[name]
+    meta = f.metadata
+    decls = [flag_of(f), *([meta["short"]] if meta["short"] else [])]
+    extra = {"metavar": meta["metavar"]} if meta["metavar"] else {}
+    return typer.Option(f.default, *decls, help=meta["help"], **extra)
+
+
+def _cli_type(cls: type, name: str) -> Any:
+    """The type Typer parses an option as: text for options parsed from text (``A:B``), else the
+    field's type (``X | None`` as ``Optional[X]``, the form Typer reads on every Python)."""
+    if options(cls)[name].metadata["parse"] is not None:
+        return Optional[str]
+    hint = typing.get_type_hints(cls)[name]
+    args = typing.get_args(hint)
+    if type(None) in args:
+        return Optional[next(a for a in args if a is not type(None))]
+    return hint
+
+
+def with_options(*classes: type) -> Callable[[F], F]:
+    """Give a command the user options of ``classes`` as Typer options (:func:`opt`), placed
+    before its ``--quiet``; the command receives them in ``**options``. Nothing about an option
+    is typed in this module."""
+    names = {name: cls for cls in classes for name in user_options(cls)}
+
+    def decorate(fn: F) -> F:
+        hints = typing.get_type_hints(fn)
+        own = [
+            p.replace(annotation=hints.get(p.name, p.annotation))
+            for p in inspect.signature(fn).parameters.values()
+            if p.kind is not p.VAR_KEYWORD
+        ]
+        at = next((i for i, p in enumerate(own) if p.name == "quiet"), len(own))
+        kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+        added = [inspect.Parameter(n, kind, default=opt(c, n), annotation=_cli_type(c, n)) for n, c in names.items()]
+
+        @functools.wraps(fn)
+        def wrapper(**kwargs: Any) -> Any:
+            return fn(**kwargs)
+
+        wrapper.__signature__ = inspect.Signature([*own[:at], *added, *own[at:]])  # type: ignore[attr-defined]
+        wrapper.__annotations__ = {}
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+def _quiet_log(quiet: bool) -> None:
     """With --quiet, emseg's log says nothing short of an error."""
     if quiet:
         _setup_logging(logging.ERROR)
 
 
-def _said(quiet: bool, message: str) -> None:
+def _note(quiet: bool, message: str) -> None:
+    """A line on stderr for the user, unless --quiet."""
     if not quiet:
         stderr.print(message)
 
 
-OVERWRITE = typer.Option(False, "--overwrite", help="Replace an existing output written by emseg.")
-
-
 @command("ingest")
+@with_options(IngestConfig)
 def ingest_cmd(
     source: Path = typer.Argument(..., help="Multi-page TIFF/BigTIFF, folder of TIFF/PNG slices, or a 2D image."),
     output: Path = typer.Option(..., "--output", "-o", help="Output OME-Zarr store (DIR.zarr)."),
     labels: Optional[Path] = typer.Option(None, "--labels", "-l", help="Labels, same kind and shape (cell > 0)."),
-    voxel_size: Optional[tuple[float, float, float]] = typer.Option(
-        None, "--voxel-size", help="Voxel size Z Y X in nm (default: from the TIFF, else 1)."
-    ),
-    chunks: tuple[int, int, int] = typer.Option(IngestConfig.chunks, "--chunks", help="Chunk shape Z Y X."),
-    ngff: str = typer.Option(IngestConfig.ngff, "--ngff", help="OME-Zarr version: 0.4 (zarr v2) or 0.5 (zarr v3)."),
-    shards: Optional[tuple[int, int, int]] = typer.Option(None, "--shards", help="Shard shape Z Y X (--ngff 0.5)."),
-    series: Optional[int] = typer.Option(
-        None, "--series", help="Of a TIFF whose series do not form one stack: the series to ingest (from 0)."
-    ),
-    channel: Optional[int] = typer.Option(None, "--channel", help="Of a multi-channel TIFF: the channel (from 0)."),
-    overwrite: bool = OVERWRITE,
     quiet: bool = QUIET,
+    **options: Any,
 ) -> None:
     """Convert a TIFF stack or slice folder (and its labels) into chunked OME-Zarr."""
     from emseg import api
 
-    _hush(quiet)
+    _quiet_log(quiet)
     with RichReporter(not quiet) as progress:
-        out = api.ingest(
-            source,
-            output,
-            labels=labels,
-            voxel_size=voxel_size,
-            chunks=chunks,
-            ngff=ngff,
-            shards=shards,
-            series=series,
-            channel=channel,
-            overwrite=overwrite,
-            progress=progress,
-        )
-    if not quiet:
-        stderr.print(f"wrote {out}")
+        out = api.ingest(source, output, labels=labels, **options, progress=progress)
+    _note(quiet, f"wrote {out}")
 
 
 @command("info")
@@ -347,7 +385,7 @@ def info_cmd(
     """Shape, dtype, chunks, voxel size, levels and labels of an OME-Zarr store."""
     from emseg import api
 
-    _hush(quiet)
+    _quiet_log(quiet)
     result = api.info(path)
     if as_json:
         stdout.print_json(json.dumps(result))
@@ -364,23 +402,10 @@ def info_cmd(
     table.add_row("voxel size (nm)", " x ".join(f"{v:g}" for v in result["voxel_size_nm"]))
     table.add_row("levels", ", ".join("x".join(map(str, s)) for s in result["levels"]))
     table.add_row("size", f"{result['size_bytes'] / 2**20:.1f} MiB uncompressed")
-
-    def described(lab: dict[str, Any]) -> str:
-        """A mask's foreground fraction, or the number of objects of instance labels."""
-        if lab.get("kind") == "instances":
-            if lab["objects"] is None:
-                return "instance labels (no level under 1 Gi elements to count their objects)"
-            level = lab["objects_level"]
-            return f"{lab['objects']} objects" + ("" if level == 0 else f" (at least: counted on level {level})")
-        if lab["foreground_fraction"] is None:
-            return "present (no level under 1 Gi elements to measure its foreground)"
-        note = "" if lab["fraction_level"] == 0 else f" (estimated from level {lab['fraction_level']})"
-        return f"foreground fraction {lab['foreground_fraction']:.4f}{note}"
-
     if result.get("image_label"):
-        table.add_row("label image", described(result["image_label"]))
+        table.add_row("label image", _described(result["image_label"]))
     for name, lab in result["labels"].items():
-        table.add_row(f"labels/{name}", described(lab))
+        table.add_row(f"labels/{name}", _described(lab))
     if not result["labels"]:
         table.add_row("labels", "none")
     if result["emseg"]:
@@ -392,246 +417,99 @@ def info_cmd(
     stdout.print(table)
 
 
+def _described(lab: dict[str, Any]) -> str:
+    """A mask's foreground fraction, or the number of objects of instance labels (``emseg info``)."""
+    if lab.get("kind") == "instances":
+        if lab["objects"] is None:
+            return "instance labels (no level under 1 Gi elements to count their objects)"
+        level = lab["objects_level"]
+        return f"{lab['objects']} objects" + ("" if level == 0 else f" (at least: counted on level {level})")
+    if lab["foreground_fraction"] is None:
+        return "present (no level under 1 Gi elements to measure its foreground)"
+    note = "" if lab["fraction_level"] == 0 else f" (estimated from level {lab['fraction_level']})"
+    return f"foreground fraction {lab['foreground_fraction']:.4f}{note}"
+
+
 @command("show")
+@with_options(ShowConfig)
 def show_cmd(
     data: Path = typer.Argument(..., help="An OME-Zarr store from emseg ingest."),
-    output: Path = typer.Option(Path("view.png"), "--output", "-o", help="PNG to write."),
-    slice_: int = typer.Option(0, "--slice", "-z", help="Slice index."),
+    output: Path = typer.Option(Path(SHOW_OUTPUT), "--output", "-o", help="PNG to write."),
     pred: Optional[Path] = typer.Option(None, "--pred", help="A prediction store from emseg predict."),
-    level: Optional[int] = typer.Option(None, "--level", help="Pyramid level (default: fits 2048 px)."),
-    overwrite: bool = OVERWRITE,
     quiet: bool = QUIET,
+    **options: Any,
 ) -> None:
     """Save a PNG of a slice beside its mask (and prediction with an overlay)."""
     from emseg import api
 
-    _hush(quiet)
-    out = api.show(data, output, z=slice_, pred=pred, level=level, overwrite=overwrite)
-    _said(quiet, f"wrote {out}")
-
-
-DEVICE = typer.Option(PredictConfig.device, "--device", help="auto, cpu, cuda or cuda:N.")
+    _quiet_log(quiet)
+    out = api.show(data, output, pred=pred, **options)
+    _note(quiet, f"wrote {out}")
 
 
 @command("train")
+@with_options(TrainConfig, ModelConfig)
 def train_cmd(
     data: Path = typer.Argument(..., help="OME-Zarr store with labels/cells (from emseg ingest --labels)."),
     output: Path = typer.Option(..., "--output", "-o", help="Run directory for checkpoints, metrics and curves."),
-    epochs: int = typer.Option(TrainConfig.epochs, "--epochs", help="Epochs."),
-    steps_per_epoch: int = typer.Option(
-        TrainConfig.steps_per_epoch, "--steps-per-epoch", help="Optimizer steps per epoch."
-    ),
-    batch_size: int = typer.Option(
-        TrainConfig.batch_size, "--batch-size", help="Crops per step (per process under torchrun)."
-    ),
-    crop: int = typer.Option(TrainConfig.crop, "--crop", help="Crop side in pixels (a multiple of 2**depth)."),
-    lr: float = typer.Option(TrainConfig.lr, "--lr", help="Peak learning rate (AdamW, warm-up then cosine decay)."),
-    arch: str = typer.Option(
-        ModelConfig.arch, "--arch", help="unet, or smp:ENCODER for a segmentation-models-pytorch U-Net."
-    ),
-    depth: int = typer.Option(ModelConfig.depth, "--depth", help="U-Net depth (levels of down-sampling)."),
-    base_channels: int = typer.Option(
-        ModelConfig.base_channels, "--base-channels", help="U-Net channels at the first level."
-    ),
-    encoder_weights: Optional[str] = typer.Option(
-        None, "--encoder-weights", help="smp encoder weights, e.g. imagenet (downloads; needs internet)."
-    ),
-    loss: str = typer.Option(
-        TrainConfig.loss, "--loss", help="weighted-bce (U-Net weight map), bce, dice or bce+dice."
-    ),
-    val_slices: Optional[str] = typer.Option(
-        None, "--val-slices", help="Held-out slices, A:B or a,b,c (default: last 10 %)."
-    ),
-    seed: int = typer.Option(TrainConfig.seed, "--seed", help="Random seed (same seed, same run on the CPU)."),
-    time_limit: Optional[float] = typer.Option(
-        None, "--time-limit", help="Stop cleanly after this many seconds (warm-up and decay follow the budget)."
-    ),
-    device: str = DEVICE,
-    precision: str = typer.Option(
-        TrainConfig.precision, "--precision", help="auto (bf16 where native), fp32 or bf16 autocast."
-    ),
-    compile_: bool = typer.Option(False, "--compile", help="torch.compile the network (CUDA)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in OUTPUT from its last checkpoint."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Start afresh in an existing run directory."),
     quiet: bool = QUIET,
+    **options: Any,
 ) -> None:
     """Train a U-Net on annotated slices: weight-map loss, elastic augmentation, checkpoints, curves."""
     from emseg import api
 
-    _hush(quiet)
+    _quiet_log(quiet)
     with RichReporter(not quiet) as progress:
-        summary = api.train(
-            data,
-            output,
-            epochs=epochs,
-            steps_per_epoch=steps_per_epoch,
-            batch_size=batch_size,
-            crop=crop,
-            lr=lr,
-            arch=arch,
-            depth=depth,
-            base_channels=base_channels,
-            encoder_weights=encoder_weights,
-            loss=loss,
-            val_slices=val_slices,
-            seed=seed,
-            time_limit=time_limit,
-            device=device,
-            precision=precision,
-            torch_compile=compile_,
-            resume=resume,
-            overwrite=overwrite,
-            progress=progress,
-        )
+        summary = api.train(data, output, **options, progress=progress)
     if summary.get("rows") is None:
         return
+    columns = ("epoch", "train_loss", "val_loss", "val_accuracy", "val_iou", "v_rand", "v_info", "seconds")
     table = Table(title=f"training run {output}")
-    for col in ("epoch", "train_loss", "val_loss", "val_accuracy", "val_iou", "v_rand", "v_info", "seconds"):
+    for col in columns:
         table.add_column(col.replace("_", " "), justify="right")
     for row in summary["rows"][-5:]:
-        table.add_row(
-            *[
-                _fmt(row.get(c)) if row.get(c) is not None else ""
-                for c in ("epoch", "train_loss", "val_loss", "val_accuracy", "val_iou", "v_rand", "v_info", "seconds")
-            ]
-        )
+        table.add_row(*[_fmt(row.get(c)) if row.get(c) is not None else "" for c in columns])
     if not quiet:
         stderr.print(table)
     stdout.print(f"checkpoints, metrics.csv and curves.png in {output}")
 
 
 @command("predict")
+@with_options(PredictConfig)
 def predict_cmd(
     model: Path = typer.Argument(..., help="Run directory or .safetensors checkpoint from emseg train."),
     data: Path = typer.Argument(..., help="OME-Zarr store to segment."),
     output: Path = typer.Option(..., "--output", "-o", help="Output OME-Zarr (probabilities + labels/membranes)."),
-    tile: int = typer.Option(
-        PredictConfig.tile, "--tile", help="Tile side in pixels (a multiple of the model's divisor)."
-    ),
-    overlap: int = typer.Option(PredictConfig.overlap, "--overlap", help="Overlap of neighbouring tiles in pixels."),
-    batch_size: int = typer.Option(
-        PredictConfig.batch_size, "--batch-size", help="Tiles per forward pass (halved on GPU out-of-memory)."
-    ),
-    blend: str = typer.Option(PredictConfig.blend, "--blend", help="gaussian, linear or crop."),
-    tta: bool = typer.Option(False, "--tta", help="Average the 8 rotations and flips."),
-    threshold: float = typer.Option(PredictConfig.threshold, "--threshold", help="Membrane where P(cell) < threshold."),
-    dtype: str = typer.Option(
-        PredictConfig.dtype, "--dtype", help="Stored probabilities: uint8 (0-255), float16 or float32."
-    ),
-    slices: Optional[str] = typer.Option(None, "--slices", help="Predict slices A:B only."),
-    device: str = DEVICE,
-    workers: Optional[int] = typer.Option(
-        None, "--workers", help="Start a local dask.distributed cluster of N processes."
-    ),
-    scheduler: Optional[str] = typer.Option(
-        None, "--scheduler", help="Use the dask.distributed scheduler at this address."
-    ),
-    compile_: bool = typer.Option(False, "--compile", help="torch.compile the network (CUDA)."),
-    precision: str = typer.Option(
-        PredictConfig.precision, "--precision", help="auto (bf16 where the device has it natively), fp32 or bf16."
-    ),
-    normalization: str = typer.Option(
-        PredictConfig.normalization,
-        "--normalization",
-        help="stack (map this stack's intensity percentiles onto training's) or checkpoint (training's mean/std).",
-    ),
-    block: int = typer.Option(
-        PredictConfig.block, "--block", help="Pixels per side of one task's block (whole chunks)."
-    ),
-    overwrite: bool = OVERWRITE,
-    resume: bool = typer.Option(False, "--resume", help="Finish an interrupted prediction (only unfinished blocks)."),
     quiet: bool = QUIET,
+    **options: Any,
 ) -> None:
     """Segment a stack of any size: overlapping tiles, blended without seams, via dask."""
     from emseg import api
 
-    _hush(quiet)
+    _quiet_log(quiet)
     with RichReporter(not quiet) as progress:
-        out = api.predict(
-            model,
-            data,
-            output,
-            tile=tile,
-            overlap=overlap,
-            batch_size=batch_size,
-            blend=blend,
-            tta=tta,
-            threshold=threshold,
-            dtype=dtype,
-            slices=slices,
-            device=device,
-            block=block,
-            workers=workers,
-            scheduler=scheduler,
-            torch_compile=compile_,
-            precision=precision,
-            normalization=normalization,
-            overwrite=overwrite,
-            resume=resume,
-            progress=progress,
-        )
-    if not quiet:
-        stderr.print(f"wrote {out}")
+        out = api.predict(model, data, output, **options, progress=progress)
+    _note(quiet, f"wrote {out}")
 
 
 @command("segment")
+@with_options(SegmentConfig)
 def segment_cmd(
     pred: Path = typer.Argument(..., help="Prediction store from emseg predict (P(cell))."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output OME-Zarr label image (SEG.zarr)."),
     into: Optional[Path] = typer.Option(
         None, "--into", help="Instead of -o: add the labels to this prediction store (PRED itself) as labels/cells."
     ),
-    mode: str = typer.Option(
-        SegmentConfig.mode, "--mode", help="2d (per slice) or 3d (anisotropy from the voxel size)."
-    ),
-    seed_threshold: float = typer.Option(
-        SegmentConfig.seed_threshold, "--seed-threshold", help="Seeds grow from pixels with P(cell) above this."
-    ),
-    seeds: str = typer.Option(SegmentConfig.seeds, "--seeds", help="maxima (of the distance) or cores."),
-    min_distance: int = typer.Option(
-        SegmentConfig.min_distance, "--min-distance", help="Seeds: distance maxima within 2N+1 pixels, or cores N away."
-    ),
-    merge_threshold: float = typer.Option(
-        SegmentConfig.merge_threshold, "--merge-threshold", help="Merge neighbours whose border P(membrane) is below."
-    ),
-    min_size: int = typer.Option(SegmentConfig.min_size, "--min-size", help="Smaller segments join a neighbour."),
-    block: int = typer.Option(SegmentConfig.block, "--block", help="Block side in pixels (whole chunks)."),
-    halo: int = typer.Option(SegmentConfig.halo, "--halo", help="Pixels each block reads beyond its borders."),
-    workers: Optional[int] = typer.Option(
-        None, "--workers", help="Start a local dask.distributed cluster of N processes."
-    ),
-    scheduler: Optional[str] = typer.Option(
-        None, "--scheduler", help="Use the dask.distributed scheduler at this address."
-    ),
-    overwrite: bool = OVERWRITE,
-    resume: bool = typer.Option(False, "--resume", help="Finish an interrupted segmentation."),
     quiet: bool = QUIET,
+    **options: Any,
 ) -> None:
     """Instance labels from membranes: watershed, agglomeration, blockwise without seams."""
     from emseg import api
 
-    _hush(quiet)
+    _quiet_log(quiet)
     with RichReporter(not quiet) as progress:
-        out = api.segment(
-            pred,
-            into if into is not None else output,
-            mode=mode,
-            seed_threshold=seed_threshold,
-            seeds=seeds,
-            min_distance=min_distance,
-            merge_threshold=merge_threshold,
-            min_size=min_size,
-            block=block,
-            halo=halo,
-            workers=workers,
-            scheduler=scheduler,
-            into=into is not None,
-            overwrite=overwrite,
-            resume=resume,
-            progress=progress,
-        )
-    if not quiet:
-        stderr.print(f"wrote {out}")
+        out = api.segment(pred, into or output, into=into is not None, **options, progress=progress)
+    _note(quiet, f"wrote {out}")
 
 
 def _instance_table(pred: Path, data: Path, r: dict[str, Any]) -> Table:
@@ -650,19 +528,19 @@ def _instance_table(pred: Path, data: Path, r: dict[str, Any]) -> Table:
 
 
 @command("evaluate")
+@with_options(EvaluateConfig)
 def evaluate_cmd(
     pred: Path = typer.Argument(..., help="Prediction store from emseg predict, or a TIFF stack of P(cell)."),
     data: Path = typer.Argument(..., help="OME-Zarr store with labels/cells (the ground truth)."),
-    slices: Optional[str] = typer.Option(None, "--slices", help="Evaluate data slices A:B only."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the scores as JSON."),
-    overwrite: bool = OVERWRITE,
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the scores as JSON."),
     quiet: bool = QUIET,
+    **options: Any,
 ) -> None:
     """Score a segmentation: pixel error, IoU, Dice, ISBI 2012 V_rand and V_info."""
     from emseg import api
 
-    _hush(quiet)
-    r = api.evaluate(pred, data, slices=slices, json_path=json_out, overwrite=overwrite)
+    _quiet_log(quiet)
+    r = api.evaluate(pred, data, json_path=json_path, **options)
     if r.get("kind") == "instances":
         stdout.print(_instance_table(pred, data, r))
         return
@@ -688,30 +566,19 @@ def evaluate_cmd(
 
 
 @command("bench")
+@with_options(BenchConfig)
 def bench_cmd(
-    device: str = DEVICE,
     model: Optional[Path] = typer.Option(None, "--model", help="Run directory to time (default: the default U-Net)."),
-    compile_: bool = typer.Option(False, "--compile", help="Also time torch.compile."),
-    no_monai: bool = typer.Option(False, "--no-monai", help="Skip the MONAI sliding-window comparison."),
-    quick: bool = typer.Option(False, "--quick", help="Tiny sizes: checks that everything runs, in seconds."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write every figure as JSON."),
-    overwrite: bool = OVERWRITE,
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write every figure as JSON."),
     quiet: bool = QUIET,
+    **options: Any,
 ) -> None:
     """Time the forward pass, end-to-end predict (vs MONAI) and training on this machine."""
     from emseg import api
 
-    _hush(quiet)
+    _quiet_log(quiet)
     with contextlib.nullcontext() if quiet else stderr.status("benchmarking (a few minutes)..."):
-        r = api.bench(
-            device=device,
-            model=model,
-            torch_compile=compile_,
-            monai=not no_monai,
-            quick=quick,
-            json_path=json_out,
-            overwrite=overwrite,
-        )
+        r = api.bench(model=model, json_path=json_path, **options)
     table = Table(title=f"emseg bench on {r['device']} (torch {r['torch']})")
     for col in ("measure", "setting", "MPix/s", "TFLOP/s", "of peak", "note"):
         table.add_column(col, justify="right" if col in ("MPix/s", "TFLOP/s", "of peak") else "left")
@@ -753,82 +620,69 @@ def bench_cmd(
 
 
 @command("export")
+@with_options(ExportConfig)
 def export_cmd(
     source: Path = typer.Argument(..., help="An OME-Zarr store (e.g. from emseg predict)."),
     output: Path = typer.Option(..., "--output", "-o", help="OUT.tif, or a folder with --format png."),
-    format_: Optional[str] = typer.Option(
-        None,
-        "--format",
-        help="tif (default for .tif: an ImageJ/Fiji hyperstack with the voxel size; an OME-TIFF when ImageJ cannot "
-        "hold the data), ome-tiff (default for .ome.tif) or png (a folder of slices).",
-    ),
-    labels: Optional[str] = typer.Option(None, "--labels", help="Export labels/NAME (e.g. membranes) as 0/255."),
-    level: int = typer.Option(ExportConfig.level, "--level", help="Pyramid level."),
-    overwrite: bool = OVERWRITE,
     quiet: bool = QUIET,
+    **options: Any,
 ) -> None:
     """Export a store to a calibrated TIFF stack (ImageJ hyperstack or OME-TIFF) or PNG slices."""
     from emseg import api
 
-    _hush(quiet)
+    _quiet_log(quiet)
     with RichReporter(not quiet) as progress:
-        out = api.export(
-            source, output, file_format=format_, labels=labels, level=level, overwrite=overwrite, progress=progress
-        )
-    if not quiet:
-        stderr.print(f"wrote {out}")
+        out = api.export(source, output, **options, progress=progress)
+    _note(quiet, f"wrote {out}")
 
 
 @command("export-model")
+@with_options(ExportModelConfig)
 def export_model_cmd(
     run: Path = typer.Argument(..., help="Run directory or checkpoint from emseg train."),
     output: Path = typer.Option(..., "--output", "-o", help="Folder to write (TorchScript, ONNX, bioimage.io)."),
-    overwrite: bool = OVERWRITE,
     quiet: bool = QUIET,
+    **options: Any,
 ) -> None:
     """Export a trained model: TorchScript, ONNX and a bioimage.io package."""
     from emseg import api
 
-    _hush(quiet)
-    out = api.export_model(run, output, overwrite=overwrite)
-    _said(quiet, f"wrote {out} (model.pt, model.onnx, emseg-model.json, rdf.yaml)")
+    _quiet_log(quiet)
+    out = api.export_model(run, output, **options)
+    _note(quiet, f"wrote {out} (model.pt, model.onnx, emseg-model.json, rdf.yaml)")
 
 
 @command("augment-preview")
+@with_options(PreviewConfig)
 def augment_preview_cmd(
     data: Path = typer.Argument(..., help="OME-Zarr store with labels/cells."),
-    output: Path = typer.Option(Path("augment.png"), "--output", "-o", help="PNG to write."),
-    slice_: int = typer.Option(0, "--slice", "-z", help="Slice to augment."),
-    crop: int = typer.Option(PreviewConfig.crop, "--crop", help="Crop side in pixels."),
-    samples: int = typer.Option(PreviewConfig.samples, "--samples", "-n", help="Augmented pairs to draw."),
-    seed: int = typer.Option(PreviewConfig.seed, "--seed", help="Random seed."),
-    overwrite: bool = OVERWRITE,
+    output: Path = typer.Option(Path(PREVIEW_OUTPUT), "--output", "-o", help="PNG to write."),
     quiet: bool = QUIET,
+    **options: Any,
 ) -> None:
     """Draw an image, its mask and several augmented pairs (a check of the augmentation)."""
     from emseg import api
 
-    _hush(quiet)
-    out = api.augment_preview(data, output, z=slice_, crop=crop, samples=samples, seed=seed, overwrite=overwrite)
-    _said(quiet, f"wrote {out}")
+    _quiet_log(quiet)
+    out = api.augment_preview(data, output, **options)
+    _note(quiet, f"wrote {out}")
 
 
 @command("demo")
+@with_options(DemoConfig)
 def demo_cmd(
     data: Optional[Path] = typer.Option(
         None, "--data", help="Folder with the ISBI 2012 stacks (default: found nearby, else synthetic data)."
     ),
-    output: Path = typer.Option(Path("emseg-demo"), "--output", "-o", help="Folder for everything the demo writes."),
-    device: str = DEVICE,
-    minutes: Optional[float] = typer.Option(None, "--minutes", help="Training time (default 3 on a CPU, 4 on a GPU)."),
     quiet: bool = QUIET,
+    **options: Any,
 ) -> None:
     """Run the whole flow end to end: ingest, train, predict, evaluate, pictures."""
     from emseg import api
 
-    _hush(quiet)
+    _quiet_log(quiet)
     with RichReporter(not quiet) as progress:
-        result = api.demo(data=data, output=output, device=device, minutes=minutes, progress=progress)
+        result = api.demo(data=data, **options, progress=progress)
     s = result.scores
     table = Table(title=f"emseg demo on {result.data}, {result.device}", show_header=False)
     table.add_column("what", style="bold")

@@ -1,19 +1,27 @@
-"""Frozen configuration dataclasses. Every default of emseg lives here and only here.
+"""Frozen configuration dataclasses: every option of emseg is declared here, once.
+
+An option is a config field made with :func:`option`: its default, its help text, its bounds
+(or choices) and the flag the CLI shows. Everything else reads it from here: the Typer options
+of ``emseg.cli`` are generated from the fields (:func:`emseg.cli.opt`), the keywords of
+``emseg.api`` carry the same names, and a config checks every field when it is built, so
+``PredictConfig(threshold=2.0)`` or ``PredictConfig(dtype="int7")`` is one
+:class:`~emseg.errors.BadInputError` line at once, not a failure later. ``tests/test_config.py``
+fails on a literal default of an option written anywhere else.
 
 A config is plain data (numbers, strings, tuples) so it converts to and from JSON losslessly;
 the whole training config goes into every checkpoint, so a checkpoint alone rebuilds its model.
 
-The Python API and the CLI read their defaults from here: API keywords default to ``None`` and
-:func:`merge` lets a keyword that was given replace the field of a config that was passed (or of
-the defaults), so ``predict(..., config=PredictConfig(tile=256))`` runs with tile 256 and
-``predict(..., tile=128, config=PredictConfig(tile=256))`` with tile 128. Fields given as text
-(``slices="27:30"``) or lists are normalised when a config is built.
+The Python API combines a config and keywords with :func:`override`: a keyword left at
+:data:`KEEP` keeps the config's field, one that is given replaces it, and ``None`` clears an
+optional field (``train(..., time_limit=None, config=TrainConfig(time_limit=60))`` runs without
+a limit). Fields given as text (``slices="27:30"``) or lists are normalised when a config is built.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -23,6 +31,27 @@ T = TypeVar("T")
 
 #: ISBI 2012 voxel size in nanometres (z, y, x).
 ISBI_VOXEL_SIZE_NM = (50.0, 4.0, 4.0)
+#: Where ``emseg show`` and ``emseg augment-preview`` write when no output is given.
+SHOW_OUTPUT = "view.png"
+PREVIEW_OUTPUT = "augment.png"
+#: Seeds are what numpy's SeedSequence and torch take alike: 0 to 2**63 - 1.
+MAX_SEED = 2**63 - 1
+LOSSES = ("weighted-bce", "bce", "dice", "bce+dice")
+#: "auto": bf16 autocast where the device computes bf16 natively (CUDA with native bf16, CPUs with
+#: AVX512-BF16 or AMX), else fp32; "fp32" and "bf16" force one.
+PRECISIONS = ("auto", "fp32", "bf16")
+#: How predict normalises intensities (see PredictConfig.normalization).
+NORMALIZATIONS = ("stack", "checkpoint")
+#: How predict stores P(cell).
+OUTPUT_DTYPES = ("uint8", "float16", "float32")
+BLENDS = ("gaussian", "linear", "crop")
+SEGMENT_MODES = ("2d", "3d")
+SEEDS = ("maxima", "cores")
+NGFF_VERSIONS = ("0.4", "0.5")
+EXPORT_FORMATS = ("tif", "ome-tiff", "png")
+
+
+# --- parsing what users type --------------------------------------------------------------------
 
 
 def slice_range(spec: str | Sequence[int], option: str = "--slices") -> tuple[int, int]:
@@ -53,108 +82,250 @@ def slice_list(spec: str | Sequence[int], option: str = "--val-slices") -> tuple
     return tuple(values)
 
 
-def _tuple(value: Any, kind: type, n: int | None, option: str) -> Any:
-    """A list or tuple given for a tuple field, as a tuple of ``kind`` (None stays None)."""
+# --- declaring an option ------------------------------------------------------------------------
+
+
+class _Keep:
+    """The default of the API's keywords: keep the config's field (one instance, :data:`KEEP`)."""
+
+    def __repr__(self) -> str:
+        return "KEEP"
+
+
+#: An API keyword left at KEEP keeps the config's field (see :func:`override`).
+KEEP: Any = _Keep()
+
+
+def option(  # noqa: PLR0913 - the declaration of an option: each keyword is one of its properties
+    default: Any,
+    help: str,  # noqa: A002 - the name Typer and argparse give it
+    *,
+    kind: Any = None,
+    flag: str | None = None,
+    short: str | None = None,
+    metavar: str | None = None,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    choices: Sequence[str] | None = None,
+    parse: Callable[[Any, str], Any] | None = None,
+    runtime: bool = False,
+    cli: bool = True,
+) -> Any:
+    """A config field that is a user's option: its ``default`` and ``help``, what values it
+    takes (``kind``: int, float, str, bool, or ``(item, n)`` for a tuple of n items, ``n`` None
+    for any length; by default the default's type), its bounds (``ge``, ``gt``, ``le``) or
+    ``choices``, a ``parse`` function for text such as ``"27:30"``, the CLI's ``flag`` (default
+    ``--name-with-dashes``), ``short`` flag and ``metavar``, and whether it is ``runtime`` only
+    (how a command runs, not what it computes: left out of resume records)."""
+    if kind is None:
+        kind = _kind_of(default)
+    meta = {
+        "help": help, "kind": kind, "flag": flag, "short": short, "metavar": metavar, "ge": ge, "gt": gt,
+        "le": le, "choices": tuple(choices) if choices else None, "parse": parse, "runtime": runtime, "cli": cli,
+    }  # fmt: skip
+    return field(default=default, metadata=meta)
+
+
+def _kind_of(default: Any) -> Any:
+    if isinstance(default, tuple):
+        return (type(default[0]), len(default))
+    if default is None:
+        raise TypeError("an option whose default is None needs kind=")
+    return type(default)
+
+
+def flag_of(f: dataclasses.Field) -> str:
+    """The CLI flag of a config field (``--tile``)."""
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def options(cls: type) -> dict[str, dataclasses.Field]:
+    """The option fields of a config class (those made with :func:`option`), by name."""
+    return {f.name: f for f in dataclasses.fields(cls) if "help" in f.metadata}
+
+
+def user_options(cls: type) -> dict[str, dataclasses.Field]:
+    """The options of a config class that the CLI shows and the API takes as keywords."""
+    return {name: f for name, f in options(cls).items() if f.metadata["cli"]}
+
+
+def runtime_fields(cls: type) -> tuple[str, ...]:
+    """Fields that say how a command runs, not what it computes (left out of resume records)."""
+    return tuple(name for name, f in options(cls).items() if f.metadata["runtime"])
+
+
+def optional(f: dataclasses.Field) -> bool:
+    """Whether the field takes None (its annotation says ``| None``)."""
+    return "None" in str(f.type)
+
+
+class Checked:
+    """Mixin of the configs: every option field is checked (and normalised) when a config is
+    built; :meth:`_check` adds what involves several fields."""
+
+    def __post_init__(self) -> None:
+        for name, f in options(type(self)).items():
+            value = _checked(f, getattr(self, name))
+            if value is not getattr(self, name):
+                object.__setattr__(self, name, value)
+        self._check()
+
+    def _check(self) -> None:
+        pass
+
+
+def _checked(f: dataclasses.Field, value: Any) -> Any:
+    """``value`` of option ``f``, normalised (tuples, parsed text, ints as floats), after
+    checking its type, bounds and choices; :class:`BadInputError` naming the flag otherwise."""
+    meta, flag = f.metadata, flag_of(f)
     if value is None:
-        return None
-    try:
-        out = tuple(kind(v) for v in value)
-    except (TypeError, ValueError):
-        raise BadInputError(f"{option} {value!r}: expected {n or 'some'} numbers") from None
+        if optional(f):
+            return None
+        raise BadInputError(f"{flag}: needs a value (it has no 'none')")
+    if meta["parse"] is not None:
+        return meta["parse"](value, flag)
+    kind = meta["kind"]
+    if isinstance(kind, tuple):
+        items = _items(value, kind, flag)
+        for item in items:
+            _bounds(meta, item, f"{flag} {_shown(value)}")
+        return items
+    value = _typed(value, kind, flag)
+    _bounds(meta, value, f"{flag} {_shown(value)}")
+    if meta["choices"] is not None and value not in meta["choices"]:
+        raise BadInputError(f"{flag} {value!r}: expected one of {', '.join(meta['choices'])}")
+    return value
+
+
+#: What a user is told a value of each kind must be.
+_KIND_WORDS = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}
+
+
+def _typed(value: Any, kind: type, flag: str) -> Any:
+    if kind is bool:
+        ok = isinstance(value, bool)
+    else:
+        ok = not isinstance(value, bool) and isinstance(value, (int, float) if kind is float else kind)
+    if not ok:
+        raise BadInputError(f"{flag} {_shown(value)}: expected {_KIND_WORDS.get(kind, kind.__name__)}")
+    return float(value) if kind is float else value
+
+
+def _items(value: Any, kind: tuple[type, int | None], flag: str) -> tuple[Any, ...]:
+    item, n = kind
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise BadInputError(f"{flag} {_shown(value)}: expected {n or 'some'} numbers")
+    out = tuple(_typed(float(v) if item is float and isinstance(v, int) else v, item, flag) for v in value)
     if n is not None and len(out) != n:
-        raise BadInputError(f"{option} {value!r}: expected {n} numbers")
+        raise BadInputError(f"{flag} {_shown(value)}: expected {n} numbers")
     return out
 
 
-def _at_least(config: Any, minimum: float, *names: str) -> None:
-    for name in names:
-        value = getattr(config, name)
-        if value is not None and not value >= minimum:  # also refuses NaN
-            raise BadInputError(f"--{name.replace('_', '-')} {value}: must be at least {minimum:g}")
+def _bounds(meta: Any, value: Any, what: str) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    if meta["ge"] is not None and not value >= meta["ge"]:  # also refuses NaN
+        raise BadInputError(f"{what}: must be at least {meta['ge']:g}")
+    if meta["gt"] is not None and not value > meta["gt"]:
+        raise BadInputError(f"{what}: must be more than {meta['gt']:g}")
+    if meta["le"] is not None and not value <= meta["le"]:
+        raise BadInputError(f"{what}: must be at most {meta['le']:g}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise BadInputError(f"{what}: must be a finite number")
 
 
-#: Seeds are what numpy's SeedSequence and torch take alike: 0 to 2**63 - 1.
-MAX_SEED = 2**63 - 1
+def _shown(value: Any) -> str:
+    text = " ".join(str(v) for v in value) if isinstance(value, (tuple, list)) else str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _seed(config: Any) -> None:
-    if not 0 <= config.seed <= MAX_SEED:
-        raise BadInputError(f"--seed {config.seed}: must be within 0 and 2**63 - 1")
+def _seed_option(help: str = "Random seed (same seed, same run on the CPU).") -> Any:  # noqa: A002
+    return option(0, help, ge=0, le=MAX_SEED)
 
 
-def _positive(config: Any, *names: str) -> None:
-    import math
+def _overwrite(help: str = "Replace an existing output written by emseg.") -> Any:  # noqa: A002
+    return option(False, help, runtime=True)
 
-    for name in names:
-        value = getattr(config, name)
-        if value is not None and not (math.isfinite(value) and value > 0):
-            raise BadInputError(f"--{name.replace('_', '-')} {value}: must be a positive number")
+
+def _device(default: str = "auto") -> Any:
+    return option(default, "auto, cpu, cuda or cuda:N.", runtime=True)
+
+
+# --- the configs ----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class IngestConfig:
+class IngestConfig(Checked):
     """How ``emseg ingest`` writes an OME-Zarr store."""
 
-    #: NGFF version: "0.4" (zarr v2, widest viewer support) or "0.5" (zarr v3).
-    ngff: str = "0.4"
-    #: Chunk shape (z, y, x), clipped to the image.
-    chunks: tuple[int, int, int] = (1, 1024, 1024)
-    #: Shard shape (z, y, x) for NGFF 0.5; None writes no shards.
-    shards: tuple[int, int, int] | None = None
-    #: Voxel size (z, y, x) in nanometres; None reads it from the source, else 1 with a warning.
-    voxel_size: tuple[float, float, float] | None = None
-    #: Downsample by 2 in y and x until the largest side is at most this many pixels.
-    pyramid_min_size: int = 1024
-    #: Blosc-zstd compression level.
-    clevel: int = 3
-    #: Replace an existing output store.
-    overwrite: bool = False
-    #: Of a TIFF holding several series that do not form one stack: the one to ingest.
-    series: int | None = None
-    #: Of a TIFF with several channels: the one to ingest.
-    channel: int | None = None
+    voxel_size: tuple[float, float, float] | None = option(
+        None, "Voxel size Z Y X in nm (default: from the TIFF, else 1).", kind=(float, 3), metavar="Z Y X", gt=0
+    )
+    chunks: tuple[int, int, int] = option((1, 1024, 1024), "Chunk shape Z Y X.", metavar="Z Y X", ge=1)
+    ngff: str = option("0.4", "OME-Zarr version: 0.4 (zarr v2) or 0.5 (zarr v3).", choices=NGFF_VERSIONS)
+    shards: tuple[int, int, int] | None = option(
+        None, "Shard shape Z Y X (--ngff 0.5).", kind=(int, 3), metavar="Z Y X", ge=1
+    )
+    series: int | None = option(
+        None, "Of a TIFF whose series do not form one stack: the series to ingest (from 0).", kind=int, ge=0
+    )
+    channel: int | None = option(None, "Of a multi-channel TIFF: the channel (from 0).", kind=int, ge=0)
+    pyramid_min_size: int = option(1024, "Halve y and x level by level down to this side.", ge=1, cli=False)
+    clevel: int = option(3, "Blosc-zstd compression level.", ge=0, le=9, cli=False)
+    overwrite: bool = _overwrite()
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "ngff", str(self.ngff))
-        object.__setattr__(self, "chunks", _tuple(self.chunks, int, 3, "--chunks"))
-        object.__setattr__(self, "shards", _tuple(self.shards, int, 3, "--shards"))
-        object.__setattr__(self, "voxel_size", _tuple(self.voxel_size, float, 3, "--voxel-size"))
+    def _check(self) -> None:
+        if self.shards is not None:
+            if self.ngff == "0.4":
+                raise BadInputError("--shards needs --ngff 0.5 (zarr v3); NGFF 0.4 has no sharding")
+            if any(s % c for s, c in zip(self.shards, self.chunks, strict=True)):
+                raise BadInputError(f"--shards {_shown(self.shards)}: each must be a multiple of the chunk size")
 
 
 @dataclass(frozen=True)
-class ExportConfig:
+class ShowConfig(Checked):
+    """What ``emseg show`` draws."""
+
+    z: int = option(0, "Slice index.", flag="--slice", short="-z", ge=0)
+    level: int | None = option(None, "Pyramid level (default: fits 2048 px).", kind=int, ge=0)
+    overwrite: bool = _overwrite()
+
+
+@dataclass(frozen=True)
+class ExportConfig(Checked):
     """How ``emseg export`` writes a store as TIFF or PNG slices."""
 
-    #: "tif" (an ImageJ hyperstack; an OME-TIFF when ImageJ cannot hold the data), "ome-tiff" or
-    #: "png" (a folder of slices); None picks ome-tiff for .ome.tif, tif for .tif/.tiff.
-    file_format: str | None = None
-    #: Export ``labels/NAME`` (e.g. "membranes") as 0/255 instead of the image.
-    labels: str | None = None
-    #: Pyramid level.
-    level: int = 0
-    overwrite: bool = False
+    file_format: str | None = option(
+        None,
+        "tif (default for .tif: an ImageJ/Fiji hyperstack with the voxel size; an OME-TIFF when ImageJ cannot hold "
+        "the data), ome-tiff (default for .ome.tif) or png (a folder of slices).",
+        kind=str,
+        flag="--format",
+        choices=EXPORT_FORMATS,
+    )
+    labels: str | None = option(None, "Export labels/NAME (e.g. membranes) as 0/255.", kind=str)
+    level: int = option(0, "Pyramid level.", ge=0)
+    overwrite: bool = _overwrite()
 
 
 @dataclass(frozen=True)
-class PreviewConfig:
+class PreviewConfig(Checked):
     """What ``emseg augment-preview`` draws."""
 
-    #: Crop side in pixels.
-    crop: int = 256
-    #: Augmented image/mask pairs to draw.
-    samples: int = 6
-    seed: int = 0
+    z: int = option(0, "Slice to augment.", flag="--slice", short="-z", ge=0)
+    crop: int = option(256, "Crop side in pixels.", ge=16)
+    samples: int = option(6, "Augmented pairs to draw.", short="-n", ge=1)
+    seed: int = _seed_option("Random seed.")
+    overwrite: bool = _overwrite()
 
-    def __post_init__(self) -> None:
-        _at_least(self, 16, "crop")
-        _at_least(self, 1, "samples")
-        _seed(self)
+    def _check(self) -> None:
         check_batch_memory(self.crop, self.samples, "--crop", "--samples")
 
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Joint augmentation of image, label and weight map (see ``emseg.train.augment``)."""
+    """Joint augmentation of image, label and weight map (see ``emseg.training.augment``)."""
 
     #: Random 90-degree rotations and flips.
     flips: bool = True
@@ -194,146 +365,196 @@ class AugmentConfig:
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(Checked):
     """Which network to build; stored in every checkpoint so it rebuilds itself."""
 
-    #: "unet" (emseg's U-Net) or "smp:ENCODER" (a segmentation-models-pytorch U-Net).
-    arch: str = "unet"
-    #: Levels of down-sampling of the custom U-Net (input sizes must be multiples of 2**depth).
-    depth: int = 4
-    #: Channels of the first level of the custom U-Net (doubling per level).
-    base_channels: int = 64
-    #: Pretrained encoder weights for smp architectures ("imagenet" needs internet); None offline.
-    encoder_weights: str | None = None
+    arch: str = option("unet", "unet, or smp:ENCODER for a segmentation-models-pytorch U-Net.")
+    depth: int = option(4, "U-Net depth (levels of down-sampling).", ge=1)
+    base_channels: int = option(64, "U-Net channels at the first level.", ge=1)
+    encoder_weights: str | None = option(
+        None, "smp encoder weights, e.g. imagenet (downloads; needs internet).", kind=str
+    )
     in_channels: int = 1
     out_channels: int = 1
 
-    def __post_init__(self) -> None:
-        if self.encoder_weights is not None and not str(self.arch).startswith("smp:"):
+    def _check(self) -> None:
+        if not (self.arch == "unet" or self.arch.startswith("smp:")):
+            raise BadInputError(f"--arch {self.arch!r}: expected 'unet' or 'smp:ENCODER' (e.g. smp:resnet34)")
+        if self.encoder_weights is not None and not self.arch.startswith("smp:"):
             raise BadInputError(
                 f"--encoder-weights {self.encoder_weights}: pretrained weights need an smp encoder "
                 "(--arch smp:ENCODER); emseg's own U-Net starts from random weights"
             )
 
 
-LOSSES = ("weighted-bce", "bce", "dice", "bce+dice")
-#: "auto": bf16 autocast where the device computes bf16 natively (CUDA with native bf16, CPUs with
-#: AVX512-BF16 or AMX), else fp32; "fp32" and "bf16" force one.
-PRECISIONS = ("auto", "fp32", "bf16")
-#: How predict normalises intensities (see PredictConfig.normalization).
-NORMALIZATIONS = ("stack", "checkpoint")
-
-
-def _choice(value: str, choices: tuple[str, ...], option: str) -> None:
-    if value not in choices:
-        raise BadInputError(f"{option} {value!r}: expected one of {', '.join(choices)}")
+#: TrainConfig fields that live in its nested ModelConfig (the API and CLI take them flat).
+MODEL_FIELDS = tuple(options(ModelConfig))
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Checked):
     """Everything ``emseg train`` needs besides the data; saved whole in every checkpoint."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    epochs: int = 50
-    steps_per_epoch: int = 100
-    batch_size: int = 16
-    #: Side of the square training crops (a multiple of the model's divisor).
-    crop: int = 384
-    #: Peak learning rate of AdamW (after linear warm-up, then cosine decay to lr * min_lr_ratio).
-    lr: float = 1e-3
+    epochs: int = option(50, "Epochs.", ge=1)
+    steps_per_epoch: int = option(100, "Optimizer steps per epoch.", ge=1)
+    batch_size: int = option(16, "Crops per step (per process under torchrun).", ge=1)
+    crop: int = option(384, "Crop side in pixels (a multiple of 2**depth).", ge=1)
+    lr: float = option(1e-3, "Peak learning rate (AdamW, warm-up then cosine decay).", gt=0)
+    #: The cosine decay ends at lr * min_lr_ratio.
     min_lr_ratio: float = 0.01
     warmup_steps: int = 200
-    #: With a time limit, the warm-up ends at this fraction of the budget (or after
-    #: ``warmup_steps``, whichever comes first) and the cosine decay ends with the budget.
-    warmup_fraction: float = 0.1
-    #: Exponential moving average of the weights, used for validation and the checkpoints
-    #: (decay per step, ramped up as (1 + t) / (10 + t) early on); None trains without one.
-    ema_decay: float | None = 0.99
-    #: Clip the gradients' total norm to this (None: no clipping).
-    grad_clip: float | None = 1.0
-    #: Intensity normalisation: the training stack's robust percentiles (low, high); predict
-    #: maps a new stack's same percentiles onto the same values.
-    norm_percentiles: tuple[float, float] = (1.0, 99.0)
+    warmup_fraction: float = option(
+        0.1,
+        "With a time limit, warm-up ends at this share of the budget (or after warmup_steps).",
+        gt=0,
+        le=1,
+        cli=False,
+    )
+    ema_decay: float | None = option(
+        0.99, "Per-step decay of the weights' moving average, which validates and is saved (none: no average).",
+        gt=0, le=1, cli=False,
+    )  # fmt: skip
+    grad_clip: float | None = option(1.0, "Clip the gradients' total norm (none: no clipping).", gt=0, cli=False)
+    norm_percentiles: tuple[float, float] = option(
+        (1.0, 99.0), "The training stack's robust percentiles that predict maps a new stack's onto.",
+        ge=0, le=100, cli=False,
+    )  # fmt: skip
     weight_decay: float = 1e-4
-    #: "weighted-bce" (U-Net weight map), "bce", "dice" or "bce+dice".
-    loss: str = "weighted-bce"
-    #: U-Net weight map: border weight w0 and width sigma (pixels).
-    w0: float = 10.0
-    sigma: float = 5.0
-    #: Held-out slices for validation; None = the last 10 % (at least one).
-    val_slices: tuple[int, ...] | None = None
-    seed: int = 0
-    #: Stop cleanly at the first step past this many seconds (then validate and save).
-    time_limit: float | None = None
-    device: str = "auto"
+    loss: str = option("weighted-bce", "weighted-bce (U-Net weight map), bce, dice or bce+dice.", choices=LOSSES)
+    w0: float = option(10.0, "Weight map: border weight w0.", ge=0, cli=False)
+    sigma: float = option(5.0, "Weight map: border width sigma in pixels.", gt=0, cli=False)
+    val_slices: tuple[int, ...] | None = option(
+        None, "Held-out slices, A:B or a,b,c (default: last 10 %).", kind=(int, None), parse=slice_list
+    )
+    seed: int = _seed_option()
+    time_limit: float | None = option(
+        None, "Stop cleanly after this many seconds (warm-up and decay follow the budget).", kind=float, gt=0
+    )
+    device: str = _device()
     #: Autocast (mixed precision) at all; ``precision`` says which.
     amp: bool = True
-    #: "auto", "fp32" or "bf16" (see PRECISIONS).
-    precision: str = "auto"
+    precision: str = option("auto", "auto (bf16 where native), fp32 or bf16 autocast.", choices=PRECISIONS)
     channels_last: bool = True
-    compile: bool = False
-    #: Validation tiles (full held-out slices, through the predict engine).
-    val_tile: int = 512
-    val_overlap: int = 64
-    #: Validate every this many epochs (and always after the last).
-    val_every: int = 1
+    torch_compile: bool = option(False, "torch.compile the network (CUDA).", flag="--compile", runtime=True)
+    val_tile: int = option(512, "Validation tiles (whole held-out slices, as predict runs).", ge=1, cli=False)
+    val_overlap: int = option(64, "Validation tile overlap.", ge=0, cli=False)
+    val_every: int = option(1, "Validate every this many epochs (and after the last).", ge=1, cli=False)
+    resume: bool = option(False, "Continue the run in OUTPUT from its last checkpoint.", runtime=True)
+    overwrite: bool = _overwrite("Start afresh in an existing run directory.")
 
-    def __post_init__(self) -> None:
-        if self.val_slices is not None:
-            object.__setattr__(self, "val_slices", slice_list(self.val_slices))
-        _at_least(self, 1, "epochs", "steps_per_epoch", "batch_size", "crop", "val_every")
-        _seed(self)
+    def _check(self) -> None:
         check_batch_memory(self.crop, self.batch_size, "--crop")
-        _choice(self.precision, PRECISIONS, "--precision")
-        _positive(self, "lr", "time_limit", "ema_decay", "grad_clip", "warmup_fraction")
-        object.__setattr__(self, "norm_percentiles", _tuple(self.norm_percentiles, float, 2, "norm_percentiles"))
 
 
 @dataclass(frozen=True)
-class PredictConfig:
+class PredictConfig(Checked):
     """How ``emseg predict`` tiles, blends, batches and schedules."""
 
-    tile: int = 512
-    overlap: int = 64
-    batch_size: int = 8
-    #: "gaussian" (sigma = tile / 8), "linear" (ramps over the overlap) or "crop" (centres only).
-    blend: str = "gaussian"
-    #: Average the 8 rotations and flips.
-    tta: bool = False
-    #: Membranes are where P(cell) < threshold.
-    threshold: float = 0.5
-    #: Stored probabilities: "uint8" (0-255), "float16" or "float32".
-    dtype: str = "uint8"
-    #: Slices [start, stop) of the input to predict; None = all.
-    slices: tuple[int, int] | None = None
-    device: str = "auto"
-    #: Block side (pixels) a task computes, rounded to whole output chunks; an axis at most
-    #: 1.5 times this is one block. Larger blocks mean fewer tiles cut at block borders.
-    block: int = 8192
-    #: Block tasks run at once per process (they overlap reading and writing with inference).
-    threads: int = 3
-    #: Start a local dask.distributed cluster of this many processes.
-    workers: int | None = None
-    #: Address of an existing dask.distributed scheduler (tcp://HOST:PORT).
-    scheduler: str | None = None
-    compile: bool = False
-    #: "auto", "fp32" or "bf16" (see PRECISIONS).
-    precision: str = "auto"
-    #: "stack": the input stack's robust percentiles mapped onto the training stack's (for
-    #: checkpoints that record them; else as "checkpoint"); "checkpoint": the training stack's.
-    normalization: str = "stack"
-    overwrite: bool = False
-    resume: bool = False
+    tile: int = option(512, "Tile side in pixels (a multiple of the model's divisor).", ge=1)
+    overlap: int = option(64, "Overlap of neighbouring tiles in pixels.", ge=0)
+    batch_size: int = option(8, "Tiles per forward pass (halved on GPU out-of-memory).", ge=1, runtime=True)
+    blend: str = option("gaussian", "gaussian, linear or crop.", choices=BLENDS)
+    tta: bool = option(False, "Average the 8 rotations and flips.")
+    threshold: float = option(0.5, "Membrane where P(cell) < threshold.", ge=0, le=1)
+    dtype: str = option("uint8", "Stored probabilities: uint8 (0-255), float16 or float32.", choices=OUTPUT_DTYPES)
+    slices: tuple[int, int] | None = option(None, "Predict slices A:B only.", kind=(int, 2), parse=slice_range)
+    device: str = _device()
+    block: int = option(8192, "Pixels per side of one task's block (whole chunks; an axis up to 1.5x is one).", ge=1)
+    threads: int = option(3, "Block tasks at once per process.", ge=1, runtime=True)
+    workers: int | None = option(
+        None, "Start a local dask.distributed cluster of N processes.", kind=int, ge=1, runtime=True
+    )
+    scheduler: str | None = option(None, "Use the dask.distributed scheduler at this address.", kind=str, runtime=True)
+    torch_compile: bool = option(False, "torch.compile the network (CUDA).", flag="--compile", runtime=True)
+    precision: str = option("auto", "auto (bf16 where the device has it natively), fp32 or bf16.", choices=PRECISIONS)
+    normalization: str = option(
+        "stack",
+        "stack (map this stack's intensity percentiles onto training's) or checkpoint (training's mean/std).",
+        choices=NORMALIZATIONS,
+    )
+    #: Autocast and the channels-last layout (on CUDA and oneDNN CPUs alike faster).
+    amp: bool = True
+    channels_last: bool = True
+    clevel: int = option(
+        5, "Blosc-zstd compression level of the stored probabilities.", ge=0, le=9, runtime=True, cli=False
+    )
+    overwrite: bool = _overwrite()
+    resume: bool = option(False, "Finish an interrupted prediction (only unfinished blocks).", runtime=True)
 
-    def __post_init__(self) -> None:
-        _choice(self.precision, PRECISIONS, "--precision")
-        _choice(self.normalization, NORMALIZATIONS, "--normalization")
-        if self.slices is not None:
-            object.__setattr__(self, "slices", slice_range(self.slices))
-        _at_least(self, 1, "tile", "batch_size", "block", "threads", "workers")
-        _at_least(self, 0, "overlap")
+    def _check(self) -> None:
         check_batch_memory(self.tile, self.batch_size, "--tile")
+
+
+@dataclass(frozen=True)
+class SegmentConfig(Checked):
+    """How ``emseg segment`` turns P(cell) into instance labels. The defaults score best at their
+    worst, against the best threshold of the same P(cell), over five sets, none of them ISBI's
+    held-out 27-29: four cross-validation folds of ISBI slices 0-26 (each predicted by a small
+    model that did not train on it) and ``emseg demo``'s synthetic stack predicted by its
+    3-minute model (benchmarks/README.md)."""
+
+    mode: str = option("2d", "2d (per slice) or 3d (anisotropy from the voxel size).", choices=SEGMENT_MODES)
+    seed_threshold: float = option(0.7, "Seeds grow from pixels with P(cell) above this.", ge=0, le=1)
+    seeds: str = option("cores", "maxima (of the distance) or cores.", choices=SEEDS)
+    min_distance: int = option(4, "Seeds: distance maxima within 2N+1 pixels, or cores N away.", ge=0)
+    merge_threshold: float = option(0.78, "Merge neighbours whose border P(membrane) is below.", ge=0, le=1)
+    min_size: int = option(200, "Smaller segments join a neighbour.", ge=1)
+    block: int = option(
+        2048, "Block side in pixels (whole chunks; in 3d also its depth; an axis up to 1.5x is one).", ge=1
+    )
+    halo: int = option(128, "Pixels each block reads beyond its borders.", ge=1)
+    threads: int | None = option(
+        None, "Blocks at once in this process (default: its CPUs).", kind=int, ge=1, runtime=True
+    )
+    workers: int | None = option(
+        None, "Start a local dask.distributed cluster of N processes.", kind=int, ge=1, runtime=True
+    )
+    scheduler: str | None = option(None, "Use the dask.distributed scheduler at this address.", kind=str, runtime=True)
+    into: bool = option(
+        False, "Write the labels into the prediction store as labels/cells instead of a new store.", cli=False
+    )
+    overwrite: bool = _overwrite()
+    resume: bool = option(False, "Finish an interrupted segmentation.", runtime=True)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig(Checked):
+    """What ``emseg evaluate`` scores."""
+
+    slices: tuple[int, int] | None = option(None, "Evaluate data slices A:B only.", kind=(int, 2), parse=slice_range)
+    overwrite: bool = _overwrite()
+
+
+@dataclass(frozen=True)
+class BenchConfig(Checked):
+    """What ``emseg bench`` times."""
+
+    device: str = _device()
+    torch_compile: bool = option(False, "Also time torch.compile.", flag="--compile")
+    monai: bool = option(True, "Compare with MONAI's sliding window (when installed).", flag="--monai/--no-monai")
+    quick: bool = option(False, "Tiny sizes: checks that everything runs, in seconds.")
+    overwrite: bool = _overwrite()
+
+
+@dataclass(frozen=True)
+class DemoConfig(Checked):
+    """What ``emseg demo`` runs."""
+
+    output: str = option("emseg-demo", "Folder for everything the demo writes.", short="-o")
+    device: str = _device()
+    minutes: float | None = option(None, "Training time (default 3 on a CPU, 4 on a GPU).", kind=float, gt=0)
+
+
+@dataclass(frozen=True)
+class ExportModelConfig(Checked):
+    """How ``emseg export-model`` writes a model package."""
+
+    overwrite: bool = _overwrite()
+
+
+# --- bounds on what files may make emseg allocate -----------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -391,78 +612,33 @@ def check_batch_memory(side: int, batch: int, option: str, batch_option: str = "
         )
 
 
-SEGMENT_MODES = ("2d", "3d")
+# --- combining configs and keywords ---------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class SegmentConfig:
-    """How ``emseg segment`` turns P(cell) into instance labels. The defaults score best at their
-    worst, against the best threshold of the same P(cell), over five sets, none of them ISBI's
-    held-out 27-29: four cross-validation folds of ISBI slices 0-26 (each predicted by a small
-    model that did not train on it) and ``emseg demo``'s synthetic stack predicted by its
-    3-minute model (benchmarks/README.md)."""
-
-    #: "2d": every slice on its own (serial sections); "3d": volumes, anisotropy from the voxel size.
-    mode: str = "2d"
-    #: Seeds grow from the distance transform of the pixels with P(cell) above this.
-    seed_threshold: float = 0.7
-    #: "maxima": distance maxima within 2 * min_distance + 1 pixels; "cores": the confident
-    #: regions farther than min_distance from the membrane (finest axis in 3D).
-    seeds: str = "cores"
-    min_distance: int = 4
-    #: Neighbouring segments merge, lowest border first, while the mean P(membrane) along their
-    #: whole shared border is below this.
-    merge_threshold: float = 0.78
-    #: Segments of fewer pixels (voxels) join their lowest-border neighbour.
-    min_size: int = 200
-    #: Block side in y and x (whole chunks); in 3D mode also the block depth in slices.
-    block: int = 2048
-    #: Pixels each block reads beyond its borders in y and x (scaled by the voxel size in z).
-    halo: int = 128
-    #: Blocks at once in this process; None = the CPUs this process may use.
-    threads: int | None = None
-    #: Start a local dask.distributed cluster of this many processes.
-    workers: int | None = None
-    #: Address of an existing dask.distributed scheduler (tcp://HOST:PORT).
-    scheduler: str | None = None
-    #: Write the labels into the prediction store as labels/cells instead of a new store.
-    into: bool = False
-    overwrite: bool = False
-    resume: bool = False
-
-    def __post_init__(self) -> None:
-        _choice(self.mode, SEGMENT_MODES, "--mode")
-        _choice(self.seeds, ("maxima", "cores"), "--seeds")
-        _at_least(self, 1, "block", "halo", "threads", "workers", "min_size")
-        _at_least(self, 0, "min_distance")
-        for name in ("seed_threshold", "merge_threshold"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise BadInputError(f"--{name.replace('_', '-')} {value}: must be within [0, 1]")
-
-
-def merge(cls: type[T], config: T | None = None, **changes: Any) -> T:
-    """``config`` (default: ``cls()``) with every keyword that is not None replacing its field.
-
-    This is how the public functions combine a config and their keywords: a keyword that was
-    given beats the config, one left at None keeps the config's value.
-    """
+def override(cls: type[T], config: T | None = None, **changes: Any) -> T:
+    """``config`` (default: ``cls()``) with every keyword that is not :data:`KEEP` replacing its
+    field; ``None`` clears an optional field. This is how the public functions combine a config
+    and their keywords: a keyword that was given beats the config."""
     base = cls() if config is None else config
     if not isinstance(base, cls):
         raise BadInputError(f"config: expected a {cls.__name__}, got {type(base).__name__}")
-    given = {k: v for k, v in changes.items() if v is not None}
-    return dataclasses.replace(base, **given)  # type: ignore[type-var]
+    given = {k: v for k, v in changes.items() if v is not KEEP}
+    return dataclasses.replace(base, **given) if given else base  # type: ignore[type-var]
 
 
-_MODEL_FIELDS = ("arch", "depth", "base_channels", "encoder_weights")
-
-
-def merge_train(config: TrainConfig | None = None, **changes: Any) -> TrainConfig:
-    """:func:`merge` for a :class:`TrainConfig`, whose model fields (arch, depth, base_channels,
-    encoder_weights) go to its nested :class:`ModelConfig`."""
+def override_train(config: TrainConfig | None = None, **changes: Any) -> TrainConfig:
+    """:func:`override` for a :class:`TrainConfig`, whose model fields (arch, depth,
+    base_channels, encoder_weights) go to its nested :class:`ModelConfig`."""
     base = config if config is not None else TrainConfig()
-    model = merge(ModelConfig, base.model, **{k: changes.pop(k, None) for k in _MODEL_FIELDS})
-    return merge(TrainConfig, base, model=model, **changes)
+    model = override(ModelConfig, base.model, **{k: changes.pop(k, KEEP) for k in MODEL_FIELDS})
+    return override(TrainConfig, base, model=model, **changes)
+
+
+def given(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``values`` (a CLI command's parameters, a public function's keywords) that
+    are user options of ``cls`` (:func:`user_options`)."""
+    names = user_options(cls)
+    return {k: v for k, v in values.items() if k in names}
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -470,11 +646,15 @@ def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def from_dict(cls: type[T], data: dict[str, Any]) -> T:
-    """Rebuild a config from :func:`to_dict` output; unknown keys are an error.
+#: Fields renamed since checkpoints and stores were first written: old name -> new name.
+RENAMED = {"compile": "torch_compile"}
 
-    Nested dataclass fields and tuple fields are restored to their declared types.
-    """
+
+def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Rebuild a config from :func:`to_dict` output (older names accepted, see :data:`RENAMED`);
+    unknown keys are an error. Nested dataclass fields and tuple fields are restored to their
+    declared types."""
+    data = {RENAMED.get(k, k): v for k, v in data.items()}
     hints = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = set(data) - set(hints)
     if unknown:
@@ -493,13 +673,15 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
 def _default_of(f: dataclasses.Field) -> Any:
     if f.default is not dataclasses.MISSING:
         return f.default
-    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        return f.default_factory()  # type: ignore[misc]
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
     return None
 
 
 __all__ = [
+    "KEEP",
     "IngestConfig",
+    "ShowConfig",
     "ExportConfig",
     "PreviewConfig",
     "AugmentConfig",
@@ -507,11 +689,20 @@ __all__ = [
     "TrainConfig",
     "PredictConfig",
     "SegmentConfig",
+    "EvaluateConfig",
+    "BenchConfig",
+    "DemoConfig",
+    "ExportModelConfig",
     "Limits",
     "LOSSES",
     "ISBI_VOXEL_SIZE_NM",
-    "merge",
-    "merge_train",
+    "override",
+    "override_train",
+    "given",
+    "options",
+    "option",
+    "runtime_fields",
+    "user_options",
     "slice_range",
     "slice_list",
     "to_dict",

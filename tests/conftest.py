@@ -60,14 +60,25 @@ def run_emseg(
 def cli():
     """In-process CLI runner: ``cli("ingest", ...)`` returns a click Result with
     exit_code, stdout and stderr."""
+    import logging
+
     from typer.testing import CliRunner
 
     from emseg.cli import app
 
     runner = CliRunner()
+    logger = logging.getLogger("emseg")
 
     def invoke(*args: str):
-        return runner.invoke(app, [str(a) for a in args])
+        # a command's --quiet or --verbose sets emseg's log level for its process; in one test
+        # process, each command starts from the level the tests started with
+        level, handlers = logger.level, [(h, h.level) for h in logger.handlers]
+        try:
+            return runner.invoke(app, [str(a) for a in args])
+        finally:
+            logger.setLevel(level)
+            for handler, handler_level in handlers:
+                handler.setLevel(handler_level)
 
     return invoke
 

@@ -15,6 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "emseg"
 LAYERS: list[tuple[str, ...]] = [
     (
         "emseg._version",
+        "emseg.blocks",
         "emseg.errors",
         "emseg.config",
         "emseg.cluster",
@@ -23,6 +24,8 @@ LAYERS: list[tuple[str, ...]] = [
         "emseg.device",
         "emseg.viz",
         "emseg.probability",
+        "emseg.reflection",
+        "emseg.truth",
         "emseg.synthetic",
     ),
     ("emseg.io",),
@@ -168,3 +171,16 @@ def test_the_rule_catches_an_upward_import() -> None:
     found = imports_in("def f():\n    from emseg.training.loop import fit\n", "emseg.io.probe", False, set(modules()))
     assert found == {"emseg.training.loop"}
     assert layer_of("emseg.training.loop")[0] > layer_of("emseg.io.probe")[0]
+
+
+def test_training_only_trains() -> None:
+    """The loop and its data never reach into prediction or evaluation: validation enters ``fit``
+    as a callable, built by ``training.validate`` (the one module that may import them)."""
+    reaching = [
+        f"{name} imports {target}"
+        for name, targets in graph().items()
+        if name.startswith("emseg.training") and name != "emseg.training.validate"
+        for target in targets
+        if target.startswith(("emseg.inference", "emseg.evaluation"))
+    ]
+    assert not reaching, "\n".join(reaching)

@@ -20,11 +20,13 @@ import pytest
 import tifffile
 from scipy import ndimage as ndi
 
+from emseg.config import ShowConfig
 from emseg.io.info import MAX_PREVIEW_PIXELS, count_objects, describe_store, preview_step, strided_plane
 from emseg.io.outputs import provenance
+from emseg.io.pyramid import build_levels
 from emseg.io.zarr import LevelSpec, create_image_store, create_multiscale, ngff_for
 from emseg.napari.reader import CONTRAST_WINDOW
-from emseg.segmentation.labels import build_label_levels, create_label_image
+from emseg.segmentation.labels import create_label_image
 
 HUGE = 60000
 #: Address space the child may use above its baseline: less than one huge slice (3.35 GiB).
@@ -92,7 +94,7 @@ def _add_instances(store: Path, cells: np.ndarray, min_size: int = 16) -> None:
     labels.attrs.update(ngff_for("0.4").wrap({"labels": ["cells"]}))
     spec = LevelSpec(shape=cells.shape, dtype=str(cells.dtype), chunks=(1, 32, 32), pyramid_min_size=min_size)
     create_label_image(labels.create_group("cells"), spec, VOXEL, "0.4", {}, in_image=True)[0][:] = cells
-    build_label_levels(store / "labels" / "cells")
+    build_levels(store / "labels" / "cells", "mode")
 
 
 def _blobs(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
@@ -158,7 +160,7 @@ def test_show_reads_labels_and_prediction_the_same_bounded_way(tmp_path: Path, m
     _add_instances(store, _blobs((2, 300, 300)), min_size=300)
     prob = rng.integers(0, 255, (2, 300, 300), dtype=np.uint8)
     pred = _image_store(tmp_path / "p.zarr", prob, min_size=300)
-    show.show_slice(store, tmp_path / "v.png", z=1, pred=pred, max_pixels=100 * 100)
+    show.show_slice(store, tmp_path / "v.png", ShowConfig(z=1), pred=pred, max_pixels=100 * 100)
     (row,) = drawn
     assert list(row)[0] == "image (slice 1, level 0, downsampled 3x)"
     assert {v.shape[:2] for v in row.values()} == {(100, 100)}
@@ -167,14 +169,14 @@ def test_show_reads_labels_and_prediction_the_same_bounded_way(tmp_path: Path, m
 
     pyramid = _image_store(tmp_path / "pyr.zarr", data, min_size=16)  # 300, 150, 75, 38, 19
     drawn.clear()
-    show.show_slice(pyramid, tmp_path / "w.png", max_pixels=100 * 100)
+    show.show_slice(pyramid, tmp_path / "w.png", ShowConfig(), max_pixels=100 * 100)
     assert list(drawn[0]) == ["image (slice 0, level 2)"]
     drawn.clear()  # a single-level prediction beside level 2: read every 4th pixel, the same shape
-    show.show_slice(pyramid, tmp_path / "p.png", pred=pred, level=2, max_pixels=100 * 100)
+    show.show_slice(pyramid, tmp_path / "p.png", ShowConfig(level=2), pred=pred, max_pixels=100 * 100)
     assert {v.shape[:2] for v in drawn[0].values()} == {(75, 75)}
     assert np.allclose(drawn[0]["prob: P(cell)"], prob[0, ::4, ::4] / 255)
     with pytest.raises(BadInputError, match="levels 0: 300 x 300, 1: 150 x 150, 2: 75 x 75"):
-        show.show_slice(pyramid, tmp_path / "x.png", level=1, max_pixels=100 * 100)
+        show.show_slice(pyramid, tmp_path / "x.png", ShowConfig(level=1), max_pixels=100 * 100)
 
 
 def test_the_napari_reader_reads_a_bounded_window_of_a_huge_single_level_store(tmp_path: Path) -> None:

@@ -1,8 +1,12 @@
-"""Defaults live in the config classes, once: a config's fields survive every public function,
-a keyword that is given beats the config, and the CLI's defaults are the configs' defaults."""
+"""Every option is declared once, in emseg/config.py: its default, bounds and help. The CLI's
+options are generated from the config fields, the API's keywords carry the same names and keep
+the config's field unless given, a config checks every field when it is built, and no module
+writes an option's default again (an AST scan of the whole package)."""
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import inspect
 import json
 from pathlib import Path
@@ -12,37 +16,168 @@ import pytest
 import tifffile
 
 import emseg
+from emseg import config as C
 from emseg.config import (
+    KEEP,
     ExportConfig,
     IngestConfig,
     ModelConfig,
     PredictConfig,
     PreviewConfig,
+    SegmentConfig,
     TrainConfig,
-    merge,
-    merge_train,
+    override,
+    override_train,
     slice_list,
     slice_range,
 )
 from emseg.errors import BadInputError
 from emseg.io.zarr import open_ome
 
+PACKAGE = Path(emseg.__file__).parent
 TINY_MODEL = ModelConfig(depth=2, base_channels=4)
+#: The configs of the commands: CLI command -> (API function, config classes whose user options it takes).
+COMMANDS = {
+    "ingest": ("ingest", (C.IngestConfig,)),
+    "show": ("show", (C.ShowConfig,)),
+    "train": ("train", (C.TrainConfig, C.ModelConfig)),
+    "predict": ("predict", (C.PredictConfig,)),
+    "segment": ("segment", (C.SegmentConfig,)),
+    "evaluate": ("evaluate", (C.EvaluateConfig,)),
+    "bench": ("bench", (C.BenchConfig,)),
+    "export": ("export", (C.ExportConfig,)),
+    "export-model": ("export_model", (C.ExportModelConfig,)),
+    "augment-preview": ("augment_preview", (C.PreviewConfig,)),
+    "demo": ("demo", (C.DemoConfig,)),
+}
 
 
-def test_merge_keyword_beats_config_none_keeps_it() -> None:
-    base = PredictConfig(tile=256, tta=True)
-    assert merge(PredictConfig, base) == base
-    assert merge(PredictConfig, base, tile=None, tta=None) == base
-    merged = merge(PredictConfig, base, tile=128)
+def _configs() -> list[type]:
+    return [
+        v for v in vars(C).values()
+        if isinstance(v, type) and dataclasses.is_dataclass(v) and v.__module__ == "emseg.config" and v is not C.Limits
+    ]  # fmt: skip
+
+
+def _option_names() -> set[str]:
+    return {f.name for cls in _configs() for f in dataclasses.fields(cls)}
+
+
+def _literal(node: ast.AST) -> bool:
+    """A default written as a literal: a number, string or bool (or a tuple or negation of them)."""
+    if isinstance(node, ast.Constant):
+        return node.value is not None and node.value is not Ellipsis
+    if isinstance(node, ast.Tuple):
+        return bool(node.elts) and all(_literal(e) for e in node.elts)
+    if isinstance(node, ast.UnaryOp):
+        return _literal(node.operand)
+    return False
+
+
+def literal_defaults(source: str, names: set[str]) -> list[tuple[int, str, str]]:
+    """(line, name, default) of every parameter, dataclass field or Typer option named like an
+    option in ``names`` whose default is a literal."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            a = node.args
+            pos = a.posonlyargs + a.args
+            pairs = [*zip(pos[len(pos) - len(a.defaults) :], a.defaults, strict=True)]
+            pairs += zip(a.kwonlyargs, a.kw_defaults, strict=True)
+            for arg, default in pairs:
+                if default is not None and arg.arg.rstrip("_") in names and _literal(default):
+                    found.append((node.lineno, arg.arg, ast.unparse(default)))
+        elif isinstance(node, ast.ClassDef):
+            for st in node.body:
+                if isinstance(st, ast.AnnAssign) and isinstance(st.target, ast.Name) and st.value is not None:
+                    if st.target.id in names and _literal(st.value):
+                        found.append((st.lineno, st.target.id, ast.unparse(st.value)))
+    return found
+
+
+def test_no_module_writes_an_option_default_again() -> None:
+    """An option's default is written in config.py only: a parameter, dataclass field or Typer
+    option named like an option anywhere else defaults to the config's value, None or KEEP."""
+    names = _option_names()
+    leaks = [
+        f"{path.relative_to(PACKAGE.parent)}:{line} {name} = {value}"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if path.name != "config.py"
+        for line, name, value in literal_defaults(path.read_text(), names)
+    ]
+    assert not leaks, "defaults written outside emseg/config.py:\n" + "\n".join(leaks)
+
+
+def test_the_scan_finds_a_leak() -> None:
+    """The scan above can fail: a hard-coded default of each kind is found."""
+    source = """
+def f(tile: int = 512, *, blend: str = "crop", name: str = "x"): ...
+class S:
+    threshold: float = 0.5
+    other: int = 3
+"""
+    assert [(n, v) for _, n, v in literal_defaults(source, _option_names())] == [
+        ("tile", "512"),
+        ("blend", "'crop'"),
+        ("threshold", "0.5"),
+    ]
+
+
+def _cli_params(command: str) -> dict[str, object]:
+    from typer.main import get_command
+
+    from emseg.cli import app
+
+    return {p.name: p for p in get_command(app).commands[command].params}
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_cli_options_are_the_config_options(command: str) -> None:
+    """Each command offers exactly the user options of its configs, with their declared flag,
+    default and help (generated: a value typed into cli.py again would differ or be missing)."""
+    _, classes = COMMANDS[command]
+    params = _cli_params(command)
+    declared = {name: f for cls in classes for name, f in C.user_options(cls).items()}
+    assert set(declared) <= set(params), f"{command}: options missing from the CLI: {set(declared) - set(params)}"
+    for name, f in declared.items():
+        p = params[name]
+        assert C.flag_of(f).split("/")[0] in p.opts, (command, name, p.opts)
+        assert p.default == f.default, (command, name, p.default, f.default)
+        assert p.help == f.metadata["help"], (command, name)
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_api_keywords_are_the_config_options_and_keep_by_default(command: str) -> None:
+    function, classes = COMMANDS[command]
+    from emseg import api
+
+    signature = inspect.signature(getattr(api, function))
+    declared = {name for cls in classes for name in C.user_options(cls)}
+    keywords = {n: p for n, p in signature.parameters.items() if p.kind is p.KEYWORD_ONLY}
+    assert declared <= set(keywords), f"{function}: keywords missing: {declared - set(keywords)}"
+    for name in declared:
+        assert keywords[name].default is KEEP, (function, name, keywords[name].default)
+    extra = {n for n, p in keywords.items() if p.default is KEEP} - declared
+    assert extra <= {"into"}, f"{function}: KEEP keywords that are no option of its config: {extra}"
+
+
+def test_override_keyword_beats_config_keep_keeps_none_clears() -> None:
+    base = PredictConfig(tile=256, tta=True, workers=2)
+    assert override(PredictConfig, base) == base
+    assert override(PredictConfig, base, tile=KEEP, tta=KEEP) == base
+    merged = override(PredictConfig, base, tile=128)
     assert (merged.tile, merged.tta) == (128, True)
-    assert merge(PredictConfig, None, overlap=32) == PredictConfig(overlap=32)
+    assert override(PredictConfig, base, workers=None).workers is None  # an optional field is cleared
+    assert override(TrainConfig, TrainConfig(time_limit=60), time_limit=None).time_limit is None
+    with pytest.raises(BadInputError, match="--tile"):
+        override(PredictConfig, base, tile=None)  # not optional: None is refused, not kept
+    assert override(PredictConfig, None, overlap=32) == PredictConfig(overlap=32)
     with pytest.raises(BadInputError):
-        merge(PredictConfig, TrainConfig())
+        override(PredictConfig, TrainConfig())
 
 
-def test_merge_train_routes_model_fields() -> None:
-    cfg = merge_train(
+def test_override_train_routes_model_fields() -> None:
+    cfg = override_train(
         TrainConfig(device="cpu", model=ModelConfig(depth=3, base_channels=8)), base_channels=16, epochs=2
     )
     assert (cfg.device, cfg.epochs, cfg.model.depth, cfg.model.base_channels) == ("cpu", 2, 3, 16)
@@ -58,53 +193,43 @@ def test_one_slice_parser() -> None:
             slice_range(bad)
 
 
-@pytest.mark.parametrize("changes", [dict(workers=0), dict(tile=0), dict(batch_size=0), dict(overlap=-1)])
-def test_counts_must_be_positive(changes: dict) -> None:
-    with pytest.raises(BadInputError):
-        PredictConfig(**changes)
-
-
-@pytest.mark.parametrize("changes", [dict(lr=float("nan")), dict(epochs=0), dict(time_limit=-1.0)])
-def test_train_values_are_checked(changes: dict) -> None:
-    with pytest.raises(BadInputError):
-        TrainConfig(**changes)
-
-
-def _option_defaults(command: str) -> dict[str, object]:
-    """{python parameter name: default} of a CLI command's options."""
-    from emseg.cli import app
-
-    for info in app.registered_commands:
-        if info.name == command:
-            out = {}
-            for name, param in inspect.signature(info.callback).parameters.items():
-                default = getattr(param.default, "default", None)
-                out[name] = default
-            return out
-    raise KeyError(command)
-
-
 @pytest.mark.parametrize(
-    "command, configs",
+    "cls, changes, says",
     [
-        ("ingest", (IngestConfig,)),
-        ("train", (TrainConfig, ModelConfig)),
-        ("predict", (PredictConfig,)),
-        ("export", (ExportConfig,)),
-        ("augment-preview", (PreviewConfig,)),
+        (PredictConfig, dict(workers=0), "--workers"),
+        (PredictConfig, dict(tile=0), "--tile"),
+        (PredictConfig, dict(batch_size=0), "--batch-size"),
+        (PredictConfig, dict(overlap=-1), "--overlap"),
+        (PredictConfig, dict(threshold=2.0), "--threshold"),
+        (PredictConfig, dict(threshold=float("nan")), "--threshold"),
+        (PredictConfig, dict(dtype="int7"), "--dtype"),
+        (PredictConfig, dict(blend="median"), "--blend"),
+        (PredictConfig, dict(tile="512"), "--tile"),
+        (PredictConfig, dict(tta="yes"), "--tta"),
+        (TrainConfig, dict(lr=float("nan")), "--lr"),
+        (TrainConfig, dict(epochs=0), "--epochs"),
+        (TrainConfig, dict(time_limit=-1.0), "--time-limit"),
+        (TrainConfig, dict(seed=-1), "--seed"),
+        (TrainConfig, dict(loss="l2"), "--loss"),
+        (TrainConfig, dict(ema_decay=1.5), "--ema-decay"),
+        (SegmentConfig, dict(merge_threshold=1.5), "--merge-threshold"),
+        (SegmentConfig, dict(mode="4d"), "--mode"),
+        (IngestConfig, dict(chunks=(1, 0, 64)), "--chunks"),
+        (IngestConfig, dict(voxel_size=(50, -4, 4)), "--voxel-size"),
+        (IngestConfig, dict(chunks=(1, 2)), "--chunks"),
+        (ExportConfig, dict(file_format="jpeg"), "--format"),
+        (ModelConfig, dict(arch="vgg"), "--arch"),
     ],
 )
-def test_cli_defaults_are_the_config_defaults(command: str, configs: tuple) -> None:
-    defaults = _option_defaults(command)
-    checked = 0
-    for cls in configs:
-        instance = cls()
-        for name, value in defaults.items():
-            if hasattr(instance, name) and name not in ("overwrite", "resume"):
-                expected = getattr(instance, name)
-                assert value == expected or (value is None and expected is None), (command, name, value, expected)
-                checked += 1
-    assert checked >= 2, f"{command}: no option matched a config field"
+def test_a_config_checks_its_fields_when_built(cls: type, changes: dict, says: str) -> None:
+    with pytest.raises(BadInputError, match=says):
+        cls(**changes)
+
+
+def test_runtime_fields_are_declared_with_their_options() -> None:
+    """What a resume record leaves out comes from the declarations (not a list per command)."""
+    assert set(C.runtime_fields(PredictConfig)) >= {"device", "batch_size", "workers", "scheduler", "overwrite"}
+    assert "tile" not in C.runtime_fields(PredictConfig) and "merge_threshold" not in C.runtime_fields(SegmentConfig)
 
 
 # --- every public function keeps a config's fields, and a keyword beats them -------------------

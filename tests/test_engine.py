@@ -16,10 +16,10 @@ from torch import nn
 
 import emseg.inference.engine as engine_module
 from emseg import device as device_module
+from emseg.config import PredictConfig
 from emseg.errors import EmsegRuntimeError
 from emseg.inference.engine import (
     Engine,
-    EngineSettings,
     HostPool,
     HostTransfer,
     Pending,
@@ -28,7 +28,7 @@ from emseg.inference.engine import (
 from emseg.inference.tiling import plan_block
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-FP32 = {"precision": "fp32", "output_dtype": "float32", "max_wait": 0.0}
+FP32 = {"precision": "fp32", "dtype": "float32"}
 
 
 class Tiny(nn.Module):
@@ -99,7 +99,9 @@ def _blocks(n: int = 3, seed: int = 0):
 def _run(model: nn.Module, device: str, transfer=None, engine_class=Engine, **settings):
     blocks = _blocks()
     opts = {**FP32, "batch_size": 4, **settings}
-    with engine_class(model, torch.device(device), 100.0, 50.0, EngineSettings(**opts), transfer) as engine:
+    with engine_class(
+        model, torch.device(device), 100.0, 50.0, PredictConfig(**opts), transfer, max_wait=0.0
+    ) as engine:
         futures = [engine.submit(region, plan) for region, plan in blocks]
         results = [f.result(timeout=60) for f in futures]
         return results, engine
@@ -128,7 +130,9 @@ def test_every_batch_has_the_fixed_shape_even_the_last(device):
     _run(model, device, batch_size=4)
     assert model.batches and set(model.batches) == {4}
     tiles = np.random.default_rng(0).integers(0, 255, (5, 32, 32)).astype(np.uint8)
-    with Engine(model, torch.device(device), 100.0, 50.0, EngineSettings(**{**FP32, "batch_size": 4})) as engine:
+    with Engine(
+        model, torch.device(device), 100.0, 50.0, PredictConfig(**{**FP32, "batch_size": 4}), max_wait=0.0
+    ) as engine:
         assert engine.predict_tiles(tiles).shape == (5, 32, 32)
     assert set(model.batches) == {4}
 

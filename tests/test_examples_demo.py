@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import emseg
+from emseg.config import DemoConfig
 from emseg.errors import BadInputError
 from emseg.recipes.demo import run_demo, write_synthetic
 
@@ -29,7 +30,7 @@ def _env() -> dict[str, str]:
 def test_demo_runs_end_to_end_on_synthetic_data(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no ISBI data nearby: the synthetic default
     monkeypatch.delenv("EMSEG_DATA", raising=False)
-    result = run_demo(output=tmp_path / "demo", device="cpu", minutes=0.15, shape=(8, 128, 128))
+    result = run_demo(DemoConfig(output=str(tmp_path / "demo"), device="cpu", minutes=0.15), shape=(8, 128, 128))
     assert result.data.startswith("synthetic")
     for key in ("curves", "pictures_validation", "pictures_test", "scores", "prediction_test"):
         assert Path(result.outputs[key]).exists(), key
@@ -43,7 +44,7 @@ def test_demo_runs_end_to_end_on_synthetic_data(tmp_path, monkeypatch):
 
 def test_demo_refuses_a_data_folder_without_the_isbi_files(tmp_path):
     with pytest.raises(BadInputError, match="missing"):
-        run_demo(data=tmp_path, output=tmp_path / "x", device="cpu", minutes=0.01)
+        run_demo(DemoConfig(output=str(tmp_path / "x"), device="cpu", minutes=0.01), data=tmp_path)
 
 
 def test_isbi2012_recipe(tmp_path):

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import tifffile
 
+from emseg.config import ExportConfig
 from emseg.io.export import ValueRange, default_format, export_store, imagej_plan
 from emseg.io.ingest import ingest_stack
 from emseg.io.zarr import LevelSpec, create_image_store, create_multiscale, ngff_for, open_ome
@@ -90,7 +91,7 @@ def test_ome_tiff_carries_physical_sizes(raw, tmp_path, cli):
 @pytest.mark.parametrize("fmt", ["tif", "ome-tiff"])
 def test_export_then_ingest_keeps_the_voxel_size(raw, tmp_path, fmt, caplog):
     store, data = raw
-    out = export_store(store, tmp_path / "raw.tif", fmt=fmt)
+    out = export_store(store, tmp_path / "raw.tif", ExportConfig(file_format=fmt))
     with caplog.at_level(logging.WARNING, logger="emseg"):
         back = open_ome(ingest_stack(out, tmp_path / "back.zarr"))
     assert back.voxel_size == VOXEL  # exactly: no 50.00000000000001
@@ -102,21 +103,21 @@ def test_uint32_labels_export_to_imagej_when_lossless_else_ome_tiff(tmp_path, ca
     data = np.zeros((3, 40, 48), np.uint8)
     cells = np.arange(3 * 40 * 48, dtype=np.uint32).reshape(3, 40, 48)  # ids up to 5759
     store = _store(tmp_path / "seg.zarr", data, cells)
-    out = export_store(store, tmp_path / "cells.tif", label="cells")
+    out = export_store(store, tmp_path / "cells.tif", ExportConfig(labels="cells"))
     with tifffile.TiffFile(out) as tif:
         assert tif.is_imagej and tif.series[0].dtype == np.uint16  # ImageJ has no uint32
         assert tif.imagej_metadata["spacing"] == 50.0
         np.testing.assert_array_equal(tif.asarray(), cells)
 
     big = cells + np.uint32(100_000)  # past uint16: float32 holds these integers exactly
-    export_store(_store(tmp_path / "big.zarr", data, big), tmp_path / "big.tif", label="cells")
+    export_store(_store(tmp_path / "big.zarr", data, big), tmp_path / "big.tif", ExportConfig(labels="cells"))
     with tifffile.TiffFile(tmp_path / "big.tif") as tif:
         assert tif.is_imagej and tif.series[0].dtype == np.float32
         np.testing.assert_array_equal(tif.asarray().astype(np.uint32), big)
 
     huge = cells + np.uint32(2**24)  # float32 would round these: OME-TIFF, uint32 kept
     with caplog.at_level(logging.WARNING, logger="emseg"):
-        export_store(_store(tmp_path / "huge.zarr", data, huge), tmp_path / "huge.tif", label="cells")
+        export_store(_store(tmp_path / "huge.zarr", data, huge), tmp_path / "huge.tif", ExportConfig(labels="cells"))
     assert "OME-TIFF instead" in caplog.text and "Bio-Formats" in caplog.text
     with tifffile.TiffFile(tmp_path / "huge.tif") as tif:
         assert tif.is_ome and not tif.is_imagej and tif.series[0].dtype == np.uint32
@@ -278,7 +279,7 @@ def test_the_tif_fallback_reads_the_store_once_and_logs_each_conversion(tmp_path
             pass
 
     with caplog.at_level(logging.INFO, logger="emseg"):
-        export_store(store, tmp_path / "c.tif", label="cells", progress=Recorder())
+        export_store(store, tmp_path / "c.tif", ExportConfig(labels="cells"), progress=Recorder())
     assert [s.split()[0] for s in started] == ["check", "export"]  # one pass to check, one to write
     assert "OME-TIFF instead" in caplog.text and "uint64 written as uint32 for OME-TIFF" in caplog.text
 

@@ -115,6 +115,7 @@ BAD: dict[str, st.SearchStrategy] = {
     "--dtype": _choice("uint8", "float16", "float32"),
     "--slices": SLICES,
     "--workers": _ints(BELOW_ONE, st.integers(10**4, 2**70)),
+    "--threads": _ints(BELOW_ONE),
     "--scheduler": st.sampled_from(["garbage", "file:///etc/passwd", "tcp://localhost", "tcp://127.0.0.1:1", ""]),
     "--normalization": _choice("stack", "checkpoint"),
     "--block": _ints(BELOW_ONE),

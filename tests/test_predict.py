@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 import emseg
 from emseg.config import PredictConfig
 from emseg.errors import BadInputError
-from emseg.inference.engine import Engine, EngineSettings, dihedral, dihedral_inverse
+from emseg.inference.engine import Engine, dihedral, dihedral_inverse
 from emseg.inference.tiling import (
     axis_origins,
     check_tiling,
@@ -264,7 +264,7 @@ def test_tta_averages_the_eight_dihedral_views(model_run):
     tiles = np.random.default_rng(1).integers(0, 255, (2, 64, 64)).astype(np.uint8)
     norm = model.emseg_meta["normalization"]
     with Engine(
-        model, torch.device("cpu"), norm["mean"], norm["std"], EngineSettings(tta=True, batch_size=2, precision="fp32")
+        model, torch.device("cpu"), norm["mean"], norm["std"], PredictConfig(tta=True, batch_size=2, precision="fp32")
     ) as eng:
         got = eng.predict_tiles(tiles)
     x = (torch.from_numpy(tiles.astype(np.float32))[:, None] - norm["mean"]) / norm["std"]
@@ -470,7 +470,7 @@ def test_a_failing_model_fails_every_waiting_block_instead_of_hanging():
 
     plan = plan_block((0, 64), (0, 64), 32, 0, 4, shape=(64, 64))  # 4 tiles, all in one batch
     region = np.zeros((64, 64), np.uint8)
-    with Engine(Broken(), torch.device("cpu"), 0.0, 1.0, EngineSettings(batch_size=8)) as engine:
+    with Engine(Broken(), torch.device("cpu"), 0.0, 1.0, PredictConfig(batch_size=8)) as engine:
         futures = [engine.submit(region, plan) for _ in range(3)]
         for future in futures:
             try:

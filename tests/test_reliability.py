@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import emseg
-from emseg.config import IngestConfig
+from emseg.config import ExportConfig, IngestConfig
 from emseg.errors import BadInputError
 from emseg.io.ingest import ingest_stack
 from emseg.io.zarr import open_ome
@@ -230,8 +230,7 @@ def test_an_export_failing_mid_way_keeps_the_previous_file(tmp_path, monkeypatch
             export_store(
                 tmp_path / "b.zarr",
                 out if fmt == "tif" else tmp_path / "png",
-                fmt=fmt,
-                overwrite=True,
+                ExportConfig(file_format=fmt, overwrite=True),
                 progress=FailAfterTwoSlices(),
             )
     assert _sha(out) == before  # the previous file is intact
@@ -246,11 +245,11 @@ def test_an_export_failing_mid_way_keeps_the_previous_file(tmp_path, monkeypatch
 
     monkeypatch.setattr(os, "rename", failing_rename)
     with pytest.raises(EmsegRuntimeError, match="writing failed"):
-        export_store(tmp_path / "b.zarr", out, overwrite=True)
+        export_store(tmp_path / "b.zarr", out, ExportConfig(overwrite=True))
     monkeypatch.undo()
     assert _sha(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tif", "a.zarr", "b.tif", "b.zarr", "out.tif"]
-    export_store(tmp_path / "b.zarr", out, overwrite=True)
+    export_store(tmp_path / "b.zarr", out, ExportConfig(overwrite=True))
     with tifffile.TiffFile(out) as tif:
         np.testing.assert_array_equal(tif.asarray(), tifffile.imread(tmp_path / "b.tif"))
 

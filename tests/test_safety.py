@@ -404,7 +404,7 @@ def test_non_finite_weights_are_refused_at_load(tmp_path, world):
     tensors[name] = tensors[name].clone().fill_(float("nan"))
     ckpt = _checkpoint(tmp_path / "nan.safetensors", meta["config"]["model"], meta["normalization"], tensors)
     with pytest.raises(BadInputError, match="NaN or infinite"):
-        load_trained(ckpt)
+        load_trained(ckpt, "cpu")
 
 
 @pytest.mark.slow
@@ -430,7 +430,7 @@ def test_loading_an_smp_checkpoint_never_downloads(tmp_path, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(smp, "Unet", offline_unet)
-    loaded, _ = load_trained(ckpt)
+    loaded, _ = load_trained(ckpt, "cpu")
     first = next(iter(model.state_dict()))
     assert loaded.state_dict()[first].equal(model.state_dict()[first])
 

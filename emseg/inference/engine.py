@@ -7,7 +7,9 @@ the region once, cuts its tiles on the device, packs tiles of several blocks int
 (inference mode; autocast per ``precision``; channels_last), and accumulates the weighted
 probabilities into the block's buffer on the device. When a block's last tile is in, it is
 normalised, converted to the output dtype and the membrane mask, and downloaded asynchronously;
-a completion thread waits for the copy and hands the arrays to the waiting task.
+a completion thread waits for the copy and hands the arrays to the waiting task. What it runs
+(batch size, TTA, precision, output dtype, threshold, layout) is the prediction's
+:class:`~emseg.config.PredictConfig`; nothing about it is declared here again.
 
 Every host/device copy goes through one :class:`Transfer` (stage, upload, download, wait), the
 same steps on the CPU and on CUDA (pinned buffers, non-blocking copies, an event per download),
@@ -30,34 +32,22 @@ import numpy as np
 import torch
 from torch import nn
 
+from emseg.config import PredictConfig
 from emseg.device import autocast_dtype, device_context, is_cuda
 from emseg.errors import EmsegRuntimeError
 from emseg.inference.tiling import TilePlan
 
 log = logging.getLogger(__name__)
 
-OUTPUT_DTYPES = ("uint8", "float16", "float32")
 #: Text of the RuntimeErrors that mean "out of device memory": torch's own OutOfMemoryError, and
 #: cuDNN / cuBLAS workspace allocation failures, which torch raises as plain RuntimeError.
 OOM_MARKERS = ("out of memory", "CUDNN_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_ALLOC_FAILED")
 
 
-@dataclass(frozen=True)
-class EngineSettings:
-    """How the engine runs the model (the rest comes from the checkpoint)."""
-
-    batch_size: int = 8
-    tta: bool = False
-    output_dtype: str = "uint8"
-    threshold: float = 0.5
-    channels_last: bool = True
-    autocast: bool = True
-    #: "auto" (bf16 where the device computes it natively), "fp32" or "bf16".
-    precision: str = "auto"
-    #: Seconds the server waits for more tiles before running a partial batch.
-    max_wait: float = 0.002
-    #: Host staging buffers kept for reuse (exact sizes), at most this many MiB.
-    host_cache_mib: int = 1024
+#: Seconds the server waits for more tiles before running a partial batch.
+MAX_WAIT_S = 0.002
+#: Host staging buffers kept for reuse (exact sizes), at most this many bytes.
+HOST_CACHE_BYTES = 2**30
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -196,7 +186,7 @@ class HostTransfer:
     same steps with plain buffers (the upload is the staged tensor itself, a download completes at
     once)."""
 
-    def __init__(self, device: torch.device, host_cache_bytes: int = 1 << 30) -> None:
+    def __init__(self, device: torch.device, host_cache_bytes: int = HOST_CACHE_BYTES) -> None:
         self.device = device
         self.cuda = is_cuda(device)
         self.pool = HostPool(self.cuda, host_cache_bytes, _release_pinned if self.cuda else None)
@@ -251,7 +241,7 @@ class HostTransfer:
 
 
 @dataclass(eq=False)  # blocks are tracked by identity
-class _Block:
+class _InFlight:
     plan: TilePlan
     staged: list[torch.Tensor]  # raw region (Hd, Wd), wy (n_y, tile), wx (n_x, tile), sy (h,), sx (w,)
     future: Future
@@ -274,15 +264,17 @@ class Engine:
         device: torch.device,
         mean: float,
         std: float,
-        settings: EngineSettings = EngineSettings(),
+        config: PredictConfig | None = None,
         transfer: Transfer | None = None,
+        *,
+        max_wait: float = MAX_WAIT_S,
     ) -> None:
-        if settings.output_dtype not in OUTPUT_DTYPES:
-            raise ValueError(f"output dtype must be one of {OUTPUT_DTYPES}")
+        settings = config if config is not None else PredictConfig()
         self.device = device
         self.settings = settings
+        self.max_wait = max_wait
         self.mean, self.std = float(mean), float(std)
-        self.transfer: Transfer = transfer or HostTransfer(device, settings.host_cache_mib << 20)
+        self.transfer: Transfer = transfer or HostTransfer(device, HOST_CACHE_BYTES)
         with device_context(device):
             self.model = model.to(device).eval()
         self._channels_last = settings.channels_last  # faster on CUDA and on oneDNN CPUs alike
@@ -292,13 +284,13 @@ class Engine:
         # first (out-of-memory halvings happen there), then the compiled one sees only that shape.
         eager = getattr(self.model, "_orig_mod", None)
         self._eager: nn.Module | None = eager if isinstance(eager, nn.Module) else None
-        self._amp = autocast_dtype(device, settings.precision) if settings.autocast else None
+        self._amp = autocast_dtype(device, settings.precision) if settings.amp else None
         self.batch_size = max(1, int(settings.batch_size))
-        self._inbox: queue.Queue[_Block | None] = queue.Queue()
+        self._inbox: queue.Queue[_InFlight | None] = queue.Queue()
         self._done: queue.Queue[tuple | None] = queue.Queue(maxsize=4)
         self._error: BaseException | None = None
         self._closing = False
-        self._unfinished: set[_Block] = set()  # started, result not yet handed over
+        self._unfinished: set[_InFlight] = set()  # started, result not yet handed over
         self._server = threading.Thread(target=self._serve, name="emseg-engine", daemon=True)
         self._finisher = threading.Thread(target=self._finish_loop, name="emseg-engine-out", daemon=True)
         self._server.start()
@@ -315,7 +307,7 @@ class Engine:
         future: Future = Future()
         sy, sx = plan.weight_sums()
         arrays = [region, *(w.astype(np.float32) for w in (plan.y_windows, plan.x_windows, sy, sx))]
-        self._inbox.put(_Block(plan=plan, staged=self.transfer.stage(arrays), future=future))
+        self._inbox.put(_InFlight(plan=plan, staged=self.transfer.stage(arrays), future=future))
         return future
 
     def run_block(self, region: np.ndarray, plan: TilePlan) -> tuple[np.ndarray, np.ndarray]:
@@ -431,8 +423,8 @@ class Engine:
 
     # --- server -----------------------------------------------------------------------------
 
-    def _serve(self) -> None:
-        active: deque[_Block] = deque()
+    def _serve(self) -> None:  # noqa: C901 - the server's one loop owns the batch state; split, its invariants would span functions
+        active: deque[_InFlight] = deque()
         try:
             # The current CUDA device is per thread and starts at 0: on cuda:N this thread's
             # streams, events and allocations must be on GPU N.
@@ -446,7 +438,7 @@ class Engine:
                     self._drain_inbox(active, wait=False)
                     if sum(len(b.pending) for b in active) < self.batch_size:
                         self._drain_inbox(active, wait=True)
-                    batch: list[tuple[_Block, tuple[int, int, int, int]]] = []
+                    batch: list[tuple[_InFlight, tuple[int, int, int, int]]] = []
                     while active and len(batch) < self.batch_size:
                         block = active[0]
                         while block.pending and len(batch) < self.batch_size:
@@ -476,7 +468,7 @@ class Engine:
             self._done.put(None)
 
     def _drain_inbox(self, active: deque, wait: bool) -> None:
-        timeout = self.settings.max_wait if wait else 0
+        timeout = self.max_wait if wait else 0
         while True:
             try:
                 block = self._inbox.get(timeout=timeout) if timeout else self._inbox.get_nowait()
@@ -488,7 +480,7 @@ class Engine:
             self._start(block, active)
             timeout = 0
 
-    def _start(self, block: _Block, active: deque) -> None:
+    def _start(self, block: _InFlight, active: deque) -> None:
         self._unfinished.add(block)
         block.region, block.wy, block.wx, block.sy, block.sx = self._allocate(
             lambda: self.transfer.upload(block.staged)
@@ -500,7 +492,7 @@ class Engine:
         block.remaining = len(block.pending)
         active.append(block)
 
-    def _run_batch(self, batch: Sequence[tuple[_Block, tuple[int, int, int, int]]]) -> None:
+    def _run_batch(self, batch: Sequence[tuple[_InFlight, tuple[int, int, int, int]]]) -> None:
         t = batch[0][0].plan.tile
         tiles = []
         for block, (_, _, y, x) in batch:
@@ -516,7 +508,7 @@ class Engine:
             if block.remaining == 0:
                 self._complete(block)
 
-    def _complete(self, block: _Block) -> None:
+    def _complete(self, block: _InFlight) -> None:
         self._unfinished.discard(block)
         plan = block.plan
         y0, y1, x0, x1 = plan.block
@@ -534,10 +526,10 @@ class Engine:
             )
             return
         membranes = (prob < self.settings.threshold).to(torch.uint8)
-        if self.settings.output_dtype == "uint8":
+        if self.settings.dtype == "uint8":
             out = torch.round(prob.clamp(0, 1) * 255).to(torch.uint8)
         else:
-            out = prob.to(getattr(torch, self.settings.output_dtype))
+            out = prob.to(getattr(torch, self.settings.dtype))
         block.acc = block.region = block.wy = block.wx = block.sy = block.sx = None
         self._done.put((block.future, self.transfer.download([out, membranes])))
 

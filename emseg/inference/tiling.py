@@ -17,18 +17,18 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
+from emseg.config import BLENDS, PredictConfig
 from emseg.errors import BadInputError
+from emseg.reflection import reflect_index
 
-BLENDS = ("gaussian", "linear", "crop")
 #: Smallest blending weight relative to the largest (keeps the normalisation finite everywhere).
 MIN_WEIGHT = 1e-3
 
 
-def check_tiling(tile: int, overlap: int, divisor: int, blend: str = "gaussian") -> None:
+def check_tiling(tile: int, overlap: int, divisor: int, blend: str = PredictConfig.blend) -> None:
     """Raise :class:`BadInputError` for a tile the model cannot take or overlap >= tile."""
     if blend not in BLENDS:
         raise BadInputError(f"--blend {blend}: expected one of {', '.join(BLENDS)}")
@@ -41,19 +41,6 @@ def check_tiling(tile: int, overlap: int, divisor: int, blend: str = "gaussian")
             f"--overlap {overlap}: tiles start on multiples of {divisor} (the model's size divisor), so the "
             f"overlap can be at most {tile - divisor} for --tile {tile}"
         )
-
-
-def reflect_index(index: Any, n: int) -> Any:
-    """Map integer coordinates into ``[0, n)`` by mirror reflection about the edge pixels
-    (numpy's ``mode="reflect"``: -1 -> 1, n -> n - 2), repeated for coordinates far outside.
-
-    The one reflection rule of emseg: written with ``%``, ``*`` and comparisons only, so it takes
-    a numpy array (tiling, prediction) or a torch tensor (training crops) and returns the same type.
-    """
-    if n == 1:
-        return index * 0
-    m = index % (2 * (n - 1))  # the sign of the divisor for numpy and torch alike
-    return m - 2 * (m - (n - 1)) * (m >= n)
 
 
 def read_reflected(
@@ -184,21 +171,31 @@ class TilePlan:
         return [(iy, ix, int(y), int(x)) for iy, y in enumerate(self.y_origins) for ix, x in enumerate(self.x_origins)]
 
 
+def tile_origins(
+    y: tuple[int, int], x: tuple[int, int], tile: int, overlap: int, align: int, shape: tuple[int, int] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(row origins, column origins) of :func:`plan_block`'s tiles, without their windows: the
+    block's read region is rows ``ys[0]:ys[-1] + tile`` and columns ``xs[0]:xs[-1] + tile``."""
+    context = mirrored_context(overlap, align)
+    h, w = shape if shape is not None else (None, None)
+    return (
+        axis_origins(y[0], y[1], tile, overlap, align, context, h),
+        axis_origins(x[0], x[1], tile, overlap, align, context, w),
+    )
+
+
 def plan_block(
     y: tuple[int, int],
     x: tuple[int, int],
     tile: int,
     overlap: int,
     align: int,
-    blend: str = "gaussian",
+    blend: str = PredictConfig.blend,
     shape: tuple[int, int] | None = None,
 ) -> TilePlan:
     """Tiles for the output block ``y[0]:y[1], x[0]:x[1]`` of a slice of ``shape`` (H, W), with
     ``overlap // 2`` pixels of context (rounded up to ``align``) on every side."""
-    context = mirrored_context(overlap, align)
-    h, w = shape if shape is not None else (None, None)
-    ys = axis_origins(y[0], y[1], tile, overlap, align, context, h)
-    xs = axis_origins(x[0], x[1], tile, overlap, align, context, w)
+    ys, xs = tile_origins(y, x, tile, overlap, align, shape)
     if blend == "crop":
         wy, wx = crop_windows_1d(ys, tile), crop_windows_1d(xs, tile)
     else:

@@ -26,17 +26,19 @@ import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from emseg.config import EXPORT_FORMATS, ExportConfig
 from emseg.errors import BadInputError, EmsegRuntimeError
 from emseg.io.outputs import Output, software_tag
-from emseg.io.zarr import open_ome
+from emseg.io.zarr import OmeImage, open_ome
 from emseg.progress import Reporter, reporter_or_null
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("tif", "ome-tiff", "png")
+FORMATS = EXPORT_FORMATS
 #: Pixel types ImageJ 1.x opens (8-bit, 16-bit, 32-bit float).
 IMAGEJ_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.float32))
 #: A classic TIFF addresses 4 GiB; ImageJ cannot read BigTIFF.
@@ -68,37 +70,21 @@ class ValueRange:
 
 
 def export_store(
-    source: str | Path,
-    output: str | Path,
-    *,
-    fmt: str | None = None,
-    label: str | None = None,
-    level: int = 0,
-    overwrite: bool = False,
-    progress: Reporter | None = None,
+    source: str | Path, output: str | Path, config: ExportConfig | None = None, progress: Reporter | None = None
 ) -> Path:
-    """Write level ``level`` of ``source`` (or of ``labels/<label>``) with its voxel size:
-    ``fmt="tif"`` (the default for a .tif/.tiff output) an ImageJ hyperstack, or an OME-TIFF when
-    ImageJ cannot hold the data; ``fmt="ome-tiff"`` (the default for .ome.tif) an OME-TIFF;
-    ``fmt="png"`` one PNG per slice in a folder. Binary label masks are written as 0/255 so
-    they are visible."""
-    output = Path(output)
-    fmt = fmt or default_format(output)
+    """Write level ``config.level`` of ``source`` (or of ``labels/<config.labels>``) with its
+    voxel size: ``file_format="tif"`` (the default for a .tif/.tiff output) an ImageJ
+    hyperstack, or an OME-TIFF when ImageJ cannot hold the data; ``"ome-tiff"`` (the default for
+    .ome.tif) an OME-TIFF; ``"png"`` one PNG per slice in a folder. Binary label masks are
+    written as 0/255 so they are visible."""
+    config = config or ExportConfig()
+    output, label, level, overwrite = Path(output), config.labels, config.level, config.overwrite
+    fmt = config.file_format or default_format(output)
     if fmt not in FORMATS:
         raise BadInputError(
             f"--format {fmt}: give tif (an ImageJ hyperstack, OUT.tif), ome-tiff (OUT.ome.tif) or png (a folder)"
         )
-    image = open_ome(source)
-    if label is not None:
-        if label not in image.labels:
-            raise BadInputError(f"--labels {label}: {source} has labels {sorted(image.labels) or 'none'}")
-        image = image.labels[label]
-    if not 0 <= level < len(image.levels):
-        raise BadInputError(f"--level {level}: {source} has levels 0-{len(image.levels) - 1}")
-    array = image.levels[level]
-    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
-        if array.dtype != np.bool_:
-            raise BadInputError(f"{source}: pixel type {array.dtype} cannot be exported (integers, floats or bool)")
+    image, array = _exported(source, label, level)
     # a mask is written as 0/255 so it is visible; instance IDs (uint32/uint64 labels) as they are
     binary = (label is not None and array.dtype == np.uint8) or array.dtype == np.bool_
     dtype = np.dtype(np.uint8) if array.dtype == np.bool_ else np.dtype(array.dtype).newbyteorder("=")
@@ -230,6 +216,23 @@ def _narrowest(candidates: Sequence[np.dtype], found: ValueRange) -> np.dtype | 
 
 def _int(value: float) -> str:
     return str(int(value)) if math.isfinite(value) else str(value)
+
+
+def _exported(source: str | Path, label: str | None, level: int) -> tuple[OmeImage, Any]:
+    """(the image or its ``labels/<label>``, its level ``level``), refusing a label, level or
+    pixel type the store does not have in one line."""
+    image = open_ome(source)
+    if label is not None:
+        if label not in image.labels:
+            raise BadInputError(f"--labels {label}: {source} has labels {sorted(image.labels) or 'none'}")
+        image = image.labels[label]
+    if not 0 <= level < len(image.levels):
+        raise BadInputError(f"--level {level}: {source} has levels 0-{len(image.levels) - 1}")
+    array = image.levels[level]
+    numeric = np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)
+    if not numeric and array.dtype != np.bool_:
+        raise BadInputError(f"{source}: pixel type {array.dtype} cannot be exported (integers, floats or bool)")
+    return image, array
 
 
 def default_format(output: Path) -> str | None:

@@ -41,7 +41,7 @@ def _resolve_voxel_size(config: IngestConfig, stack: Stack) -> tuple[tuple[float
         vs = tuple(float(v) for v in config.voxel_size)
         if len(vs) != 3 or not all(math.isfinite(v) and v > 0 for v in vs):
             raise BadInputError(f"--voxel-size {config.voxel_size}: expected three positive numbers Z Y X (nm)")
-        return vs, "option"  # type: ignore[return-value]
+        return vs, "option"
     if stack.voxel_size is not None:
         return stack.voxel_size, "metadata" if stack.voxel_size_note is None else "metadata (no z spacing: z = 1 nm)"
     return (1.0, 1.0, 1.0), "default"
@@ -93,7 +93,7 @@ def ingest_stack(
                 lab.close()
 
 
-def _write(
+def _write(  # noqa: C901 - the streaming loop: read ahead, check, write each pyramid level, report
     stack: Stack,
     lab: Stack | None,
     output: Path,

@@ -30,7 +30,7 @@ from typing import Any, Literal
 import numpy as np
 import zarr
 
-from emseg.config import Limits
+from emseg.config import IngestConfig, Limits
 from emseg.errors import BadInputError
 from emseg.io.pyramid import pyramid_shapes
 from emseg.io.untrusted import check_source, untrusted
@@ -210,10 +210,10 @@ class LevelSpec:
 
     shape: tuple[int, int, int]
     dtype: str
-    chunks: tuple[int, int, int] = (1, 1024, 1024)
+    chunks: tuple[int, int, int] = IngestConfig.chunks
     shards: tuple[int, int, int] | None = None
-    pyramid_min_size: int = 1024
-    clevel: int = 5
+    pyramid_min_size: int = IngestConfig.pyramid_min_size
+    clevel: int = IngestConfig.clevel
 
 
 def create_multiscale(
@@ -248,7 +248,7 @@ def create_multiscale(
                 dtype=spec.dtype,
                 fill_value=0,
                 # Checking every chunk for emptiness costs more than it saves on EM data.
-                config={"write_empty_chunks": True},
+                config={"write_empty_chunks": True},  # type: ignore[arg-type]  # zarr declares a TypedDict
                 **kwargs,
             )
         )
@@ -333,13 +333,13 @@ class OmeImage:
         return ngff_for(self.version)
 
 
-def open_ome(path: str | Path, *, mode: OpenMode = "r") -> OmeImage:
+def open_ome(path: str | Path, *, access: OpenMode = "r") -> OmeImage:
     """Open an OME-Zarr image written by emseg (or any NGFF 0.4/0.5 3D image).
 
     Raises :class:`BadInputError` with one clear line when ``path`` is missing, not a zarr group,
     has no multiscales image, or carries metadata that does not make sense.
     """
-    return _open_ome(Path(path), mode, is_label=False)
+    return _open_ome(Path(path), access, is_label=False)
 
 
 #: The metadata files of a zarr v2 or v3 node.
@@ -354,12 +354,12 @@ def _check_metadata_files(node: Path) -> None:
             check_source(node / name, "store's metadata")
 
 
-def _open_ome(path: Path, mode: OpenMode, is_label: bool) -> OmeImage:
+def _open_ome(path: Path, access: OpenMode, is_label: bool) -> OmeImage:
     if check_source(path, "store").is_dir():
         for node in (path, path / "labels", *(p for p in path.iterdir() if p.name.isdigit() and p.is_dir())):
             _check_metadata_files(node)  # the group, its labels and levels, before zarr reads them
     with untrusted(f"{path}: not a zarr group"):
-        group = zarr.open_group(str(path), mode=mode)
+        group = zarr.open_group(str(path), mode=access)
     with untrusted(f"{path}: malformed OME-Zarr metadata"):
         raw_attrs = dict(group.attrs)
     if "ome" in raw_attrs and not isinstance(raw_attrs["ome"], dict):
@@ -391,7 +391,7 @@ def _open_ome(path: Path, mode: OpenMode, is_label: bool) -> OmeImage:
         levels=levels,
         voxel_size=tuple(float(s) for s in scale),  # type: ignore[arg-type]
         origin=origin,
-        labels={} if is_label else _open_labels(path, group, mode, tuple(levels[0].shape)),
+        labels={} if is_label else _open_labels(path, group, access, tuple(levels[0].shape)),
         attrs=raw_attrs,
     )
 
@@ -467,7 +467,7 @@ def _parse_multiscale(path: Path, entry: dict[str, Any]) -> tuple[list[str], lis
     return [d["path"] for d in datasets], scale, tuple(float(v) for v in shift)
 
 
-def _open_labels(path: Path, group: zarr.Group, mode: OpenMode, shape: tuple[int, ...]) -> dict[str, OmeImage]:
+def _open_labels(path: Path, group: zarr.Group, access: OpenMode, shape: tuple[int, ...]) -> dict[str, OmeImage]:
     """The label images listed in ``labels/`` that exist, each of the image's shape."""
     with untrusted(f"{path}: malformed labels metadata"):
         label_attrs = dict(group["labels"].attrs) if "labels" in group else {}
@@ -481,7 +481,7 @@ def _open_labels(path: Path, group: zarr.Group, mode: OpenMode, shape: tuple[int
         with untrusted(f"{path}: malformed labels metadata"):
             present = f"labels/{name}" in group
         if present:
-            labels[name] = _open_ome(path / "labels" / name, mode, is_label=True)
+            labels[name] = _open_ome(path / "labels" / name, access, is_label=True)
             if labels[name].shape != shape:
                 raise BadInputError(f"{path}: labels/{name} has shape {labels[name].shape}, the image {shape}")
     return labels

@@ -10,7 +10,12 @@ from emseg.models.base import SegmentationNet
 from emseg.models.unet import UNet
 
 
-def unet_parameters(depth: int, base_channels: int, in_channels: int = 1, out_channels: int = 1) -> int:
+def unet_parameters(
+    depth: int,
+    base_channels: int,
+    in_channels: int = ModelConfig.in_channels,
+    out_channels: int = ModelConfig.out_channels,
+) -> int:
     """A close estimate (within 0.1 %) of the parameter count of :class:`~emseg.models.unet.UNet`: two 3x3
     convolutions per level on the way down and up, plus the 2x2 up-convolutions."""
     total = 0

@@ -140,7 +140,7 @@ def check_trained(path: str | Path) -> tuple[Path, dict[str, Any]]:
 
 
 def load_trained(
-    path: str | Path, device: str | torch.device = "cpu", *, compiled: bool = False, threads: int | None = None
+    path: str | Path, device: str | torch.device, *, compiled: bool = False, threads: int | None = None
 ) -> tuple[nn.Module, dict[str, Any]]:
     """(eval-mode model on ``device``, checkpoint meta) of a run directory or checkpoint. The meta
     has ``config``, ``normalization`` {mean, std}, ``halo`` and ``divisor``; the model carries it

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from emseg._version import __version__
-from emseg.config import PredictConfig
+from emseg.config import ExportModelConfig, PredictConfig
 from emseg.errors import BadInputError
 from emseg.io.outputs import Output, check_output
 from emseg.models.checkpoint import load_trained
@@ -218,9 +218,16 @@ def voxel_size(meta: dict[str, Any]) -> tuple[float, float] | None:
     return (y, x) if y > 0 and x > 0 else None
 
 
-def export_model(run: str | Path, output: str | Path, *, overwrite: bool = False, opset: int = 17) -> Path:
-    """Export the model of ``run`` (a run directory or checkpoint) into the folder ``output``."""
+#: The ONNX operator set the exported graph uses.
+ONNX_OPSET = 17
+
+
+def export_model(run: str | Path, output: str | Path, config: ExportModelConfig | None = None) -> Path:
+    """Export the model of ``run`` (a run directory or checkpoint) into the folder ``output``
+    (an existing export is replaced only with ``config.overwrite``)."""
     from emseg.models.halo import measure_halo
+
+    overwrite, opset = (config or ExportModelConfig()).overwrite, ONNX_OPSET
 
     check_output(Path(output).absolute(), overwrite, kind="run", inputs=[run])
     model, meta = load_trained(run, "cpu")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from emseg.config import ModelConfig
 from emseg.errors import BadInputError
 from emseg.models.base import SegmentationNet
 
@@ -15,7 +16,11 @@ class SmpUNet(SegmentationNet):
     """An ``smp.Unet`` with one input channel and one logit, exposing ``divisor`` and ``halo``."""
 
     def __init__(
-        self, encoder: str, encoder_weights: str | None = None, in_channels: int = 1, out_channels: int = 1
+        self,
+        encoder: str,
+        encoder_weights: str | None = None,
+        in_channels: int = ModelConfig.in_channels,
+        out_channels: int = ModelConfig.out_channels,
     ) -> None:
         super().__init__()
         try:

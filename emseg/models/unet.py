@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from emseg.config import ModelConfig
 from emseg.models.base import SegmentationNet
 
 
@@ -53,7 +54,13 @@ class UNet(SegmentationNet):
     network (31 M parameters).
     """
 
-    def __init__(self, in_channels: int = 1, out_channels: int = 1, depth: int = 4, base_channels: int = 64) -> None:
+    def __init__(
+        self,
+        in_channels: int = ModelConfig.in_channels,
+        out_channels: int = ModelConfig.out_channels,
+        depth: int = ModelConfig.depth,
+        base_channels: int = ModelConfig.base_channels,
+    ) -> None:
         super().__init__()
         if depth < 1 or base_channels < 1:
             raise ValueError("depth and base_channels must be positive")

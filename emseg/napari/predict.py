@@ -47,9 +47,9 @@ class PredictJob:
 
     layer: LayerInput
     run: Path
-    device: str = "auto"
-    tile: int = 512
-    tta: bool = False
+    device: str = PredictConfig.device
+    tile: int = PredictConfig.tile
+    tta: bool = PredictConfig.tta
     #: Slices [start, stop) of a 3D layer; None: all.
     slices: tuple[int, int] | None = None
     output: Path | None = None
@@ -147,7 +147,6 @@ def _input_store(layer: LayerInput, work: Path) -> tuple[Path, bool]:
     spec = LevelSpec(
         shape=tuple(int(s) for s in data.shape),  # type: ignore[arg-type]
         dtype=dtype.name,
-        chunks=(1, 1024, 1024),
         pyramid_min_size=max(data.shape[1:]),  # one level: only level 0 is predicted
     )
     path = work / "input.zarr"

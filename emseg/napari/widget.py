@@ -15,6 +15,7 @@ from typing import Any
 from magicgui.types import FileDialogMode
 from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, LineEdit, ProgressBar, PushButton, SpinBox
 
+from emseg.config import PredictConfig
 from emseg.errors import EmsegError
 from emseg.napari.predict import LayerData, PredictJob, Progress, layer_input, predict_in_steps
 
@@ -30,9 +31,9 @@ class PredictWidget(Container):
         self.viewer = napari_viewer
         self.image = ComboBox(label="image", choices=self._image_layers)
         self.run = FileEdit(label="run directory", mode=FileDialogMode.EXISTING_DIRECTORY)
-        self.device = ComboBox(label="device", choices=["auto", "cpu", "cuda"], value="auto")
-        self.tile = SpinBox(label="tile", value=512, min=16, max=4096, step=16)
-        self.tta = CheckBox(text="test-time augmentation (8x the time)", value=False)
+        self.device = ComboBox(label="device", choices=["auto", "cpu", "cuda"], value=PredictConfig.device)
+        self.tile = SpinBox(label="tile", value=PredictConfig.tile, min=16, max=4096, step=16)
+        self.tta = CheckBox(text="test-time augmentation (8x the time)", value=PredictConfig.tta)
         self.current = CheckBox(text="only the slice shown", value=False)
         self.output = LineEdit(label="save to", value="")
         self.output.tooltip = "an OME-Zarr path to keep the prediction (empty: kept in memory only)"

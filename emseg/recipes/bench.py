@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from emseg.config import ISBI_VOXEL_SIZE_NM, IngestConfig, ModelConfig, PredictConfig, TrainConfig
+from emseg.config import ISBI_VOXEL_SIZE_NM, BenchConfig, IngestConfig, ModelConfig, PredictConfig, TrainConfig
 from emseg.device import autocast_dtype, device_name, synchronize
 
 log = logging.getLogger(__name__)
@@ -80,27 +80,28 @@ class Variant:
 
     name: str
     precision: str  # fp32 | tf32 | bf16
-    channels_last: bool = False
-    compiled: bool = False
+    #: The layout and compilation this variant times (the plain variant times neither).
+    channels_last: bool
+    compiled: bool
 
 
 def forward_variants(device: torch.device, torch_compile: bool) -> list[Variant]:
     """The variants worth timing on ``device`` (with ``torch_compile``, also a compiled one on CUDA)."""
     if device.type == "cuda":
         out = [
-            Variant("fp32", "fp32"),
-            Variant("tf32", "tf32"),
-            Variant("bf16", "bf16"),
-            Variant("bf16 + channels_last", "bf16", True),
+            Variant("fp32", "fp32", False, False),
+            Variant("tf32", "tf32", False, False),
+            Variant("bf16", "bf16", False, False),
+            Variant("bf16 + channels_last", "bf16", True, False),
         ]
         if torch_compile:
             out.append(Variant("bf16 + channels_last + compile", "bf16", True, True))
         return out
     # bf16 on the CPU pays where it is native (AVX512-BF16, AMX); elsewhere oneDNN emulates it.
     return [
-        Variant("fp32", "fp32"),
-        Variant("fp32 + channels_last", "fp32", True),
-        Variant("bf16 + channels_last", "bf16", True),
+        Variant("fp32", "fp32", False, False),
+        Variant("fp32 + channels_last", "fp32", True, False),
+        Variant("bf16 + channels_last", "bf16", True, False),
     ]
 
 
@@ -111,13 +112,13 @@ def bf16_gain(rows: list[dict]) -> float | None:
     return bf16 / fp32 if fp32 and bf16 else None
 
 
-def forward_bench(
+def forward_bench(  # noqa: PLR0913 - a benchmark's knobs are its arguments
     model: nn.Module,
     device: torch.device,
     tile: int,
     batch: int,
     *,
-    torch_compile: bool = False,
+    torch_compile: bool = BenchConfig.torch_compile,
     compile_mode: str = "default",
     warmup: int = 3,
     repeats: int = 5,
@@ -130,7 +131,7 @@ def forward_bench(
     torch.compile failing) is reported as a row with an ``error`` instead of a time."""
     import torch._dynamo
 
-    from emseg.training.loop import backend_flags
+    from emseg.device import backend_flags
 
     model = model.to(device).eval()
     name = device_name(device)
@@ -182,7 +183,7 @@ def forward_bench(
 
 
 def untrained_checkpoint(
-    path: Path, model_config: ModelConfig, mean: float = 128.0, std: float = 40.0, seed: int = 0
+    path: Path, model_config: ModelConfig, mean: float = 128.0, std: float = 40.0, seed: int = TrainConfig.seed
 ) -> Path:
     """A run directory holding an untrained network of ``model_config`` (speed needs no training)."""
     from emseg.models.build import build_model
@@ -227,7 +228,7 @@ def synthetic_store(path: Path, slices: int, size: int) -> Path:
     return out
 
 
-def predict_bench(
+def predict_bench(  # noqa: PLR0913 - a benchmark's knobs are its arguments
     run: Path,
     data: Path,
     work: Path,
@@ -235,7 +236,7 @@ def predict_bench(
     tile: int,
     overlap: int,
     batch: int,
-    torch_compile: bool = False,
+    torch_compile: bool = BenchConfig.torch_compile,
     repeats: int = 2,
 ) -> dict:
     """End-to-end ``predict``, zarr on disk to zarr on disk, timed in this process (model load,
@@ -246,7 +247,7 @@ def predict_bench(
 
     out = work / "bench-pred.zarr"
     config = PredictConfig(
-        tile=tile, overlap=overlap, batch_size=batch, device=device, compile=torch_compile, overwrite=True
+        tile=tile, overlap=overlap, batch_size=batch, device=device, torch_compile=torch_compile, overwrite=True
     )
 
     def once() -> float:
@@ -261,7 +262,13 @@ def predict_bench(
 
 
 def monai_bench(
-    run: Path, data: Path, device: torch.device, tile: int, overlap: int, batch: int, torch_compile: bool = False
+    run: Path,
+    data: Path,
+    device: torch.device,
+    tile: int,
+    overlap: int,
+    batch: int,
+    torch_compile: bool = BenchConfig.torch_compile,
 ) -> dict:
     """MONAI's ``sliding_window_inference`` on the same network, tile, overlap, gaussian blending
     (sigma = tile / 8) and batch, over each slice already on the device as a normalised tensor.
@@ -275,7 +282,7 @@ def monai_bench(
     model = model.to(memory_format=torch.channels_last)  # the layout emseg runs it in, on any device
     net = torch.compile(model) if torch_compile else model
     norm = meta["normalization"]
-    amp = autocast_dtype(device)
+    amp = autocast_dtype(device, PredictConfig.precision)
 
     def predictor(t: torch.Tensor) -> torch.Tensor:
         t = t.contiguous(memory_format=torch.channels_last)
@@ -308,7 +315,7 @@ def monai_bench(
     return {"seconds_per_slice": statistics.median(times), "mpix_per_s": pixels / statistics.median(times) / 1e6}
 
 
-def train_bench(
+def train_bench(  # noqa: PLR0913 - a benchmark's knobs are its arguments
     store: Path,
     device: torch.device,
     model_config: ModelConfig,
@@ -318,7 +325,7 @@ def train_bench(
     steps: int = 10,
     warmup: int = 3,
     repeats: int = 3,
-    torch_compile: bool = False,
+    torch_compile: bool = BenchConfig.torch_compile,
 ) -> dict:
     """Training steps/s with the full augmentation, and the share of a step spent sampling and
     augmenting (the two are timed separately, so under load the share can exceed 1).
@@ -326,13 +333,14 @@ def train_bench(
     The steps are the training loop's own (:func:`emseg.training.loop.draw_batch` and
     :func:`~emseg.training.loop.optimizer_step`, weighted BCE, bf16 autocast on CUDA) with the
     loop's torch flags."""
+    from emseg.device import backend_flags
     from emseg.models.build import build_model
     from emseg.training.data import CropSampler, load_slices, normalization, open_training_store
-    from emseg.training.loop import autocast_context, backend_flags, draw_batch, generators, optimizer_step
+    from emseg.training.loop import autocast_context, draw_batch, generators, optimizer_step
     from emseg.training.losses import weighted_bce
 
     image = open_training_store(str(store))
-    data = load_slices(image, list(range(max(1, image.shape[0] - 1))), 10.0, 5.0)
+    data = load_slices(image, list(range(max(1, image.shape[0] - 1))), TrainConfig.w0, TrainConfig.sigma)
     mean, std = normalization(data.raw)
     sampler = CropSampler(data, mean, std, device)
     model = build_model(model_config).to(device)
@@ -340,7 +348,7 @@ def train_bench(
     net = torch.compile(model) if torch_compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     config = TrainConfig(model=model_config, crop=crop, batch_size=batch)
-    autocast = autocast_context(device, autocast_dtype(device))
+    autocast = autocast_context(device, autocast_dtype(device, TrainConfig.precision))
     counter = iter(range(10**9))
 
     def data_step() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -389,9 +397,9 @@ def run_bench(
     device: torch.device,
     model: str | Path | None = None,
     *,
-    torch_compile: bool = False,
+    torch_compile: bool = BenchConfig.torch_compile,
     skip_monai: bool = False,
-    quick: bool = False,
+    quick: bool = BenchConfig.quick,
 ) -> dict:
     """Everything ``emseg bench`` reports, as a JSON-ready dict."""
     from emseg._version import __version__
@@ -482,27 +490,25 @@ def run_bench(
     return result
 
 
-def bench(
-    device: str = "auto",
-    model: str | Path | None = None,
-    *,
-    torch_compile: bool = False,
-    monai: bool = True,
-    quick: bool = False,
-    json_path: str | Path | None = None,
-    overwrite: bool = False,
-) -> dict[str, Any]:
-    """``emseg bench``: :func:`run_bench` on the device ``device`` names, also written as JSON to
-    ``json_path`` when given (values JSON cannot hold are written as text; an ``emseg`` key marks
-    the file, and an existing one is replaced only with ``overwrite`` when emseg wrote it)."""
+def bench(config: BenchConfig, model: str | Path | None = None, json_path: str | Path | None = None) -> dict[str, Any]:
+    """``emseg bench``: :func:`run_bench` on the device ``config.device`` names, also written as
+    JSON to ``json_path`` when given (values JSON cannot hold are written as text; an ``emseg``
+    key marks the file, and an existing one is replaced only with ``config.overwrite`` when
+    emseg wrote it)."""
     from emseg.device import resolve_device
     from emseg.io.outputs import Output, check_output, provenance, write_json_atomic
 
     if json_path is not None:  # before minutes of measuring
-        check_output(Path(json_path).absolute(), overwrite, kind="file", inputs=[model])
-    result = run_bench(resolve_device(device), model, torch_compile=torch_compile, skip_monai=not monai, quick=quick)
+        check_output(Path(json_path).absolute(), config.overwrite, kind="file", inputs=[model])
+    result = run_bench(
+        resolve_device(config.device),
+        model,
+        torch_compile=config.torch_compile,
+        skip_monai=not config.monai,
+        quick=config.quick,
+    )
     if json_path is not None:
-        with Output(json_path, overwrite=overwrite, kind="file", command="bench", inputs=[model]) as out:
+        with Output(json_path, overwrite=config.overwrite, kind="file", command="bench", inputs=[model]) as out:
             write_json_atomic(out.path, {**json.loads(json.dumps(result, default=str)), "emseg": provenance("bench")})
     return result
 

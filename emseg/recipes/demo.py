@@ -9,7 +9,6 @@ On a CPU it trains a small U-Net for a few minutes; on a GPU the full one.
 from __future__ import annotations
 
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,9 +16,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from emseg.config import ISBI_VOXEL_SIZE_NM, IngestConfig, ModelConfig, PredictConfig, TrainConfig
+from emseg.config import (
+    ISBI_VOXEL_SIZE_NM,
+    DemoConfig,
+    EvaluateConfig,
+    IngestConfig,
+    ModelConfig,
+    PredictConfig,
+    TrainConfig,
+)
 from emseg.errors import BadInputError
 from emseg.progress import Reporter
+from emseg.synthetic.stack import SEED
 
 if TYPE_CHECKING:
     from emseg.evaluation.instances import InstanceScores
@@ -58,7 +66,7 @@ def find_isbi(data: str | Path | None) -> Path | None:
     return None
 
 
-def write_synthetic(folder: Path, shape: tuple[int, int, int] = (30, 512, 512), seed: int = 0) -> Path:
+def write_synthetic(folder: Path, shape: tuple[int, int, int] = (30, 512, 512), seed: int = SEED) -> Path:
     """Write a synthetic EM-like stack in the ISBI layout into ``folder``: train volume (Z, Y, X)
     uint8, its labels (255 = cell, 0 = membrane) and a test volume (seed + 1). Returns ``folder``."""
     import tifffile
@@ -81,7 +89,7 @@ class DemoResult:
     """Where everything went, and the scores."""
 
     data: str
-    device: str = ""
+    device: str | None = None
     outputs: dict[str, str] = field(default_factory=dict)
     scores: dict[str, Any] = field(default_factory=dict)
 
@@ -114,27 +122,28 @@ def validation_slices(n: int) -> tuple[int, ...]:
 
 
 def run_demo(
+    config: DemoConfig | None = None,
+    *,
     data: str | Path | None = None,
-    output: str | Path = "emseg-demo",
-    device: str = "auto",
-    minutes: float | None = None,
     shape: tuple[int, int, int] = (30, 512, 512),
     progress: Reporter | None = None,
 ) -> DemoResult:
-    """The whole flow; ``shape`` sizes the synthetic stack (ignored with ISBI data)."""
+    """The whole flow into ``config.output``, on ``config.device``, training for
+    ``config.minutes`` (default: the device's plan); ``shape`` sizes the synthetic stack
+    (ignored with ISBI data)."""
     from emseg.device import device_name, resolve_device
     from emseg.evaluation.evaluate import evaluate
     from emseg.inference.predict import predict_store
     from emseg.io.ingest import ingest_stack
     from emseg.io.zarr import open_ome
     from emseg.training.loop import fit
+    from emseg.training.validate import validator
 
-    out = Path(output)
+    config = config or DemoConfig()
+    out, device = Path(config.output), config.device
     dev = resolve_device(device)
     plan = GPU_PLAN if dev.type == "cuda" else CPU_PLAN
-    budget = plan.minutes if minutes is None else float(minutes)
-    if not (math.isfinite(budget) and budget > 0):
-        raise BadInputError(f"--minutes {minutes}: must be a positive number")
+    budget = plan.minutes if config.minutes is None else config.minutes
     folder = find_isbi(data)
     _demo_folder(out)
     source = "ISBI 2012" if folder is not None else "synthetic EM-like stack"
@@ -163,8 +172,9 @@ def run_demo(
         time_limit=budget * 60,
         val_slices=val,
         device=device,
+        overwrite=True,
     )
-    summary = fit(train, run, train_config, overwrite=True, progress=progress)
+    summary = fit(train, run, train_config, validate=validator(train_config), progress=progress)
     tile = whole_slice_tile(tuple(shape_zyx[1:]), 2**plan.depth)
     pred_val = predict_store(
         run,
@@ -176,7 +186,7 @@ def run_demo(
     pred_test = predict_store(
         run, test, out / "pred-test.zarr", PredictConfig(tile=tile, device=device, overwrite=True), progress=progress
     )
-    scores = evaluate(pred_val, train, None, out / "scores.json", overwrite=True)
+    scores = evaluate(pred_val, train, EvaluateConfig(overwrite=True), out / "scores.json")
     result.scores = {k: scores[k] for k in SCORE_KEYS}
     result.scores["epochs"] = len(summary["rows"])
     result.scores["steps"] = summary["rows"][-1]["step"] if summary["rows"] else 0

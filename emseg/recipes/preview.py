@@ -22,18 +22,14 @@ def _row(image: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, title: s
 
 
 def augment_preview_png(
-    data: str | Path,
-    output: str | Path,
-    z: int = 0,
-    config: PreviewConfig | None = None,
-    augment: AugmentConfig | None = None,
-    overwrite: bool = False,
+    data: str | Path, output: str | Path, config: PreviewConfig, augment: AugmentConfig | None = None
 ) -> Path:
-    """Save a PNG: a crop of slice ``z`` with its mask and weight map, then ``config.samples``
-    augmented image/mask/weight triples drawn with ``augment`` (default: training's). An existing
-    ``output`` is replaced only with ``overwrite`` and only when emseg wrote it."""
+    """Save a PNG: a crop of slice ``config.z`` with its mask and weight map, then
+    ``config.samples`` augmented image/mask/weight triples drawn with ``augment`` (default:
+    training's). An existing ``output`` is replaced only with ``config.overwrite`` and only when
+    emseg wrote it."""
+    z, overwrite = config.z, config.overwrite
     check_output(Path(output).absolute(), overwrite, kind="file", inputs=[data])
-    config = config or PreviewConfig()
     augment = augment or AugmentConfig()
     train = TrainConfig()
     image = open_training_store(str(data))

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from emseg.config import ShowConfig
 from emseg.errors import BadInputError
 from emseg.io.info import MAX_PREVIEW_PIXELS, preview_step, strided_plane
 from emseg.io.outputs import Output, check_output
@@ -31,21 +32,20 @@ MAX_SIDE = 2048
 def show_slice(
     data: str | Path,
     output: str | Path,
-    z: int = 0,
+    config: ShowConfig,
     pred: str | Path | None = None,
-    level: int | None = None,
-    overwrite: bool = False,
     max_pixels: int = MAX_PREVIEW_PIXELS,
 ) -> Path:
-    """Save a PNG of slice ``z``: the image, its ``labels/cells`` mask when present, and with
-    ``pred`` the predicted P(cell) and an overlay of the predicted membranes.
+    """Save a PNG of slice ``config.z``: the image, its ``labels/cells`` mask when present, and
+    with ``pred`` the predicted P(cell) and an overlay of the predicted membranes.
 
-    ``level`` picks a pyramid level; by default the finest whose largest side is at most 2048 px
+    ``config.level`` picks a pyramid level; by default the finest whose largest side is at most 2048 px
     and whose slice has at most ``max_pixels`` pixels, else the coarsest, read downsampled to
     2048 px (every n-th pixel in y and x, chunk by chunk; the title says so) when its slice has
     more. An explicit ``level`` whose slice has more than ``max_pixels`` pixels is refused.
-    An existing ``output`` is replaced only with ``overwrite`` and only when emseg wrote it.
+    An existing ``output`` is replaced only with ``config.overwrite`` and only when emseg wrote it.
     """
+    z, level, overwrite = config.z, config.level, config.overwrite
     check_output(Path(output).absolute(), overwrite, kind="file", inputs=[data, pred])
     image = open_ome(data)
     if not 0 <= z < image.shape[0]:

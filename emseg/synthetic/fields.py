@@ -131,7 +131,7 @@ class SmoothField:
         ux = (xs - self.origin) / self.spacing
         ix = np.floor(ux).astype(np.int64)
         wx = catmull_rom(ux - ix).astype(np.float32)
-        return sum(rows[:, ix - 1 + t] * wx[None, :, t] for t in range(4))  # type: ignore[return-value,index]
+        return sum(rows[:, ix - 1 + t] * wx[None, :, t] for t in range(4))
 
     def points(self, z: float, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
         """Values (n,) float64 at scattered points (ys[i], xs[i]) of slice z."""

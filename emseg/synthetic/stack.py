@@ -12,11 +12,14 @@ from emseg.errors import BadInputError
 from emseg.synthetic.cells import CellScene
 from emseg.synthetic.render import render_slice
 
+#: The seed of a synthetic stack when none is given: the same stack every time.
+SEED = 0
+
 
 def synthetic_stack(
     shape: tuple[int, int, int] = (30, 512, 512),
     *,
-    seed: int | np.random.Generator = 0,
+    seed: int | np.random.Generator = SEED,
     cell_size: float = 60.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """An EM-like stack with its ground truth.
@@ -46,7 +49,7 @@ def synthetic_stack(
 def synthetic_slices(
     shape: tuple[int, int, int],
     *,
-    seed: int | np.random.Generator = 0,
+    seed: int | np.random.Generator = SEED,
     cell_size: float = 60.0,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield ``(raw (Y, X) uint8, label (Y, X) uint8)`` slice by slice.
@@ -66,7 +69,7 @@ def _check_shape(shape: object) -> tuple[int, int, int]:
         raise BadInputError(f"shape must be three integers (Z, Y, X), got {shape!r}") from None
     if len(dims) != 3 or min(dims) < 1:
         raise BadInputError(f"shape must be three positive integers (Z, Y, X), got {shape!r}")
-    return dims  # type: ignore[return-value]
+    return dims
 
 
 def _check_seed(seed: object) -> int:
