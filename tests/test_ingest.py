@@ -450,5 +450,8 @@ def test_tiff_without_z_spacing_ingests_with_a_warning_not_silently(tmp_path, ca
         image = open_ome(ingest_stack(tmp_path / "noz.tif", tmp_path / "noz.zarr"))
     assert image.voxel_size == (1.0, 4.0, 4.0)
     assert "noz.tif: no z spacing in its metadata" in caplog.text and "--voxel-size" in caplog.text
-    given = ingest_stack(tmp_path / "noz.tif", tmp_path / "given.zarr", IngestConfig(voxel_size=(50, 4, 4)))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="emseg"):
+        given = ingest_stack(tmp_path / "noz.tif", tmp_path / "given.zarr", IngestConfig(voxel_size=(50, 4, 4)))
     assert open_ome(given).voxel_size == (50.0, 4.0, 4.0)
+    assert "no z spacing" not in caplog.text  # a voxel size that was given needs no warning about the metadata

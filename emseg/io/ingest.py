@@ -43,7 +43,10 @@ def _resolve_voxel_size(config: IngestConfig, stack: Stack) -> tuple[tuple[float
             raise BadInputError(f"--voxel-size {config.voxel_size}: expected three positive numbers Z Y X (nm)")
         return vs, "option"
     if stack.voxel_size is not None:
-        return stack.voxel_size, "metadata" if stack.voxel_size_note is None else "metadata (no z spacing: z = 1 nm)"
+        if stack.voxel_size_note is not None:
+            log.warning("%s", stack.voxel_size_note)
+            return stack.voxel_size, "metadata (no z spacing: z = 1 nm)"
+        return stack.voxel_size, "metadata"
     return (1.0, 1.0, 1.0), "default"
 
 

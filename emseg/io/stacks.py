@@ -117,7 +117,8 @@ class Stack:
         self.close()
 
     def _note_missing_z(self, found: FoundVoxelSize | None) -> None:
-        """Say so (a warning and :attr:`voxel_size_note`) when the metadata gave y and x but no
+        """Say so (:attr:`voxel_size_note`, which ingest warns with when it uses the metadata's
+        voxel size) when the metadata gave y and x but no
         z spacing for a stack of several slices: z is then 1 nm, which is rarely the truth."""
         if found is None or found.z_known or self.shape[0] < 2:
             return
@@ -125,7 +126,6 @@ class Stack:
             f"{self.path.name}: no z spacing in its metadata ({found.source}: y {found.zyx[1]:g} nm, "
             f"x {found.zyx[2]:g} nm); z = {found.zyx[0]:g} nm unless --voxel-size Z Y X is given"
         )
-        log.warning("%s", self.voxel_size_note)
 
     def describe(self) -> dict[str, Any]:
         return {
