@@ -128,8 +128,6 @@ def demo(
     validation scores."""
     from emseg.recipes.demo import run_demo
 
-    if isinstance(options.get("output"), Path):
-        options["output"] = str(options["output"])
     return run_demo(override(DemoConfig, config, **options), data=data, progress=progress)
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -203,6 +204,8 @@ _KIND_WORDS = {bool: "true or false", int: "a whole number", float: "a number", 
 
 
 def _typed(value: Any, kind: type, flag: str) -> Any:
+    if kind is str and isinstance(value, os.PathLike):  # a folder or file option given as a Path
+        value = os.fspath(value)
     if kind is bool:
         ok = isinstance(value, bool)
     else:
