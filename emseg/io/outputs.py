@@ -114,16 +114,25 @@ def provenance(command: str, **fields: Any) -> dict[str, Any]:
     }
 
 
+def _small_json(path: Path) -> Any:
+    """The JSON in ``path``, or None when it is not a small regular file of JSON (a FIFO or a
+    device is never opened)."""
+    try:
+        info = os.lstat(path)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > 2**26:
+            return None
+        return json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+
+
 def _emseg_attrs(path: Path) -> dict[str, Any] | None:
     """The ``emseg`` block of the root attributes of the zarr store ``path`` (v2 or v3), or None
     where there is none or it cannot be read."""
     for meta in (".zattrs", "zarr.json"):
         f = path / meta
-        if f.is_file():
-            try:
-                attrs = json.loads(f.read_text())
-            except (OSError, ValueError):
-                return None
+        if f.exists() or f.is_symlink():
+            attrs = _small_json(f)
             if meta == "zarr.json" and isinstance(attrs, dict):
                 attrs = attrs.get("attributes", attrs)
             if not isinstance(attrs, dict) or "emseg" not in attrs:
@@ -204,13 +213,7 @@ def _tiff_is_emseg(path: Path) -> bool:
 
 
 def _json_is_emseg(path: Path, keys: tuple[str, ...] = (MARKER,)) -> bool:
-    try:
-        info = os.lstat(path)
-        if not stat.S_ISREG(info.st_mode) or info.st_size > 2**26:  # never read a FIFO or a device
-            return False
-        obj = json.loads(path.read_bytes())
-    except (OSError, ValueError):
-        return False
+    obj = _small_json(path)
     return isinstance(obj, dict) and any(k in obj for k in keys)
 
 
@@ -258,17 +261,6 @@ def partial_is_emseg(partial: Path) -> bool:
         return True
     names = {p.name for p in partial.iterdir()}
     return SETTINGS_FILE in names and all(n in _PARTIAL_ENTRIES or n.startswith(f".{SETTINGS_FILE}.tmp") for n in names)
-
-
-def _read_record(path: Path) -> Any:
-    """A resume record, or None when it is not a small regular JSON file."""
-    try:
-        info = os.lstat(path)
-        if not stat.S_ISREG(info.st_mode) or info.st_size > 2**26:
-            return None
-        return json.loads(path.read_bytes())
-    except (OSError, ValueError):
-        return None
 
 
 def _real(path: Path) -> Path:
@@ -683,7 +675,7 @@ class Output:
                 "emseg never deletes it: move it away, or choose another output"
             )
         if self.resume and settings.is_file() and self.path.is_dir():
-            if _read_record(settings) != json.loads(json.dumps(self._record)):
+            if _small_json(settings) != json.loads(json.dumps(self._record)):
                 raise BadInputError(
                     f"--resume: the interrupted run in {partial.name} used other settings or another "
                     "input; run again without --resume to start afresh"
