@@ -63,10 +63,16 @@ except ImportError:  # pragma: no cover - older typer uses click itself
     from click import exceptions as _click  # type: ignore[no-redef]
 
 
+def _error_line(message: str) -> None:
+    """The one line a user sees for an error: ``emseg: error: MESSAGE`` on stderr."""
+    sys.stderr.write(f"emseg: error: {message}\n")
+    sys.stderr.flush()
+
+
 class _OneLineErrors(TyperGroup):
-    """The command group: a usage error (an unknown option, a value the option's type refuses, a
-    missing argument) is one ``emseg: error:`` line on stderr with exit code 2, like every other
-    error a user can fix, instead of click's framed usage block."""
+    """The command group, where every error a user sees is made one line: an emseg error (its
+    message, its exit code) and a usage error (an unknown option, a value the option's type
+    refuses, a missing argument: exit code 2) alike, instead of click's framed usage block."""
 
     def main(  # type: ignore[override]
         self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
@@ -76,15 +82,16 @@ class _OneLineErrors(TyperGroup):
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except EmsegError as exc:
+            _error_line(str(exc))
+            sys.exit(exc.exit_code)
         except _click.NoArgsIsHelpError as exc:
             exc.show()
             sys.exit(exc.exit_code)
         except _click.ClickException as exc:
             ctx = getattr(exc, "ctx", None)
             where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-            message = " ".join(exc.format_message().split())
-            sys.stderr.write(f"emseg: error: {message}{where}\n")
-            sys.stderr.flush()
+            _error_line(" ".join(exc.format_message().split()) + where)
             sys.exit(exc.exit_code)
         except typer.Abort:
             sys.stderr.write("emseg: aborted\n")
@@ -226,19 +233,10 @@ def _fmt(value: Any) -> str:
 
 
 def command(*args: Any, **kwargs: Any) -> Callable[[F], F]:
-    """Register a command whose emseg errors become one stderr line and their exit code."""
+    """Register a command (its errors become one line in :class:`_OneLineErrors`)."""
 
     def decorate(fn: F) -> F:
-        @functools.wraps(fn)
-        def wrapper(*a: Any, **k: Any) -> Any:
-            try:
-                return fn(*a, **k)
-            except EmsegError as exc:
-                sys.stderr.write(f"emseg: error: {exc}\n")
-                sys.stderr.flush()
-                raise typer.Exit(exc.exit_code) from None
-
-        app.command(*args, **kwargs)(wrapper)
+        app.command(*args, **kwargs)(fn)
         return fn
 
     return decorate
