@@ -356,6 +356,18 @@ def _note(quiet: bool, message: str) -> None:
         stderr.print(message)
 
 
+def _call(quiet: bool, command: str, *args: Any, progress: bool = True, **kwargs: Any) -> Any:
+    """``emseg.api.<command>(*args, **kwargs)`` as every command calls it: --quiet applied to the
+    log, and with ``progress`` a progress display on stderr (none with --quiet)."""
+    from emseg import api
+
+    _quiet_log(quiet)
+    if not progress:
+        return getattr(api, command)(*args, **kwargs)
+    with RichReporter(not quiet) as reporter:
+        return getattr(api, command)(*args, **kwargs, progress=reporter)
+
+
 @command("ingest")
 @with_options(IngestConfig)
 def ingest_cmd(
@@ -366,12 +378,7 @@ def ingest_cmd(
     **options: Any,
 ) -> None:
     """Convert a TIFF stack or slice folder (and its labels) into chunked OME-Zarr."""
-    from emseg import api
-
-    _quiet_log(quiet)
-    with RichReporter(not quiet) as progress:
-        out = api.ingest(source, output, labels=labels, **options, progress=progress)
-    _note(quiet, f"wrote {out}")
+    _note(quiet, f"wrote {_call(quiet, 'ingest', source, output, labels=labels, **options)}")
 
 
 @command("info")
@@ -381,10 +388,7 @@ def info_cmd(
     quiet: bool = QUIET,
 ) -> None:
     """Shape, dtype, chunks, voxel size, levels and labels of an OME-Zarr store."""
-    from emseg import api
-
-    _quiet_log(quiet)
-    result = api.info(path)
+    result = _call(quiet, "info", path, progress=False)
     if as_json:
         stdout.print_json(json.dumps(result))
         return
@@ -438,11 +442,7 @@ def show_cmd(
     **options: Any,
 ) -> None:
     """Save a PNG of a slice beside its mask (and prediction with an overlay)."""
-    from emseg import api
-
-    _quiet_log(quiet)
-    out = api.show(data, output, pred=pred, **options)
-    _note(quiet, f"wrote {out}")
+    _note(quiet, f"wrote {_call(quiet, 'show', data, output, pred=pred, progress=False, **options)}")
 
 
 @command("train")
@@ -454,11 +454,7 @@ def train_cmd(
     **options: Any,
 ) -> None:
     """Train a U-Net on annotated slices: weight-map loss, elastic augmentation, checkpoints, curves."""
-    from emseg import api
-
-    _quiet_log(quiet)
-    with RichReporter(not quiet) as progress:
-        summary = api.train(data, output, **options, progress=progress)
+    summary = _call(quiet, "train", data, output, **options)
     if summary.get("rows") is None:
         return
     columns = ("epoch", "train_loss", "val_loss", "val_accuracy", "val_iou", "v_rand", "v_info", "seconds")
@@ -482,12 +478,7 @@ def predict_cmd(
     **options: Any,
 ) -> None:
     """Segment a stack of any size: overlapping tiles, blended without seams, via dask."""
-    from emseg import api
-
-    _quiet_log(quiet)
-    with RichReporter(not quiet) as progress:
-        out = api.predict(model, data, output, **options, progress=progress)
-    _note(quiet, f"wrote {out}")
+    _note(quiet, f"wrote {_call(quiet, 'predict', model, data, output, **options)}")
 
 
 @command("segment")
@@ -502,12 +493,7 @@ def segment_cmd(
     **options: Any,
 ) -> None:
     """Instance labels from membranes: watershed, agglomeration, blockwise without seams."""
-    from emseg import api
-
-    _quiet_log(quiet)
-    with RichReporter(not quiet) as progress:
-        out = api.segment(pred, into or output, into=into is not None, **options, progress=progress)
-    _note(quiet, f"wrote {out}")
+    _note(quiet, f"wrote {_call(quiet, 'segment', pred, into or output, into=into is not None, **options)}")
 
 
 def _instance_table(pred: Path, data: Path, r: dict[str, Any]) -> Table:
@@ -535,10 +521,7 @@ def evaluate_cmd(
     **options: Any,
 ) -> None:
     """Score a segmentation: pixel error, IoU, Dice, ISBI 2012 V_rand and V_info."""
-    from emseg import api
-
-    _quiet_log(quiet)
-    r = api.evaluate(pred, data, json_path=json_path, **options)
+    r = _call(quiet, "evaluate", pred, data, json_path=json_path, progress=False, **options)
     if r.get("kind") == "instances":
         stdout.print(_instance_table(pred, data, r))
         return
@@ -572,11 +555,8 @@ def bench_cmd(
     **options: Any,
 ) -> None:
     """Time the forward pass, end-to-end predict (vs MONAI) and training on this machine."""
-    from emseg import api
-
-    _quiet_log(quiet)
     with contextlib.nullcontext() if quiet else stderr.status("benchmarking (a few minutes)..."):
-        r = api.bench(model=model, json_path=json_path, **options)
+        r = _call(quiet, "bench", model=model, json_path=json_path, progress=False, **options)
     table = Table(title=f"emseg bench on {r['device']} (torch {r['torch']})")
     for col in ("measure", "setting", "MPix/s", "TFLOP/s", "of peak", "note"):
         table.add_column(col, justify="right" if col in ("MPix/s", "TFLOP/s", "of peak") else "left")
@@ -626,12 +606,7 @@ def export_cmd(
     **options: Any,
 ) -> None:
     """Export a store to a calibrated TIFF stack (ImageJ hyperstack or OME-TIFF) or PNG slices."""
-    from emseg import api
-
-    _quiet_log(quiet)
-    with RichReporter(not quiet) as progress:
-        out = api.export(source, output, **options, progress=progress)
-    _note(quiet, f"wrote {out}")
+    _note(quiet, f"wrote {_call(quiet, 'export', source, output, **options)}")
 
 
 @command("export-model")
@@ -643,10 +618,7 @@ def export_model_cmd(
     **options: Any,
 ) -> None:
     """Export a trained model: TorchScript, ONNX and a bioimage.io package."""
-    from emseg import api
-
-    _quiet_log(quiet)
-    out = api.export_model(run, output, **options)
+    out = _call(quiet, "export_model", run, output, progress=False, **options)
     _note(quiet, f"wrote {out} (model.pt, model.onnx, emseg-model.json, rdf.yaml)")
 
 
@@ -659,11 +631,7 @@ def augment_preview_cmd(
     **options: Any,
 ) -> None:
     """Draw an image, its mask and several augmented pairs (a check of the augmentation)."""
-    from emseg import api
-
-    _quiet_log(quiet)
-    out = api.augment_preview(data, output, **options)
-    _note(quiet, f"wrote {out}")
+    _note(quiet, f"wrote {_call(quiet, 'augment_preview', data, output, progress=False, **options)}")
 
 
 @command("demo")
@@ -676,11 +644,7 @@ def demo_cmd(
     **options: Any,
 ) -> None:
     """Run the whole flow end to end: ingest, train, predict, evaluate, pictures."""
-    from emseg import api
-
-    _quiet_log(quiet)
-    with RichReporter(not quiet) as progress:
-        result = api.demo(data=data, **options, progress=progress)
+    result = _call(quiet, "demo", data=data, **options)
     s = result.scores
     table = Table(title=f"emseg demo on {result.data}, {result.device}", show_header=False)
     table.add_column("what", style="bold")

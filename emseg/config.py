@@ -574,9 +574,8 @@ class Limits:
     max_depth: int = 8
     max_channels: int = 1024
     max_parameters: int = 2 * 10**9
-    #: Bytes of one zarr chunk (EMSEG_MAX_CHUNK_BYTES) and of one array (EMSEG_MAX_ARRAY_BYTES).
+    #: Bytes of one zarr chunk (EMSEG_MAX_CHUNK_BYTES).
     max_chunk_bytes: int = 2**31
-    max_array_bytes: int = 2**50
     #: Estimated bytes of a training crop batch or a prediction tile batch (EMSEG_MAX_BATCH_BYTES):
     #: batch x side² x 128 bytes (about 32 float32 values per pixel held at once).
     max_batch_bytes: int = 2**38

@@ -1,8 +1,10 @@
-"""P(cell) as emseg stores it, and the one rule for what a P(cell) map may hold.
+"""What emseg scores: P(cell) as it stores it (the one rule for what a map may hold) and the truth.
 
 A map is uint8 (0-255, P = value / 255) or floating point (0-1). Every command that reads one
 (``evaluate``, ``segment``, ``show``) checks it with :func:`check_probability`, so a map of NaNs or
 of 0-255 values stored as floats is refused the same way everywhere instead of being clipped.
+Ground truth is labels/cells (0 membrane, > 0 cell); ``emseg evaluate`` and training's validation
+refuse truth without both with :func:`check_both_classes`, training before it writes anything.
 """
 
 from __future__ import annotations
@@ -47,4 +49,16 @@ def probability_uint8(values: np.ndarray, where: str) -> np.ndarray:
     return np.round(values.astype(np.float32, copy=False) * 255).astype(np.uint8)
 
 
-__all__ = ["check_probability", "probability_float", "probability_uint8"]
+def check_both_classes(labels: np.ndarray, what: str) -> None:
+    """Refuse ground truth without both classes (cells > 0 and membrane 0): every score against it
+    (V_rand 1.0 for all-background truth) would be meaningless."""
+    cells = int(np.count_nonzero(labels))
+    if cells == 0 or cells == labels.size:
+        kind = "membrane (0)" if cells == 0 else "cell (> 0)"
+        raise BadInputError(
+            f"{what}: the ground truth holds only {kind} pixels; scores need both cells and membranes "
+            "(check the labels, or choose other slices)"
+        )
+
+
+__all__ = ["check_both_classes", "check_probability", "probability_float", "probability_uint8"]

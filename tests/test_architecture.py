@@ -25,7 +25,6 @@ LAYERS: list[tuple[str, ...]] = [
         "emseg.viz",
         "emseg.probability",
         "emseg.reflection",
-        "emseg.truth",
         "emseg.synthetic",
     ),
     ("emseg.io",),

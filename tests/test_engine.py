@@ -77,10 +77,10 @@ class LateTransfer(HostTransfer):
 
         thread = threading.Thread(target=copy)
         thread.start()
-        return Pending(host, extra=thread)
+        return Pending(host, event=thread)  # this transfer's "event" is the copying thread
 
     def wait(self, pending):
-        pending.extra.join()
+        pending.event.join()
         return [h.numpy().copy() for h in pending.host]
 
 

@@ -12,8 +12,7 @@ from emseg.errors import BadInputError
 from emseg.evaluation.metrics import Scores, evaluate_arrays
 from emseg.io.stacks import TIFF_SUFFIXES, open_stack
 from emseg.io.zarr import first_slice, open_ome
-from emseg.probability import probability_float
-from emseg.truth import check_both_classes
+from emseg.probability import check_both_classes, probability_float
 
 
 def load_probabilities(pred: str | Path, n_slices: int, shape_yx: tuple[int, int]) -> tuple[Any, int]:

@@ -11,7 +11,7 @@ a completion thread waits for the copy and hands the arrays to the waiting task.
 (batch size, TTA, precision, output dtype, threshold, layout) is the prediction's
 :class:`~emseg.config.PredictConfig`; nothing about it is declared here again.
 
-Every host/device copy goes through one :class:`Transfer` (stage, upload, download, wait), the
+Every host/device copy goes through one :class:`HostTransfer` (stage, upload, download, wait), the
 same steps on the CPU and on CUDA (pinned buffers, non-blocking copies, an event per download),
 so the CPU tests run the engine's real control flow. Out-of-memory errors (also cuDNN/cuBLAS
 allocation failures, which arrive as plain RuntimeError) halve the batch size.
@@ -26,7 +26,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -141,37 +141,10 @@ class HostPool:
 
 @dataclass
 class Pending:
-    """A download in flight: host tensors that hold the result once ``event`` has completed (or,
-    for a transfer that completes in another way, once its ``wait`` returns)."""
+    """A download in flight: host tensors that hold the result once ``event`` has completed."""
 
     host: list[torch.Tensor]
     event: Any = None
-    extra: Any = None
-
-
-class Transfer(Protocol):
-    """How the engine moves data between the host and its device."""
-
-    device: torch.device
-
-    def stage(self, arrays: Sequence[np.ndarray]) -> list[torch.Tensor]:
-        """Host copies of ``arrays`` ready to upload (pinned on CUDA)."""
-        ...
-
-    def upload(self, host: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The staged tensors on the device (asynchronous on CUDA; later work on the same stream
-        sees them)."""
-        ...
-
-    def download(self, tensors: Sequence[torch.Tensor]) -> Pending:
-        """Start copying device tensors to the host."""
-        ...
-
-    def wait(self, pending: Pending) -> list[np.ndarray]:
-        """Block until the download is complete; the arrays belong to the caller."""
-        ...
-
-    def close(self) -> None: ...
 
 
 def _release_pinned() -> None:
@@ -181,7 +154,8 @@ def _release_pinned() -> None:
 
 
 class HostTransfer:
-    """The one :class:`Transfer`: on CUDA pinned buffers from a bounded :class:`HostPool`,
+    """How the engine moves data between the host and its device (stage, upload, download, wait):
+    on CUDA pinned buffers from a bounded :class:`HostPool`,
     non-blocking copies on the device's current stream and a CUDA event per copy; on the CPU the
     same steps with plain buffers (the upload is the staged tensor itself, a download completes at
     once)."""
@@ -265,7 +239,7 @@ class Engine:
         mean: float,
         std: float,
         config: PredictConfig | None = None,
-        transfer: Transfer | None = None,
+        transfer: HostTransfer | None = None,
         *,
         max_wait: float = MAX_WAIT_S,
     ) -> None:
@@ -274,7 +248,7 @@ class Engine:
         self.settings = settings
         self.max_wait = max_wait
         self.mean, self.std = float(mean), float(std)
-        self.transfer: Transfer = transfer or HostTransfer(device, HOST_CACHE_BYTES)
+        self.transfer: HostTransfer = transfer or HostTransfer(device, HOST_CACHE_BYTES)
         with device_context(device):
             self.model = model.to(device).eval()
         self._channels_last = settings.channels_last  # faster on CUDA and on oneDNN CPUs alike

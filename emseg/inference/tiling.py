@@ -133,10 +133,6 @@ class TilePlan:
     x_windows: np.ndarray  # (n_x, tile)
 
     @property
-    def n_tiles(self) -> int:
-        return len(self.y_origins) * len(self.x_origins)
-
-    @property
     def domain(self) -> tuple[int, int, int, int]:
         """y0, y1, x0, x1 covered by the tiles (the input region to read)."""
         t = self.tile

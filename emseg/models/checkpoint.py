@@ -29,7 +29,6 @@ from emseg.io.untrusted import check_source
 from emseg.models.build import build_model, check_model_config
 
 META_KEY = "emseg"
-SAFETENSORS_SUFFIX = ".safetensors"
 
 
 def unwrap(model: nn.Module) -> nn.Module:

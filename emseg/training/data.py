@@ -20,9 +20,9 @@ from emseg.config import TrainConfig
 from emseg.errors import BadInputError
 from emseg.io.zarr import OmeImage, open_ome
 from emseg.models.normalization import robust_normalization
+from emseg.probability import check_both_classes
 from emseg.reflection import reflect_index
 from emseg.training.weights import unet_weight_map
-from emseg.truth import check_both_classes
 
 log = logging.getLogger(__name__)
 
