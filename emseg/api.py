@@ -142,14 +142,13 @@ def train(
 ) -> dict[str, Any]:
     """Train a U-Net on ``data`` (OME-Zarr with labels/cells) into the run directory ``output``.
 
-    ``val_slices`` is "A:B", "a,b,c" or a sequence (default: the last 10 %). Returns a summary
-    with the last validation scores and the metrics rows.
+    ``val_slices`` is "A:B", "a,b,c" or a sequence (default: the last 10 %). At the end the
+    validation slices calibrate ``emseg segment``'s settings for the run (``segmentation.json``).
+    Returns a summary with the last validation scores, the metrics rows and the calibration.
     """
-    from emseg.training.loop import fit
-    from emseg.training.validate import validator
+    from emseg.training.calibrate import train as train_and_calibrate
 
-    cfg = override_train(config, **options)
-    return fit(data, output, cfg, validate=validator(cfg), progress=progress)
+    return train_and_calibrate(data, output, override_train(config, **options), progress=progress)
 
 
 def load_model(path: PathLike, device: str | None = None) -> nn.Module:

@@ -416,7 +416,21 @@ def info_cmd(
             f"emseg {result['emseg'].get('version')} {result['emseg'].get('command')} "
             f"on {result['emseg'].get('created')}",
         )
+    segmentation = result["emseg"].get("segmentation")
+    if isinstance(segmentation, dict) and isinstance(segmentation.get("settings"), dict):
+        from emseg.segmentation.calibrate import describe_settings
+
+        origin = segmentation.get("from") or {"": f"the calibration of run {segmentation.get('run')}"}
+        table.add_row("segmentation", f"{describe_settings(segmentation['settings'])}; from {_origins(origin)}")
     stdout.print(table)
+
+
+def _origins(origin: dict[str, str]) -> str:
+    """Where segmentation settings came from: one source, or each setting's."""
+    sources = set(origin.values())
+    if len(sources) == 1:
+        return sources.pop()
+    return "; ".join(f"{k.replace('_', ' ')}: {v}" for k, v in origin.items())
 
 
 def _described(lab: dict[str, Any]) -> str:
@@ -465,7 +479,12 @@ def train_cmd(
         table.add_row(*[_fmt(row.get(c)) if row.get(c) is not None else "" for c in columns])
     if not quiet:
         stderr.print(table)
-    stdout.print(f"checkpoints, metrics.csv and curves.png in {output}")
+    if summary.get("segmentation"):
+        from emseg.segmentation.calibrate import describe_calibration, describe_settings
+
+        cal = summary["segmentation"]
+        _note(quiet, f"emseg segment will use {describe_settings(cal['settings'])}: {describe_calibration(cal)}")
+    stdout.print(f"checkpoints, metrics.csv, curves.png and segmentation.json in {output}")
 
 
 @command("predict")
@@ -653,6 +672,12 @@ def demo_cmd(
     table.add_row("V_rand (validation)", f"{s['v_rand']:.4f} at threshold {s['v_rand_threshold']:.1f}")
     table.add_row("V_info (validation)", f"{s['v_info']:.4f} at threshold {s['v_info_threshold']:.1f}")
     table.add_row("pixel accuracy", f"{s['pixel_accuracy']:.4f}")
+    if result.segmentation:
+        from emseg.segmentation.calibrate import describe_settings
+
+        table.add_row(
+            "segment settings", f"{describe_settings(result.segmentation['settings'])} (calibrated by the run)"
+        )
     if "cells_v_rand" in s:
         table.add_row("V_rand (cells)", f"{s['cells_v_rand']:.4f}, {s['cells_objects']} cells from emseg segment")
     for name, path in result.outputs.items():

@@ -255,6 +255,21 @@ def _device(default: str = "auto") -> Any:
     return option(default, "auto, cpu, cuda or cuda:N.", runtime=True)
 
 
+#: ``emseg segment``'s settings where neither an option, a calibration nor the prediction's run
+#: chose them. They score best at their worst, against the best threshold of the same P(cell), over
+#: five sets, none of them ISBI's held-out 27-29: four cross-validation folds of ISBI slices 0-26
+#: and the demo's synthetic stack (benchmarks/README.md).
+SEGMENT_DEFAULTS: dict[str, Any] = {
+    "seed_threshold": 0.7, "min_distance": 4, "merge_threshold": 0.78, "min_size": 200, "components": None,
+}  # fmt: skip
+#: The settings calibration chooses (SegmentConfig fields).
+CALIBRATED = tuple(SEGMENT_DEFAULTS)
+
+
+def _calibrated(text: str, name: str) -> str:
+    return f"{text} (default: the run's calibration, else {SEGMENT_DEFAULTS[name]})."
+
+
 # --- the configs ----------------------------------------------------------------------------------
 
 
@@ -492,18 +507,37 @@ class PredictConfig(Checked):
 
 @dataclass(frozen=True)
 class SegmentConfig(Checked):
-    """How ``emseg segment`` turns P(cell) into instance labels. The defaults score best at their
-    worst, against the best threshold of the same P(cell), over five sets, none of them ISBI's
-    held-out 27-29: four cross-validation folds of ISBI slices 0-26 (each predicted by a small
-    model that did not train on it) and ``emseg demo``'s synthetic stack predicted by its
-    3-minute model (benchmarks/README.md)."""
+    """How ``emseg segment`` turns P(cell) into instance labels. The settings of
+    :data:`CALIBRATED` left at None come from ``calibrate`` (labelled slices), else from the
+    calibration of the run that made the prediction, else from :data:`SEGMENT_DEFAULTS`."""
 
     mode: str = option("2d", "2d (per slice) or 3d (anisotropy from the voxel size).", choices=SEGMENT_MODES)
-    seed_threshold: float = option(0.7, "Seeds grow from pixels with P(cell) above this.", ge=0, le=1)
+    seed_threshold: float | None = option(
+        None, _calibrated("Seeds grow from pixels with P(cell) above this", "seed_threshold"), kind=float, ge=0, le=1
+    )
     seeds: str = option("cores", "maxima (of the distance) or cores.", choices=SEEDS)
-    min_distance: int = option(4, "Seeds: distance maxima within 2N+1 pixels, or cores N away.", ge=0)
-    merge_threshold: float = option(0.78, "Merge neighbours whose border P(membrane) is below.", ge=0, le=1)
-    min_size: int = option(200, "Smaller segments join a neighbour.", ge=1)
+    min_distance: int | None = option(
+        None, _calibrated("Seeds: distance maxima within 2N+1 pixels, or cores N away", "min_distance"), kind=int, ge=0
+    )
+    merge_threshold: float | None = option(
+        None, _calibrated("Merge neighbours whose border P(membrane) is below", "merge_threshold"), kind=float,
+        ge=0, le=1,
+    )  # fmt: skip
+    min_size: int | None = option(None, _calibrated("Smaller segments join a neighbour", "min_size"), kind=int, ge=1)
+    components: float | None = option(
+        None,
+        "Instead of watershed and merging: the cells are the components of P(cell) > this, thinned as the ISBI "
+        "metrics do (what calibration falls back to when no setting beats the map).",
+        kind=float, ge=0, le=1,
+    )  # fmt: skip
+    calibrate: str | None = option(
+        None, "Choose the settings on the labelled slices of this store (labels/cells) first.", kind=str,
+        metavar="DATA.zarr",
+    )  # fmt: skip
+    slices: tuple[int, int] | None = option(
+        None, "With --calibrate: its labelled slices A:B (default: all the prediction covers).", kind=(int, 2),
+        parse=slice_range,
+    )  # fmt: skip
     block: int = option(
         2048, "Block side in pixels (whole chunks; in 3d also its depth; an axis up to 1.5x is one).", ge=1
     )
@@ -697,6 +731,7 @@ __all__ = [
     "ExportModelConfig",
     "Limits",
     "LOSSES",
+    "SEGMENT_DEFAULTS",
     "ISBI_VOXEL_SIZE_NM",
     "override",
     "override_train",

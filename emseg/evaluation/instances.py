@@ -56,11 +56,13 @@ class InstanceScores:
 
 
 def boundary_lines(labels: np.ndarray) -> np.ndarray:
-    """(Y, X) int instance IDs -> the same with 0 on a one-pixel line wherever two IDs meet (the
-    pixel whose right or lower neighbour has another ID)."""
+    """(Y, X) int instance IDs -> the same with 0 on a one-pixel line wherever two objects meet
+    (the pixel whose right or lower neighbour is another object). Pixels of no object (0) are
+    boundary already: no line is drawn beside them, so labels with their own one-pixel lines
+    (those of :func:`~emseg.probability.thinned_segmentation`) score as the map they came from."""
     out = np.array(labels, copy=True)
-    out[:-1][labels[:-1] != labels[1:]] = 0
-    out[:, :-1][labels[:, :-1] != labels[:, 1:]] = 0
+    for here, there in ((out[:-1], labels[1:]), (out[:, :-1], labels[:, 1:])):
+        here[(here != there) & (there != 0)] = 0
     return out
 
 

@@ -65,9 +65,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 from scipy import ndimage as ndi
-from skimage.segmentation import watershed
 
 from emseg.errors import BadInputError
+from emseg.probability import DEFAULT_THRESHOLDS, FOUR, fiji_cells, thinned_segmentation
 from emseg.system import available_cpus
 
 __all__ = [
@@ -84,9 +84,6 @@ __all__ = [
     "thinned_segmentation",
 ]
 
-#: The challenge's thresholds on P(cell): 0.0, 0.1, ..., 1.0.
-DEFAULT_THRESHOLDS: tuple[float, ...] = tuple(round(i / 10, 1) for i in range(11))
-
 #: Keys of the dict returned by :func:`rand_info_scores`, in order.
 SCORE_NAMES: tuple[str, ...] = (
     "v_rand",
@@ -100,22 +97,6 @@ SCORE_NAMES: tuple[str, ...] = (
 #: P(cell) above this is cell for the pixel metrics (pixel error, IoU, Dice): the ISBI challenge's
 #: definition, not predict's --threshold.
 CELL_AT = 0.5
-
-
-def _fiji_loop_thresholds() -> tuple[float, ...]:
-    """The threshold values Fiji's ``for (th = 0.0; th <= 1.0; th += 0.1)`` loop visits."""
-    values, th = [], 0.0
-    while th <= 1.0:
-        values.append(th)
-        th += 0.1
-    return tuple(values)
-
-
-# Threshold as reported -> value Fiji compares against (differs only for 0.3, 0.8, 0.9 and 1.0).
-_FIJI_COMPARISON = dict(zip(DEFAULT_THRESHOLDS, _fiji_loop_thresholds(), strict=True))
-
-# 4-connectivity in 2-D.
-_FOUR = ndi.generate_binary_structure(2, 1)
 
 
 # --- inputs -------------------------------------------------------------------------------------
@@ -158,47 +139,6 @@ def _check_thresholds(thresholds: Sequence[float]) -> tuple[float, ...]:
     if not all(0.0 <= t <= 1.0 for t in values):
         raise BadInputError(f"thresholds must lie in [0, 1], got {values}")
     return values
-
-
-def _cell_mask(prob32: np.ndarray, t: float) -> np.ndarray:
-    """Cells at threshold ``t`` as Fiji sees them: float32 P(cell) > double threshold."""
-    return prob32 > np.float64(_FIJI_COMPARISON.get(t, t))
-
-
-# --- thinning -----------------------------------------------------------------------------------
-
-
-def thinned_segmentation(cells: np.ndarray) -> np.ndarray:
-    """Label the 4-connected cells and grow them over the membrane, leaving one-pixel lines.
-
-    ``cells``: (Y, X) bool, True = cell. Returns (Y, X) int32 labels 1..N, with 0 on the watershed
-    lines between different cells; no two different labels touch (4-connectivity). Cell pixels
-    keep the label of their 4-connected component; membrane pixels take the label of the cell
-    they are flooded from, breadth-first. Without any cell the whole slice is one segment (all 1),
-    as in Fiji's flooding.
-    """
-    cells = np.asarray(cells)
-    if cells.ndim != 2:
-        raise BadInputError(f"cells must be a (Y, X) mask, got shape {cells.shape}")
-    cells = cells.astype(bool, copy=False)
-    labels, count = ndi.label(cells, structure=_FOUR)
-    labels = labels.astype(np.int32, copy=False)
-    if count == 0:
-        return np.ones(cells.shape, dtype=np.int32)
-    if cells.all():
-        return labels
-    # Only the cell pixels that touch the membrane can flood it: seed from those alone (faster;
-    # ties may break otherwise than with every cell pixel as a seed), then paint the cells back.
-    edge = cells & ~ndi.binary_erosion(cells, structure=_FOUR, border_value=1)
-    out = watershed(
-        np.zeros(cells.shape, dtype=np.uint8),
-        markers=np.where(edge, labels, 0),
-        mask=~cells | edge,
-        connectivity=1,
-        watershed_line=True,
-    ).astype(np.int32, copy=False)
-    np.copyto(out, labels, where=cells)
-    return out
 
 
 # --- scores from labels -------------------------------------------------------------------------
@@ -388,10 +328,10 @@ def _workers(n_jobs: int) -> int:
 
 def _score_slices(prob32: np.ndarray, cells_truth: np.ndarray, thresholds: tuple[float, ...]) -> list[SliceScores]:
     """Scores of each slice: ``prob32`` (Z, Y, X) float32, ``cells_truth`` (Z, Y, X) bool."""
-    truths = [_Truth.from_labels(ndi.label(c, structure=_FOUR)[0]) for c in cells_truth]
+    truths = [_Truth.from_labels(ndi.label(c, structure=FOUR)[0]) for c in cells_truth]
     # The cell masks of one slice are nested, so two thresholds giving as many cell pixels give
     # the same mask and the same scores: thin and score each distinct mask once.
-    counts = [[int(np.count_nonzero(_cell_mask(p, t))) for t in thresholds] for p in prob32]
+    counts = [[int(np.count_nonzero(fiji_cells(p, t))) for t in thresholds] for p in prob32]
     jobs: dict[tuple[int, int], float] = {}  # (slice, cell count) -> first threshold giving it
     for z, row in enumerate(counts):
         for t, count in zip(thresholds, row, strict=True):
@@ -399,7 +339,7 @@ def _score_slices(prob32: np.ndarray, cells_truth: np.ndarray, thresholds: tuple
 
     def run(job: tuple[int, int]) -> dict[str, float]:
         z, t = job[0], jobs[job]
-        labels = thinned_segmentation(_cell_mask(prob32[z], t))
+        labels = thinned_segmentation(fiji_cells(prob32[z], t))
         pred = labels.ravel()[truths[z].index].astype(np.int64, copy=False)
         return _scores(truths[z], pred, singletons=True)
 

@@ -68,6 +68,8 @@ def predict_store(
         slices=list(z_range),
         settings={k: v for k, v in to_dict(config).items() if k not in ("overwrite", "resume")},
         model_meta={k: meta.get(k) for k in ("halo", "divisor", "normalization", "parameters")},
+        # the run's calibrated segmentation settings, which emseg segment uses by default
+        **({"segmentation": meta["segmentation"]} if isinstance(meta.get("segmentation"), dict) else {}),
     )
 
     def create(path: Path) -> None:

@@ -53,6 +53,16 @@ def save_checkpoint(path: Path, model: nn.Module, meta: dict[str, Any]) -> Path:
     return path
 
 
+def add_meta(path: Path, **entries: Any) -> Path:
+    """Rewrite the checkpoint ``path`` atomically with ``entries`` added to its meta (the
+    segmentation settings a run calibrated after training, say); the tensors stay as they are."""
+    from safetensors.torch import save
+
+    tensors, meta = read_checkpoint(path)
+    write_bytes_atomic(path, save(tensors, metadata={META_KEY: json.dumps({**meta, **entries})}))
+    return path
+
+
 def _is_safetensors(path: Path) -> bool:
     """A safetensors file starts with an 8-byte little-endian header length and a JSON object."""
     try:

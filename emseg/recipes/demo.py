@@ -92,6 +92,8 @@ class DemoResult:
     device: str | None = None
     outputs: dict[str, str] = field(default_factory=dict)
     scores: dict[str, Any] = field(default_factory=dict)
+    #: The segmentation settings the run calibrated on its validation slices (segmentation.json).
+    segmentation: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -136,8 +138,7 @@ def run_demo(
     from emseg.inference.predict import predict_store
     from emseg.io.ingest import ingest_stack
     from emseg.io.zarr import open_ome
-    from emseg.training.loop import fit
-    from emseg.training.validate import validator
+    from emseg.training.calibrate import train as train_and_calibrate
 
     config = config or DemoConfig()
     out, device = Path(config.output), config.device
@@ -174,7 +175,7 @@ def run_demo(
         device=device,
         overwrite=True,
     )
-    summary = fit(train, run, train_config, validate=validator(train_config), progress=progress)
+    summary = train_and_calibrate(train, run, train_config, progress=progress)
     tile = whole_slice_tile(tuple(shape_zyx[1:]), 2**plan.depth)
     pred_val = predict_store(
         run,
@@ -204,6 +205,7 @@ def run_demo(
     outputs, cells = _segmentation(train, pred_val, val, out, progress)
     result.outputs.update(outputs)
     result.scores.update(cells_v_rand=cells.v_rand, cells_objects=cells.n_objects)
+    result.segmentation = summary["segmentation"]
     return result
 
 

@@ -109,23 +109,47 @@ def merge_hierarchical(n: int, pairs: np.ndarray, sums: np.ndarray, counts: np.n
     threshold cut of the fragment graph leaves apart; merging one border at a time in order keeps
     a one-pixel fragment on a faint membrane from bridging the two cells on either side (the
     threshold cut joins every low border at once, whatever lies between)."""
+    return merge_tree(n, pairs, sums, counts, threshold)[0]
+
+
+def merge_tree(
+    n: int, pairs: np.ndarray, sums: np.ndarray, counts: np.ndarray, threshold: float = np.inf
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(node -> segment at ``threshold`` as :func:`merge_hierarchical` gives it, the merges in
+    their order as (M, 2) int64 node pairs, their mean border heights (M,) float64 0-1).
+
+    The heights never decrease: a merged border is the weighted mean of two borders that were
+    both still in the queue, so at least the height just merged. The agglomeration at any
+    threshold ``t`` is therefore the first merges whose height is below ``t``
+    (:func:`cut_tree`): one agglomeration with the default ``threshold`` (merge everything)
+    answers every threshold."""
     if len(pairs) == 0:
-        return np.arange(n, dtype=np.int64)
-    return _merge_hierarchical(
+        return np.arange(n, dtype=np.int64), np.zeros((0, 2), np.int64), np.zeros(0)
+    parent, merged, heights, m = _merge_hierarchical(
         n, pairs[:, 0].astype(np.int64), pairs[:, 1].astype(np.int64), np.asarray(sums, np.float64).copy(),
-        np.asarray(counts, np.float64).copy(), float(threshold),
+        np.asarray(counts, np.float64).copy(), float(min(threshold, 2.0)),
     )  # fmt: skip
+    return parent, merged[:m], heights[:m]
+
+
+def cut_tree(n: int, merges: np.ndarray, heights: np.ndarray, threshold: float) -> np.ndarray:
+    """Node -> segment (int64 component ids) after the merges of :func:`merge_tree` whose height
+    is below ``threshold``: the same partition as :func:`merge_hierarchical` at ``threshold``."""
+    return _components(n, merges[: int(np.searchsorted(heights, threshold, side="left"))])
 
 
 @numba.njit(cache=True, nogil=True)
 def _merge_hierarchical(  # noqa: C901 - one compiled loop over a heap; split, numba would call across functions in the hot path
     n: int, ea: np.ndarray, eb: np.ndarray, sums: np.ndarray, counts: np.ndarray, threshold: float
-) -> np.ndarray:  # pragma: no cover - compiled  # fmt: skip
-    """The priority queue of :func:`merge_hierarchical`: a heap of (mean, edge, version) with
-    stale entries skipped, a dict of neighbour -> edge per segment, the segment with fewer
-    neighbours merged into the other."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:  # pragma: no cover - compiled  # fmt: skip
+    """The priority queue of :func:`merge_tree`: a heap of (mean, edge, version) with stale
+    entries skipped, a dict of neighbour -> edge per segment, the segment with fewer neighbours
+    merged into the other; each merge recorded with its mean."""
     alive = np.ones(len(ea), np.bool_)
     version = np.zeros(len(ea), np.int64)
+    merged = np.empty((max(n - 1, 0), 2), np.int64)
+    heights = np.empty(max(n - 1, 0), np.float64)
+    m = 0
     adjacency = List()
     for _ in range(n):
         adjacency.append(Dict.empty(key_type=types.int64, value_type=types.int64))
@@ -148,6 +172,8 @@ def _merge_hierarchical(  # noqa: C901 - one compiled loop over a heap; split, n
         alive[e] = False
         del adjacency[u][v]
         parent[v] = u
+        merged[m, 0], merged[m, 1], heights[m] = u, v, mean
+        m += 1
         for w, e2 in adjacency[v].items():
             if w == u:
                 continue
@@ -174,7 +200,7 @@ def _merge_hierarchical(  # noqa: C901 - one compiled loop over a heap; split, n
         node = i
         while parent[node] != root:
             parent[node], node = root, parent[node]
-    return parent
+    return parent, merged, heights, m
 
 
 def _absorb_small(
@@ -204,4 +230,4 @@ def _absorb_small(
     return _components(k, joins)[lut]
 
 
-__all__ = ["agglomerate", "merge_hierarchical", "region_edges"]
+__all__ = ["agglomerate", "cut_tree", "merge_hierarchical", "merge_tree", "region_edges"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +24,16 @@ import zarr
 
 from emseg.blocks import Block, grow, plan_blocks, run_blocks
 from emseg.cluster import check_local_workers, check_scheduler_address
-from emseg.config import SegmentConfig, runtime_fields, to_dict
+from emseg.config import CALIBRATED, SEGMENT_DEFAULTS, SegmentConfig, runtime_fields, to_dict
 from emseg.errors import BadInputError
 from emseg.io.outputs import Output, complete_output, is_emseg_store, provenance
 from emseg.io.pyramid import build_levels
 from emseg.io.untrusted import untrusted
-from emseg.io.zarr import LevelSpec, OmeImage, create_image_store, emseg_attrs, open_ome
-from emseg.probability import check_probability
+from emseg.io.zarr import LevelSpec, OmeImage, create_image_store, emseg_attrs, first_slice, open_ome
+from emseg.probability import check_probability, probability_uint8
 from emseg.progress import Reporter, reporter_or_null
 from emseg.segmentation.blocks import Job, Task, relabel_block, segment_block
+from emseg.segmentation.calibrate import Calibration, calibrate
 from emseg.segmentation.labels import create_label_image, list_label
 from emseg.segmentation.stitch import face_joins, global_table, label_dtype, neighbours
 
@@ -54,6 +56,7 @@ def segment_store(
         check_scheduler_address(config.scheduler)
     elif config.workers is not None:
         check_local_workers(config.workers)
+    config, chosen = resolve_settings(image, config)
     settings = {k: v for k, v in to_dict(config).items() if k not in RUNTIME_ONLY}
     chunks = tuple(int(c) for c in image.array.chunks)
     target, halo = _block_and_halo(config, image.voxel_size, chunks)  # type: ignore[arg-type]
@@ -64,7 +67,9 @@ def segment_store(
     if complete_output(final, record, overwrite=config.overwrite, resume=config.resume):
         log.info("%s is complete; nothing to resume", final)
         return final
-    prov = provenance("segment", resume_record=record, prediction=str(image.path.resolve()), settings=settings)
+    prov = provenance(
+        "segment", resume_record=record, prediction=str(image.path.resolve()), settings=settings, segmentation=chosen
+    )
 
     def create(path: Path) -> None:
         create_image_store(path, image.version, attrs={"emseg": {**prov, "complete": False}})
@@ -97,6 +102,68 @@ def segment_store(
 
 
 # --- steps ------------------------------------------------------------------------------------
+
+
+#: Labelled pixels calibration reads at most (its tables hold several integers per pixel).
+CALIBRATION_MAX_PIXELS = 2**26
+
+
+def resolve_settings(image: OmeImage, config: SegmentConfig) -> tuple[SegmentConfig, dict[str, Any]]:
+    """``config`` with every setting of :data:`~emseg.config.CALIBRATED` it leaves at None chosen:
+    by calibration on ``config.calibrate``'s labelled slices, else by the calibration of the run
+    that made the prediction (its provenance), else :data:`~emseg.config.SEGMENT_DEFAULTS`; and
+    where each came from (the ``segmentation`` block of the output's provenance)."""
+    explicit = {k: getattr(config, k) for k in CALIBRATED if getattr(config, k) is not None}
+    calibration: dict[str, Any] | None = None
+    if config.calibrate is not None:
+        calibration = calibrate_on(image, config).to_dict()
+        base, source = calibration["settings"], f"calibrated on {config.calibrate} slices {calibration['slices']}"
+    else:
+        run = emseg_attrs(image).get("segmentation")
+        if isinstance(run, dict) and isinstance(run.get("settings"), dict):
+            base = {k: run["settings"].get(k) for k in CALIBRATED}
+            source = f"the calibration of run {run.get('run', '?')} on its slices {run.get('slices', '?')}"
+            calibration = run
+        else:
+            base, source = dict(SEGMENT_DEFAULTS), "emseg's defaults"
+    if set(explicit) - {"components"}:  # a watershed setting given: watershed, not the fallback
+        base = {**base, "components": None}
+    values = {**SEGMENT_DEFAULTS, **{k: v for k, v in base.items() if k in CALIBRATED}, **explicit}
+    resolved = replace(config, **values)
+    origin = {k: "option" if k in explicit else source for k in CALIBRATED}
+    if resolved.components is not None:
+        log.info(
+            "segment: the cells are the components of P(cell) > %.2f (%s)", resolved.components, origin["components"]
+        )
+    return resolved, {"settings": {k: values[k] for k in CALIBRATED}, "from": origin, "calibration": calibration}
+
+
+def calibrate_on(image: OmeImage, config: SegmentConfig) -> Calibration:
+    """:func:`~emseg.segmentation.calibrate.calibrate` on the labelled slices of ``config.calibrate``
+    that the prediction covers (``config.slices``, default all of them)."""
+    data = open_ome(str(config.calibrate))
+    if "cells" not in data.labels:
+        raise BadInputError(f"--calibrate {config.calibrate}: has no labels/cells (ingest it with --labels)")
+    if data.shape[1:] != image.shape[1:]:
+        raise BadInputError(
+            f"--calibrate {config.calibrate}: slices are {data.shape[1:]}, the prediction's are {image.shape[1:]}"
+        )
+    offset = first_slice(image)
+    covered = (max(offset, 0), min(offset + image.shape[0], data.shape[0]))
+    lo, hi = config.slices if config.slices is not None else covered
+    if not (covered[0] <= lo < hi <= covered[1]):
+        raise BadInputError(
+            f"--slices {lo}:{hi}: the prediction covers slices {covered[0]}-{covered[1] - 1} of {config.calibrate}"
+        )
+    if (hi - lo) * math.prod(image.shape[1:]) > CALIBRATION_MAX_PIXELS:
+        raise BadInputError(
+            f"--slices {lo}:{hi}: more than {CALIBRATION_MAX_PIXELS} labelled pixels to calibrate on; choose fewer"
+        )
+    prob = probability_uint8(np.asarray(image.array[lo - offset : hi - offset]), str(image.path))
+    truth = np.asarray(data.labels["cells"].array[lo:hi])
+    return calibrate(
+        prob, truth, mode=config.mode, seeds=config.seeds, voxel_size=image.voxel_size, slices=range(lo, hi)
+    )
 
 
 #: Pixels of the sample of P(cell) checked before anything is written (every block is checked
@@ -180,12 +247,13 @@ def _job(image: OmeImage, out: Output, config: SegmentConfig) -> Job:
         faces=str(faces),
         done=str(out.done_dir),
         mode=config.mode,
-        seed_threshold=config.seed_threshold,
-        min_distance=config.min_distance,
-        merge_threshold=config.merge_threshold,
-        min_size=config.min_size,
+        seed_threshold=float(config.seed_threshold),  # type: ignore[arg-type]
+        min_distance=int(config.min_distance),  # type: ignore[arg-type]
+        merge_threshold=float(config.merge_threshold),  # type: ignore[arg-type]
+        min_size=int(config.min_size),  # type: ignore[arg-type]
         voxel_size=image.voxel_size,
         seeds=config.seeds,
+        components=config.components,
     )
 
 
@@ -194,8 +262,6 @@ def _level0(image: OmeImage) -> str:
 
 
 def _with_labels(job: Job, store: Path) -> Job:
-    from dataclasses import replace
-
     return replace(job, labels=str(store / "0"))
 
 

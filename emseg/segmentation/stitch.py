@@ -43,8 +43,8 @@ def face_joins(low: np.ndarray, high: np.ndarray) -> np.ndarray:
     """Pairs (local ID in the lower block, local ID in the upper block), (P, 2) int64, joined
     across one face. ``low`` is the lower block's ``hi`` planes (its last plane, the upper
     block's first), ``high`` the upper block's ``lo`` planes (its first plane, the lower block's
-    last); a pixel pair joins where both blocks give its two pixels one ID."""
-    agree = (low[0] == low[1]) & (high[0] == high[1])
+    last); a pixel pair joins where both blocks give its two pixels one ID (0, no object, joins nothing)."""
+    agree = (low[0] == low[1]) & (high[0] == high[1]) & (low[0] != 0) & (high[0] != 0)
     pairs = np.stack([low[0][agree], high[0][agree]], axis=1).astype(np.int64)
     return np.unique(pairs, axis=0) if len(pairs) else pairs.reshape(0, 2)
 
