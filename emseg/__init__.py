@@ -21,6 +21,7 @@ from emseg._version import __version__
 _API = (
     "ingest",
     "info",
+    "builtin_models",
     "show",
     "train",
     "predict",

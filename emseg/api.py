@@ -106,6 +106,14 @@ def info(path: PathLike) -> dict[str, Any]:
     return describe_store(path)
 
 
+def builtin_models() -> list[dict[str, Any]]:
+    """The built-in models (``builtin:NAME``, usable wherever a run directory is): name, file,
+    size, parameters, training data, pixel size, scores and licence."""
+    from emseg.models.checkpoint import list_models
+
+    return list_models()
+
+
 @options_of(ShowConfig)
 def show(
     data: PathLike, output: PathLike, *, pred: PathLike | None = None, config: ShowConfig | None = None, **options: Any

@@ -425,6 +425,28 @@ def info_cmd(
     stdout.print(table)
 
 
+@command("models")
+def models_cmd(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    quiet: bool = QUIET,
+) -> None:
+    """The models that ship with emseg: use builtin:NAME wherever a run directory is taken."""
+    found = _call(quiet, "builtin_models", progress=False)
+    if as_json:
+        stdout.print_json(json.dumps(found))
+        return
+    table = Table(title="built-in models (predict, export-model, train --init, the napari widget)")
+    for col in ("name", "what", "pixel (nm)", "scores", "trained on", "licence"):
+        table.add_column(col, no_wrap=col == "name", min_width=18 if col == "name" else None)
+    for m in found:
+        scores = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in m["scores"].items())
+        size = f"{m['parameters'] / 1e6:.2f} M parameters, {m['size_bytes'] / 2**20:.1f} MiB"
+        table.add_row(
+            m["name"], f"{m['task']}; {size}", f"{m['pixel_size_nm']:g}", scores, m["training_data"], m["licence"]
+        )
+    stdout.print(table)
+
+
 def _origins(origin: dict[str, str]) -> str:
     """Where segmentation settings came from: one source, or each setting's."""
     sources = set(origin.values())
@@ -490,7 +512,9 @@ def train_cmd(
 @command("predict")
 @with_options(PredictConfig)
 def predict_cmd(
-    model: Path = typer.Argument(..., help="Run directory or .safetensors checkpoint from emseg train."),
+    model: Path = typer.Argument(
+        ..., help="Run directory or .safetensors checkpoint from emseg train, or builtin:membranes (emseg models)."
+    ),
     data: Path = typer.Argument(..., help="OME-Zarr store to segment."),
     output: Path = typer.Option(..., "--output", "-o", help="Output OME-Zarr (probabilities + labels/membranes)."),
     quiet: bool = QUIET,
@@ -631,7 +655,7 @@ def export_cmd(
 @command("export-model")
 @with_options(ExportModelConfig)
 def export_model_cmd(
-    run: Path = typer.Argument(..., help="Run directory or checkpoint from emseg train."),
+    run: Path = typer.Argument(..., help="Run directory or checkpoint from emseg train, or builtin:NAME."),
     output: Path = typer.Option(..., "--output", "-o", help="Folder to write (TorchScript, ONNX, bioimage.io)."),
     quiet: bool = QUIET,
     **options: Any,
@@ -668,7 +692,7 @@ def demo_cmd(
     table = Table(title=f"emseg demo on {result.data}, {result.device}", show_header=False)
     table.add_column("what", style="bold")
     table.add_column("where / value")
-    table.add_row("trained", f"{s['epochs']} epochs, {s['steps']} steps")
+    table.add_row("trained", f"{s['epochs']} epochs, {s['steps']} steps from {result.started_from}")
     table.add_row("V_rand (validation)", f"{s['v_rand']:.4f} at threshold {s['v_rand_threshold']:.1f}")
     table.add_row("V_info (validation)", f"{s['v_info']:.4f} at threshold {s['v_info_threshold']:.1f}")
     table.add_row("pixel accuracy", f"{s['pixel_accuracy']:.4f}")

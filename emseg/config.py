@@ -405,6 +405,8 @@ class ModelConfig(Checked):
             )
 
 
+#: Warm-up steps of a run that starts from trained weights (``--init``): they need no long ramp.
+INIT_WARMUP_STEPS = 20
 #: TrainConfig fields that live in its nested ModelConfig (the API and CLI take them flat).
 MODEL_FIELDS = tuple(options(ModelConfig))
 
@@ -459,6 +461,12 @@ class TrainConfig(Checked):
     val_tile: int = option(512, "Validation tiles (whole held-out slices, as predict runs).", ge=1, cli=False)
     val_overlap: int = option(64, "Validation tile overlap.", ge=0, cli=False)
     val_every: int = option(1, "Validate every this many epochs (and after the last).", ge=1, cli=False)
+    init: str | None = option(
+        None,
+        "Start from these weights: builtin:NAME, a run directory or a checkpoint (its network, a shorter warm-up).",
+        kind=str,
+        metavar="MODEL",
+    )
     resume: bool = option(False, "Continue the run in OUTPUT from its last checkpoint.", runtime=True)
     overwrite: bool = _overwrite("Start afresh in an existing run directory.")
 
@@ -491,6 +499,12 @@ class PredictConfig(Checked):
         "stack",
         "stack (map this stack's intensity percentiles onto training's) or checkpoint (training's mean/std).",
         choices=NORMALIZATIONS,
+    )
+    rescale: bool = option(
+        True,
+        "Resample the input to the pixel size the model records (built-in models) when the store's differs by "
+        "more than 10 %, and the output back.",
+        flag="--rescale/--no-rescale",
     )
     #: Autocast and the channels-last layout (on CUDA and oneDNN CPUs alike faster).
     amp: bool = True
@@ -554,6 +568,10 @@ class SegmentConfig(Checked):
     )
     overwrite: bool = _overwrite()
     resume: bool = option(False, "Finish an interrupted segmentation.", runtime=True)
+
+    def _check(self) -> None:
+        if self.slices is not None and self.calibrate is None:
+            raise BadInputError("--slices: says which labelled slices --calibrate reads; give --calibrate DATA.zarr")
 
 
 @dataclass(frozen=True)

@@ -133,6 +133,9 @@ BAD: dict[str, st.SearchStrategy] = {
     "--samples": _ints(BELOW_ONE, HUGE),
     "--data": BAD_INPUT,
     "--minutes": _floats(NAN_INF, NON_POSITIVE_FLOAT),
+    "--components": _floats(NAN_INF, OUTSIDE_0_1),
+    "--calibrate": BAD_INPUT,
+    "--init": BAD_INPUT,
 }
 #: Per command, where an option means something else there.
 BAD_FOR = {
@@ -147,6 +150,7 @@ ARGUMENTS = ("source", "path", "data", "model", "pred", "run")
 BASE = {
     "ingest": ["ingest", "{raw}", "-o", "{out}/o.zarr", "--labels", "{lab}"],
     "info": ["info", "{data}"],
+    "models": ["models"],
     "show": ["show", "{data}", "-o", "{out}/v.png", "--pred", "{pred}"],
     "train": ["train", "{data}", "-o", "{out}/run", "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "2",
               "--crop", "32", "--depth", "2", "--base-channels", "4", "--device", "cpu"],

@@ -185,13 +185,14 @@ def test_the_widget_predicts_an_image_layer_in_a_worker(world):
     import tifffile
     from napari.components import ViewerModel
 
-    from emseg.napari.widget import PredictWidget
+    from emseg.napari.widget import RUN_CHOICE, PredictWidget
 
     viewer = ViewerModel()
     raw = tifffile.imread(world["raw"])
     layer = viewer.add_image(raw[2], name="slice", scale=(4, 4), translate=(8, 0))
     widget = PredictWidget(viewer)
     widget.image.value = layer
+    widget.model.value = RUN_CHOICE
     widget.run.value = world["run"]
     widget.device.value = "cpu"
     widget.tile.value = 64
@@ -211,7 +212,7 @@ def test_the_widget_predicts_an_image_layer_in_a_worker(world):
 def test_the_widget_predicts_the_shown_slice_of_a_store_layer(world, tmp_path):
     from napari.components import ViewerModel
 
-    from emseg.napari.widget import PredictWidget
+    from emseg.napari.widget import RUN_CHOICE, PredictWidget
 
     viewer = ViewerModel()
     viewer.open(str(world["data"]), plugin="emseg")
@@ -219,6 +220,7 @@ def test_the_widget_predicts_the_shown_slice_of_a_store_layer(world, tmp_path):
     widget = PredictWidget(viewer)
     assert [name for name, _ in widget._image_layers()] == ["data"]
     widget.image.value = viewer.layers["data"]
+    widget.model.value = RUN_CHOICE
     widget.run.value = world["run"]
     widget.device.value = "cpu"
     widget.tile.value = 64
@@ -236,13 +238,14 @@ def test_the_widget_predicts_the_shown_slice_of_a_store_layer(world, tmp_path):
 def test_the_widget_says_what_is_wrong_in_one_line(world, tmp_path):
     from napari.components import ViewerModel
 
-    from emseg.napari.widget import PredictWidget
+    from emseg.napari.widget import RUN_CHOICE, PredictWidget
 
     viewer = ViewerModel()
     widget = PredictWidget(viewer)
     assert widget.start() is None and widget.status.value == "choose an image layer"
     viewer.add_image(np.zeros((32, 32), np.uint8))
     widget.image.value = viewer.layers[0]
+    widget.model.value = RUN_CHOICE
     widget.run.value = tmp_path / "no-run"
     assert widget.start() is not None
     _wait(widget)

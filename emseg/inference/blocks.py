@@ -52,6 +52,8 @@ class Run:
     normalization: tuple[float, float] | None = None
     #: The input slice of output slice 0 (``--slices A:B`` starts at A).
     first_slice: int = 0
+    #: The model runs at this many times the input's size (its training pixel size; 1: as it is).
+    zoom: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -125,10 +127,14 @@ def _engine(run: Run) -> Any:
 
     c = run.config
     device = process_device(c.device)
-    key: tuple = (run.model, os.path.getmtime(run.model), device, c, run.normalization, run.torch_threads)
+    key: tuple = (run.model, os.path.getmtime(run.model), device, c, run.normalization, run.torch_threads, run.zoom)
     with _LOCK:
         if key not in _ENGINES:
             model, meta = load_trained(run.model, device, compiled=c.torch_compile, threads=run.torch_threads)
+            if run.zoom != 1.0:
+                from emseg.models.rescale import Rescaled
+
+                model = Rescaled(model, run.zoom)
             norm = meta["normalization"]
             for old in _ENGINES.values():
                 old.close()

@@ -26,7 +26,15 @@ from emseg.inference.blocks import Run, drop_caches, plan_tasks, run_block, with
 from emseg.inference.tiling import check_tiling
 from emseg.io.outputs import Output, check_inputs, complete_output, provenance
 from emseg.io.pyramid import build_levels
-from emseg.io.zarr import LevelSpec, OmeImage, create_image_store, create_label, create_multiscale, open_ome
+from emseg.io.zarr import (
+    LevelSpec,
+    OmeImage,
+    create_image_store,
+    create_label,
+    create_multiscale,
+    emseg_attrs,
+    open_ome,
+)
 from emseg.models.checkpoint import check_trained
 from emseg.models.normalization import stack_normalization
 from emseg.progress import Reporter, reporter_or_null
@@ -49,6 +57,7 @@ def predict_store(
     model_path, meta = _checked_model(model, config)
     image, z_range = _checked_input(data, config)
     _check_runtime(config)
+    factor = _rescale(meta, image, config)
     record = _resume_record(model_path, image, config)
     if complete_output(final, record, overwrite=config.overwrite, resume=config.resume):
         log.info("%s is complete; nothing to resume", final)
@@ -67,6 +76,7 @@ def predict_store(
         data=str(image.path.resolve()),
         slices=list(z_range),
         settings={k: v for k, v in to_dict(config).items() if k not in ("overwrite", "resume")},
+        rescaled=factor,
         model_meta={k: meta.get(k) for k in ("halo", "divisor", "normalization", "parameters")},
         # the run's calibrated segmentation settings, which emseg segment uses by default
         **({"segmentation": meta["segmentation"]} if isinstance(meta.get("segmentation"), dict) else {}),
@@ -96,6 +106,7 @@ def predict_store(
             int(meta.get("divisor") or 1),
             normalization=stack_mean_std(meta, image, config),
             first_slice=z_range[0],
+            zoom=factor,
         )
         total, tasks = plan_tasks(run, shape, chunks)
         done = out.done_names()
@@ -119,6 +130,33 @@ def predict_store(
         build_levels(out.path / "labels" / "membranes", "majority")
         zarr.open_group(str(out.path), mode="r+").attrs["emseg"] = {**prov, "complete": True}
     return final
+
+
+def _rescale(meta: dict[str, Any], image: OmeImage, config: PredictConfig) -> float:
+    """How many times the input's size the model runs at: its training pixel size (recorded by
+    built-in models) over the store's, unless within 10 % or ``--no-rescale``; said when it is not 1."""
+    from emseg.models.rescale import rescale_factor
+
+    model_pixel = (meta.get("builtin") or {}).get("pixel_size_nm")
+    if model_pixel and emseg_attrs(image).get("voxel_size_from") == "default":
+        log.warning(
+            "%s has no voxel size (ingested without one): predicting at its own pixels, not rescaled to the "
+            "model's %g nm (ingest with --voxel-size Z Y X)",
+            image.path,
+            model_pixel,
+        )
+        return 1.0
+    factor = rescale_factor(model_pixel, float(image.voxel_size[-1])) if config.rescale else 1.0
+    if factor != 1.0:
+        log.warning(
+            "the model was trained at %g nm pixels, %s has %g nm: predicting on the input resampled by %.3f "
+            "(and the output back; --no-rescale turns it off)",
+            model_pixel,
+            image.path,
+            image.voxel_size[-1],
+            factor,
+        )
+    return factor
 
 
 def stack_mean_std(meta: dict[str, Any], image: OmeImage, config: PredictConfig) -> tuple[float, float] | None:

@@ -78,7 +78,12 @@ def _is_safetensors(path: Path) -> bool:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A run directory's ``best.safetensors`` (else ``last.safetensors``), or the file itself."""
+    """A run directory's ``best.safetensors`` (else ``last.safetensors``), the file itself, or the
+    checked file of a built-in model (``builtin:NAME``, :mod:`emseg.models.builtin`)."""
+    from emseg.models.builtin import builtin_path, is_builtin
+
+    if is_builtin(path):
+        return builtin_path(path)
     path = Path(path)
     if not path.exists():
         raise BadInputError(f"{path}: no such model (give a run directory or a .safetensors checkpoint)")
@@ -174,6 +179,27 @@ def load_trained(
     if compiled:
         model = torch.compile(model, dynamic=False)  # type: ignore[assignment]
     return model, meta
+
+
+def list_models() -> list[dict[str, Any]]:
+    """Every built-in model: its name, file, size and what its header says of it (training data,
+    pixel size, scores, licence, parameters)."""
+    from emseg.models.builtin import MODELS, PREFIX, builtin_path
+
+    out = []
+    for name in MODELS:
+        path = builtin_path(PREFIX + name)
+        meta = read_checkpoint(path)[1]
+        out.append(
+            {
+                "name": PREFIX + name,
+                "file": str(path),
+                "size_bytes": path.stat().st_size,
+                "parameters": meta.get("parameters"),
+                **meta.get("builtin", {}),
+            }
+        )
+    return out
 
 
 def save_resume_point(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict[str, Any]) -> Path:

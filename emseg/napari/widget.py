@@ -20,16 +20,21 @@ from emseg.errors import EmsegError
 from emseg.napari.predict import LayerData, PredictJob, Progress, layer_input, predict_in_steps
 
 log = logging.getLogger(__name__)
+#: The model choice that predicts with the run directory below it (the others are built-in models).
+RUN_CHOICE = "the run directory below"
 
 
 class PredictWidget(Container):
-    """Image layer, run directory, device, tile, TTA, the shown slice only, where to save; a
-    Predict button, a progress bar and a status line."""
+    """Image layer, model (a built-in one, the default, or a run directory), device, tile, TTA, the
+    shown slice only, where to save; a Predict button, a progress bar and a status line."""
 
     def __init__(self, napari_viewer: Any) -> None:
         super().__init__()
         self.viewer = napari_viewer
         self.image = ComboBox(label="image", choices=self._image_layers)
+        from emseg.models.builtin import MODELS, PREFIX
+
+        self.model = ComboBox(label="model", choices=[*(PREFIX + m for m in MODELS), RUN_CHOICE])
         self.run = FileEdit(label="run directory", mode=FileDialogMode.EXISTING_DIRECTORY)
         self.device = ComboBox(label="device", choices=["auto", "cpu", "cuda"], value=PredictConfig.device)
         self.tile = SpinBox(label="tile", value=PredictConfig.tile, min=16, max=4096, step=16)
@@ -41,7 +46,7 @@ class PredictWidget(Container):
         self.progress = ProgressBar(label="progress", value=0, min=0, max=1)
         self.status = Label(value="")
         self.extend(
-            [self.image, self.run, self.device, self.tile, self.tta, self.current, self.output]
+            [self.image, self.model, self.run, self.device, self.tile, self.tta, self.current, self.output]
             + [self.button, self.progress, self.status]
         )
         self.button.changed.connect(self.start)
@@ -68,7 +73,7 @@ class PredictWidget(Container):
         output = Path(self.output.value).expanduser() if str(self.output.value).strip() else None
         return PredictJob(
             layer=inp,
-            run=Path(str(self.run.value)),
+            run=Path(str(self.run.value if self.model.value == RUN_CHOICE else self.model.value)),
             device=str(self.device.value),
             tile=int(self.tile.value),
             tta=bool(self.tta.value),

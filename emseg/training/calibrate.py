@@ -13,15 +13,16 @@ from __future__ import annotations
 import logging
 import math
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 
-from emseg.config import TrainConfig
+from emseg.config import INIT_WARMUP_STEPS, ModelConfig, TrainConfig
 from emseg.io.outputs import write_json_atomic
 from emseg.models.base import SegmentationNet
-from emseg.models.checkpoint import add_meta, load_trained
+from emseg.models.checkpoint import add_meta, checked_config, load_trained, read_checkpoint, resolve_checkpoint
 from emseg.probability import probability_uint8
 from emseg.progress import Reporter, reporter_or_null
 from emseg.segmentation.calibrate import calibrate
@@ -38,11 +39,35 @@ SEGMENTATION_FILE = "segmentation.json"
 def train(data: str | Path, run_dir: str | Path, config: TrainConfig, progress: Reporter | None = None) -> dict:
     """:func:`~emseg.training.loop.fit` with the standard validation, then :func:`calibrate_run`
     on the main process; the summary gains ``segmentation``."""
+    config = with_init(config)
     validate: Validate = validator(config)
     summary = fit(data, run_dir, config, validate=validate, progress=progress)
     if int(os.environ.get("RANK", "0")) == 0:
         summary["segmentation"] = calibrate_run(data, run_dir, config, progress)
     return summary
+
+
+def with_init(config: TrainConfig) -> TrainConfig:
+    """``config`` for a run that starts from ``config.init``'s weights: that model's network (and
+    its checked config, before anything trains) and a warm-up of at most
+    :data:`~emseg.config.INIT_WARMUP_STEPS` steps; unchanged without ``init``."""
+    if config.init is None:
+        return config
+    path = resolve_checkpoint(config.init)
+    tensors, meta = read_checkpoint(path)
+    source = checked_config(path, tensors, meta)
+    if source.model != config.model and config.model != ModelConfig():
+        log.warning(
+            "--init %s: training its network (%s), not the options' (%s)", config.init, source.model, config.model
+        )
+    log.info("starting from the weights of %s", config.init)
+    return replace(
+        config,
+        model=source.model,
+        init=str(path),
+        warmup_steps=min(config.warmup_steps, INIT_WARMUP_STEPS),
+        warmup_fraction=min(config.warmup_fraction, 0.02),
+    )
 
 
 def calibrate_run(

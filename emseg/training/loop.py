@@ -29,6 +29,7 @@ from emseg.io.outputs import check_inputs, write_json_atomic
 from emseg.io.zarr import OmeImage
 from emseg.models.base import SegmentationNet
 from emseg.models.build import build_model
+from emseg.models.checkpoint import read_checkpoint
 from emseg.models.normalization import robust_normalization
 from emseg.progress import Reporter, format_duration, reporter_or_null
 from emseg.training import distributed as D
@@ -76,6 +77,8 @@ def seeded_model(config: TrainConfig) -> SegmentationNet:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         model = build_model(config.model)
+    if config.init is not None:  # the weights of a trained model (with_init made the network its)
+        model.load_state_dict(read_checkpoint(config.init)[0])
     if config.crop % model.divisor or config.crop < model.divisor:
         raise BadInputError(f"--crop {config.crop}: the model needs a multiple of {model.divisor}")
     return model
