@@ -68,6 +68,7 @@ def test_quiet_silences_every_command(tmp_path) -> None:
     runs = {
         "ingest": ["ingest", t / "s.tif", "--labels", t / "l.tif", "-o", t / "a.zarr"],  # no voxel size: a warning
         "info": ["info", t / "a.zarr"],
+        "models": ["models"],
         "show": ["show", t / "a.zarr", "-o", t / "v.png"],
         "augment-preview": ["augment-preview", t / "a.zarr", "-o", t / "aug.png", "--crop", "32", "--samples", "1"],
         "train": ["train", t / "a.zarr", "-o", t / "run", *tiny, "--steps-per-epoch", "2", "--val-slices", "3"],
