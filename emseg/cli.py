@@ -307,8 +307,9 @@ def opt(cls: type, name: str) -> Any:
 def _cli_type(cls: type, name: str) -> Any:
     """The type Typer parses an option as: text for options parsed from text (``A:B``), else the
     field's type (``X | None`` as ``Optional[X]``, the form Typer reads on every Python)."""
-    if options(cls)[name].metadata["parse"] is not None:
-        return Optional[str]
+    meta = options(cls)[name].metadata
+    if meta["parse"] is not None:  # repeatable when it takes any number of texts (--class)
+        return Optional[list[str]] if meta["kind"] == (str, None) else Optional[str]
     hint = typing.get_type_hints(cls)[name]
     args = typing.get_args(hint)
     if type(None) in args:
@@ -373,7 +374,9 @@ def _call(quiet: bool, command: str, *args: Any, progress: bool = True, **kwargs
 def ingest_cmd(
     source: Path = typer.Argument(..., help="Multi-page TIFF/BigTIFF, folder of TIFF/PNG slices, or a 2D image."),
     output: Path = typer.Option(..., "--output", "-o", help="Output OME-Zarr store (DIR.zarr)."),
-    labels: Optional[Path] = typer.Option(None, "--labels", "-l", help="Labels, same kind and shape (cell > 0)."),
+    labels: Optional[Path] = typer.Option(
+        None, "--labels", "-l", help="Labels, same kind and shape (cell > 0, or the codes --class names)."
+    ),
     quiet: bool = QUIET,
     **options: Any,
 ) -> None:
@@ -396,7 +399,11 @@ def info_cmd(
     table.add_column("field", style="bold")
     table.add_column("value")
     table.add_row("NGFF", result["ngff"])
-    table.add_row("shape (z, y, x)", " x ".join(map(str, result["shape"])))
+    if result["channels"]:
+        table.add_row("shape (c, z, y, x)", " x ".join(map(str, result["shape"])))
+        table.add_row("channels", ", ".join(result["channels"]))
+    else:
+        table.add_row("shape (z, y, x)", " x ".join(map(str, result["shape"])))
     table.add_row("dtype", result["dtype"])
     table.add_row("chunks", " x ".join(map(str, result["chunks"])))
     if result["shards"]:
@@ -456,7 +463,14 @@ def _origins(origin: dict[str, str]) -> str:
 
 
 def _described(lab: dict[str, Any]) -> str:
-    """A mask's foreground fraction, or the number of objects of instance labels (``emseg info``)."""
+    """A mask's foreground fraction, the number of objects of instance labels, or a class image's
+    classes and their shares (``emseg info``)."""
+    if lab.get("kind") == "classes":
+        shares = lab["class_fractions"]
+        if shares is None:
+            return f"{len(lab['classes'])} classes: " + ", ".join(lab["classes"])
+        note = "" if lab["fraction_level"] == 0 else f" (level {lab['fraction_level']})"
+        return f"{len(lab['classes'])} classes: " + ", ".join(f"{k} {100 * v:.1f} %" for k, v in shares.items()) + note
     if lab.get("kind") == "instances":
         if lab["objects"] is None:
             return "instance labels (no level under 1 Gi elements to count their objects)"
@@ -484,7 +498,9 @@ def show_cmd(
 @command("train")
 @with_options(TrainConfig, ModelConfig)
 def train_cmd(
-    data: Path = typer.Argument(..., help="OME-Zarr store with labels/cells (from emseg ingest --labels)."),
+    data: Path = typer.Argument(
+        ..., help="OME-Zarr store with labels/cells or labels/classes (emseg ingest --labels [--class])."
+    ),
     output: Path = typer.Option(..., "--output", "-o", help="Run directory for checkpoints, metrics and curves."),
     quiet: bool = QUIET,
     **options: Any,
@@ -506,7 +522,8 @@ def train_cmd(
 
         cal = summary["segmentation"]
         _note(quiet, f"emseg segment will use {describe_settings(cal['settings'])}: {describe_calibration(cal)}")
-    stdout.print(f"checkpoints, metrics.csv, curves.png and segmentation.json in {output}")
+    calibrated = " and segmentation.json" if summary.get("segmentation") else ""
+    stdout.print(f"checkpoints, metrics.csv, curves.png{calibrated} in {output}")
 
 
 @command("predict")
@@ -568,6 +585,9 @@ def evaluate_cmd(
     if r.get("kind") == "instances":
         stdout.print(_instance_table(pred, data, r))
         return
+    if r.get("kind") == "classes":
+        stdout.print(_class_table(pred, data, r))
+        return
     table = Table(title=f"{pred} against {data} ({r['n_slices']} slices)")
     table.add_column("metric", style="bold")
     table.add_column("value", justify="right")
@@ -587,6 +607,22 @@ def evaluate_cmd(
     table.add_row("IoU (cells)", f"{r['iou']:.4f}", "")
     table.add_row("Dice (cells)", f"{r['dice']:.4f}", "")
     stdout.print(table)
+
+
+def _class_table(pred: Path, data: Path, r: dict[str, Any]) -> Table:
+    """``emseg evaluate`` of a multi-class prediction: a row per class, objects where scored."""
+    table = Table(title=f"{pred} against {data} ({r['n_slices']} slices, labelled pixels)")
+    for name in ("class", "IoU", "Dice", "objects: precision", "recall", "F1 (IoU >= 0.5)"):
+        table.add_column(name, justify="left" if name == "class" else "right")
+    for name, s in r["classes"].items():
+        obj = s.get("objects")
+        cells = ["", "", ""] if obj is None else [f"{obj[k]:.3f}" for k in ("precision", "recall", "f1")]
+        iou, dice = (f"{s[k]:.4f}" if k in s else "absent" for k in ("iou", "dice"))
+        table.add_row(name, iou, dice, *cells)
+    table.add_row("mean", f"{r['mean_iou']:.4f}", "", "", "", "")
+    if "v_rand" in r:
+        table.caption = f"membrane against the rest: V_rand {r['v_rand']:.4f} (threshold {r['v_rand_threshold']:.1f})"
+    return table
 
 
 @command("bench")

@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from emseg.classes import parse_classes
 from emseg.errors import BadInputError
 
 T = TypeVar("T")
@@ -289,6 +290,15 @@ class IngestConfig(Checked):
         None, "Of a TIFF whose series do not form one stack: the series to ingest (from 0).", kind=int, ge=0
     )
     channel: int | None = option(None, "Of a multi-channel TIFF: the channel (from 0).", kind=int, ge=0)
+    classes: tuple[tuple[str, tuple[int, ...]], ...] | None = option(
+        None,
+        "A class of a multi-class label image, NAME=CODE[,CODE...]; repeat it, one per class, in the order "
+        "that numbers them (codes no class names are unlabelled). Without it labels are cell (> 0) / membrane.",
+        kind=(str, None),
+        flag="--class",
+        metavar="NAME=CODES",
+        parse=parse_classes,
+    )
     pyramid_min_size: int = option(1024, "Halve y and x level by level down to this side.", ge=1, cli=False)
     clevel: int = option(3, "Blosc-zstd compression level.", ge=0, le=9, cli=False)
     overwrite: bool = _overwrite()
@@ -544,6 +554,13 @@ class SegmentConfig(Checked):
         "metrics do (what calibration falls back to when no setting beats the map).",
         kind=float, ge=0, le=1,
     )  # fmt: skip
+    objects: str | None = option(
+        None,
+        "Of a multi-class prediction: the objects of this blob-like class (e.g. mitochondria: a seeded watershed of "
+        "its probability, touching ones split; --min-distance and --min-size apply) instead of cells.",
+        kind=str,
+        metavar="CLASS",
+    )
     calibrate: str | None = option(
         None, "Choose the settings on the labelled slices of this store (labels/cells) first.", kind=str,
         metavar="DATA.zarr",

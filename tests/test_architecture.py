@@ -16,6 +16,7 @@ LAYERS: list[tuple[str, ...]] = [
     (
         "emseg._version",
         "emseg.blocks",
+        "emseg.classes",
         "emseg.errors",
         "emseg.config",
         "emseg.cluster",

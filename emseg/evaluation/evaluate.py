@@ -81,9 +81,12 @@ def evaluate(
 
     if json_path is not None:  # before the work: a refused output should not cost an evaluation
         check_output(Path(json_path).absolute(), overwrite, kind="file", inputs=[pred, data])
+    from emseg.evaluation.classes import evaluate_classes, is_class_prediction
     from emseg.evaluation.instances import evaluate_instances, is_instance_store
 
-    if is_instance_store(pred):  # an instance segmentation (emseg segment), not P(cell)
+    if is_class_prediction(pred):  # a network of several classes: (c, z, y, x) and labels/classes
+        result = evaluate_classes(pred, data, slices)
+    elif is_instance_store(pred):  # an instance segmentation (emseg segment), not P(cell)
         result = evaluate_instances(pred, data, slices).to_dict()
     else:
         result = evaluate_prediction(pred, data, slices).to_dict()

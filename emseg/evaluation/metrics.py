@@ -75,6 +75,7 @@ __all__ = [
     "SCORE_NAMES",
     "Scores",
     "SliceScores",
+    "class_scores",
     "dice",
     "evaluate_arrays",
     "iou",
@@ -495,3 +496,34 @@ def evaluate_arrays(
         per_threshold=per_threshold,
         n_slices=int(prob.shape[0]),
     )
+
+
+# --- several classes ----------------------------------------------------------------------------
+
+
+def class_scores(pred: np.ndarray, truth: np.ndarray, n_classes: int) -> dict[int, dict[str, float]]:
+    """IoU and Dice of each class 1..``n_classes`` over the labelled pixels (truth > 0).
+
+    ``pred``, ``truth``: same shape, uint8 class numbers (truth 0 = unlabelled, left out).
+    Returns {class: {"iou", "dice", "truth_pixels", "pred_pixels"}} for the classes present in
+    the truth or the prediction there (a class in neither has no score).
+    """
+    pred, truth = np.asarray(pred), np.asarray(truth)
+    if pred.shape != truth.shape:
+        raise BadInputError(f"predicted classes {pred.shape} and truth {truth.shape} differ in shape")
+    labelled = truth > 0
+    p, t = pred[labelled].astype(np.int64), truth[labelled].astype(np.int64)
+    size = n_classes + 1
+    confusion = np.bincount(t * size + np.clip(p, 0, n_classes), minlength=size * size).reshape(size, size)
+    out: dict[int, dict[str, float]] = {}
+    for k in range(1, size):
+        inter, in_truth, in_pred = confusion[k, k], confusion[k].sum(), confusion[:, k].sum()
+        if in_truth + in_pred == 0:
+            continue
+        out[k] = {
+            "iou": float(inter / (in_truth + in_pred - inter)),
+            "dice": float(2 * inter / (in_truth + in_pred)),
+            "truth_pixels": int(in_truth),
+            "pred_pixels": int(in_pred),
+        }
+    return out

@@ -54,6 +54,9 @@ class Run:
     first_slice: int = 0
     #: The model runs at this many times the input's size (its training pixel size; 1: as it is).
     zoom: float = 1.0
+    #: The label image written beside the probabilities: ``membranes`` (P(cell) < threshold), or
+    #: ``classes`` (the most probable class) for a network of several classes.
+    label: str = "membranes"
 
 
 @dataclass(frozen=True)
@@ -175,8 +178,9 @@ def run_block(task: Task) -> int:
     region = read_reflected(lambda r, s: source[run.first_slice + z, r, s], source.shape[1:], y0, y1, x0, x1)
     prob, membranes = engine.run_block(region, plan)
     where = (z, *slices(block.write[1:]))
-    _array(str(Path(run.output) / "0"), "r+", run.run_id)[where] = prob
-    _array(str(Path(run.output) / "labels" / "membranes" / "0"), "r+", run.run_id)[where] = membranes
+    channels = (slice(None),) if prob.ndim == 3 else ()  # (C, h, w) class probabilities
+    _array(str(Path(run.output) / "0"), "r+", run.run_id)[channels + where] = prob
+    _array(str(Path(run.output) / "labels" / run.label / "0"), "r+", run.run_id)[where] = membranes
     (Path(run.done) / block.name).touch()
     return int(prob.size)
 

@@ -251,6 +251,8 @@ class Engine:
         self.transfer: HostTransfer = transfer or HostTransfer(device, HOST_CACHE_BYTES)
         with device_context(device):
             self.model = model.to(device).eval()
+        #: 1: P(cell) (sigmoid); C > 1: one probability per class (softmax), (C, h, w) blocks.
+        self.channels = int(getattr(model, "out_channels", 1))
         self._channels_last = settings.channels_last  # faster on CUDA and on oneDNN CPUs alike
         if self._channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -275,7 +277,8 @@ class Engine:
 
     def submit(self, region: np.ndarray, plan: TilePlan) -> Future:
         """Queue a block: ``region`` (Hd, Wd) is the input over ``plan.domain``. The future gives
-        (probabilities (h, w) in the output dtype, membranes (h, w) uint8)."""
+        (probabilities (h, w) in the output dtype, membranes (h, w) uint8), or with C > 1 classes
+        ((C, h, w) probabilities, (h, w) uint8 most probable class numbered from 1)."""
         if self._error is not None:
             raise EmsegRuntimeError(f"inference failed: {self._error}")
         future: Future = Future()
@@ -314,7 +317,8 @@ class Engine:
     # --- model ------------------------------------------------------------------------------
 
     def _forward(self, raw: torch.Tensor, net: nn.Module | None = None) -> torch.Tensor:
-        """(B, T, T) raw tiles on the device -> (B, T, T) P(cell) float32."""
+        """(B, T, T) raw tiles on the device -> (B, T, T) P(cell) float32, or (B, C, T, T) class
+        probabilities with C > 1 channels."""
         net = self.model if net is None else net
         x = ((raw.float() - self.mean) / self.std).unsqueeze(1)
         views = range(8) if self.settings.tta else (0,)
@@ -325,13 +329,15 @@ class Engine:
                 xk = xk.contiguous(memory_format=torch.channels_last)
             with torch.autocast(self.device.type, dtype=self._amp, enabled=self._amp is not None):
                 logits = net(xk)
-            z = logits.float()[:, 0]
+            z = logits.float()
             z = dihedral_inverse(z, k) if k else z
             total = z if total is None else total + z
         assert total is not None
         # TTA averages logits, not probabilities (a view that is sure of a thin membrane outweighs
         # unsure ones): measured on ISBI 27-29, equal for trained models, +0.004 V_rand for a young one
-        return torch.sigmoid(total / len(views))
+        if self.channels == 1:
+            return torch.sigmoid(total[:, 0] / len(views))
+        return torch.softmax(total / len(views), dim=1)
 
     def _padded(self, raw: torch.Tensor) -> torch.Tensor:
         """(n, T, T) -> (batch_size, T, T) with zero tiles after the n real ones: one shape always."""
@@ -393,7 +399,8 @@ class Engine:
         raise EmsegRuntimeError("out of device memory for one block's input and sums; use a smaller --block")
 
     def _new_accumulator(self, shape: tuple[int, int]) -> torch.Tensor:
-        return torch.zeros(shape, dtype=torch.float32, device=self.device)
+        full = shape if self.channels == 1 else (self.channels, *shape)
+        return torch.zeros(full, dtype=torch.float32, device=self.device)
 
     # --- server -----------------------------------------------------------------------------
 
@@ -477,7 +484,7 @@ class Engine:
             assert block.acc is not None
             w = block.wy[iy, :, None] * block.wx[ix, None, :]
             oy, ox = y - block.plan.domain[0], x - block.plan.domain[2]
-            block.acc[oy : oy + t, ox : ox + t].addcmul_(p, w)
+            block.acc[..., oy : oy + t, ox : ox + t].addcmul_(p, w)
             block.remaining -= 1
             if block.remaining == 0:
                 self._complete(block)
@@ -489,7 +496,7 @@ class Engine:
         dy0, dy1, dx0, dx1 = plan.domain
         oy, ox = y0 - dy0, x0 - dx0
         assert block.acc is not None
-        prob = block.acc[oy : oy + y1 - y0, ox : ox + x1 - x0] / (block.sy[:, None] * block.sx[None, :])
+        prob = block.acc[..., oy : oy + y1 - y0, ox : ox + x1 - x0] / (block.sy[:, None] * block.sx[None, :])
         if not bool(torch.isfinite(prob).all()):  # never silently wrong: uint8 would hide NaN as 0
             block.acc = block.region = block.wy = block.wx = block.sy = block.sx = None
             block.future.set_exception(
@@ -499,7 +506,10 @@ class Engine:
                 )
             )
             return
-        membranes = (prob < self.settings.threshold).to(torch.uint8)
+        if self.channels == 1:
+            membranes = (prob < self.settings.threshold).to(torch.uint8)
+        else:  # the most probable class, numbered from 1
+            membranes = (prob.argmax(0) + 1).to(torch.uint8)
         if self.settings.dtype == "uint8":
             out = torch.round(prob.clamp(0, 1) * 255).to(torch.uint8)
         else:

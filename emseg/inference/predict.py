@@ -11,6 +11,7 @@ pyramid levels from level 0; mark the store complete and commit it under its nam
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import numpy as np
 import zarr
 
 from emseg.blocks import run_blocks
+from emseg.classes import classes_record, from_record
 from emseg.cluster import check_local_workers, check_scheduler_address
 from emseg.config import PredictConfig, runtime_fields, to_dict
 from emseg.device import resolve_device
@@ -33,6 +35,8 @@ from emseg.io.zarr import (
     create_label,
     create_multiscale,
     emseg_attrs,
+    ngff_for,
+    omero_channels,
     open_ome,
 )
 from emseg.models.checkpoint import check_trained
@@ -50,7 +54,9 @@ def predict_store(
 ) -> Path:
     """Predict every block of ``data`` (level 0, slices ``config.slices``) into the OME-Zarr store
     ``output``: P(cell) in ``config.dtype`` and ``labels/membranes`` (uint8, P < threshold), both
-    (Z, Y, X) with the input's chunks, voxel size and pyramid depth. Returns ``output``."""
+    (Z, Y, X) with the input's chunks, voxel size and pyramid depth. A network of several classes
+    writes (C, Z, Y, X) probabilities (one channel per class, named and coloured in ``omero``) and
+    ``labels/classes`` (the most probable class, 1 = the first). Returns ``output``."""
     progress = reporter_or_null(progress)
     final = Path(output).absolute()
     check_inputs(final, [model, data])  # before anything: the output never overlaps what is read
@@ -67,6 +73,10 @@ def predict_store(
     spec = LevelSpec(
         shape=shape, dtype=config.dtype, chunks=chunks, pyramid_min_size=_pyramid_min(image), clevel=config.clevel
     )
+    classes = from_record(meta["classes"]) if meta.get("classes") else None
+    label = "membranes" if classes is None else "classes"
+    # a network of several classes: one probability channel per class, (c, z, y, x)
+    image_spec = spec if classes is None else replace(spec, shape=(len(classes), *shape), chunks=(1, *chunks))
     # slice A of --slices A:B sits where it sits in the input, for viewers and for later commands
     origin = (image.origin[0] + z_range[0] * image.voxel_size[0], *image.origin[1:])
     prov = provenance(
@@ -77,6 +87,7 @@ def predict_store(
         slices=list(z_range),
         settings={k: v for k, v in to_dict(config).items() if k not in ("overwrite", "resume")},
         rescaled=factor,
+        **({} if classes is None else {"classes": classes_record(classes)}),
         model_meta={k: meta.get(k) for k in ("halo", "divisor", "normalization", "parameters")},
         # the run's calibrated segmentation settings, which emseg segment uses by default
         **({"segmentation": meta["segmentation"]} if isinstance(meta.get("segmentation"), dict) else {}),
@@ -84,8 +95,9 @@ def predict_store(
 
     def create(path: Path) -> None:
         root = create_image_store(path, image.version, attrs={"emseg": {**prov, "complete": False}})
-        create_multiscale(root, spec, image.voxel_size, image.version, "probabilities", origin=origin)
-        create_label(root, "membranes", spec, image.voxel_size, image.version, origin)
+        extra = None if classes is None else ngff_for(image.version).wrap({"omero": omero_channels(classes)})
+        create_multiscale(root, image_spec, image.voxel_size, image.version, "probabilities", extra, origin=origin)
+        create_label(root, label, spec, image.voxel_size, image.version, origin, classes=classes)
 
     with Output(
         final,
@@ -107,6 +119,7 @@ def predict_store(
             normalization=stack_mean_std(meta, image, config),
             first_slice=z_range[0],
             zoom=factor,
+            label=label,
         )
         total, tasks = plan_tasks(run, shape, chunks)
         done = out.done_names()
@@ -127,7 +140,7 @@ def predict_store(
         )
         progress.finish()
         build_levels(out.path, "mean")
-        build_levels(out.path / "labels" / "membranes", "majority")
+        build_levels(out.path / "labels" / label, "majority" if classes is None else "mode")
         zarr.open_group(str(out.path), mode="r+").attrs["emseg"] = {**prov, "complete": True}
     return final
 

@@ -33,7 +33,7 @@ import numpy as np
 from emseg.config import EXPORT_FORMATS, ExportConfig
 from emseg.errors import BadInputError, EmsegRuntimeError
 from emseg.io.outputs import Output, software_tag
-from emseg.io.zarr import OmeImage, open_ome
+from emseg.io.zarr import OmeImage, emseg_attrs, open_ome
 from emseg.progress import Reporter, reporter_or_null
 
 log = logging.getLogger(__name__)
@@ -85,8 +85,10 @@ def export_store(
             f"--format {fmt}: give tif (an ImageJ hyperstack, OUT.tif), ome-tiff (OUT.ome.tif) or png (a folder)"
         )
     image, array = _exported(source, label, level)
-    # a mask is written as 0/255 so it is visible; instance IDs (uint32/uint64 labels) as they are
-    binary = (label is not None and array.dtype == np.uint8) or array.dtype == np.bool_
+    # a mask is written as 0/255 so it is visible; instance IDs (uint32/uint64 labels) and class
+    # numbers (labels/classes: 1 = the first class) as they are
+    classes = emseg_attrs(image).get("classes")
+    binary = (label is not None and array.dtype == np.uint8 and not classes) or array.dtype == np.bool_
     dtype = np.dtype(np.uint8) if array.dtype == np.bool_ else np.dtype(array.dtype).newbyteorder("=")
     progress = reporter_or_null(progress)
     shape = tuple(int(s) for s in array.shape)
@@ -221,7 +223,7 @@ def _int(value: float) -> str:
 def _exported(source: str | Path, label: str | None, level: int) -> tuple[OmeImage, Any]:
     """(the image or its ``labels/<label>``, its level ``level``), refusing a label, level or
     pixel type the store does not have in one line."""
-    image = open_ome(source)
+    image = open_ome(source, channels=label is not None)
     if label is not None:
         if label not in image.labels:
             raise BadInputError(f"--labels {label}: {source} has labels {sorted(image.labels) or 'none'}")

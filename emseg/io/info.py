@@ -38,7 +38,7 @@ def describe_store(path: str | Path) -> dict[str, Any]:
     (``emseg segment -o``), ``image_label`` describes it the same way and ``objects`` gives its
     number of objects (None for any other store, or when it could not be counted).
     """
-    image = open_ome(path)
+    image = open_ome(path, channels=True)
     arr = image.array
     shards = getattr(arr, "shards", None)
     result: dict[str, Any] = {
@@ -55,11 +55,22 @@ def describe_store(path: str | Path) -> dict[str, Any]:
         "image_label": None,
         "objects": None,
         "emseg": emseg_attrs(image),
+        "channels": _channel_names(image),
     }
     if "image-label" in ngff_payload(image.attrs):
         result["image_label"] = describe_label(image)
         result["objects"] = result["image_label"]["objects"]
     return result
+
+
+def _channel_names(image: OmeImage) -> list[str] | None:
+    """The channel names of a (c, z, y, x) image (its ``omero`` labels, else c0, c1, ...); None for (z, y, x)."""
+    if not image.channels:
+        return None
+    omero = ngff_payload(image.attrs).get("omero")
+    channels = omero.get("channels") if isinstance(omero, dict) else None
+    names = [str(c.get("label")) for c in channels if isinstance(c, dict)] if isinstance(channels, list) else []
+    return names if len(names) == image.channels else [f"c{i}" for i in range(image.channels)]
 
 
 def describe_label(label: OmeImage) -> dict[str, Any]:
@@ -76,6 +87,9 @@ def describe_label(label: OmeImage) -> dict[str, Any]:
     """
     level = next((i for i, a in enumerate(label.levels) if math.prod(a.shape) <= MAX_COUNTED), None)
     dtype = np.dtype(label.array.dtype)
+    classes = emseg_attrs(label).get("classes")
+    if isinstance(classes, list) and classes:
+        return _classes(classes, label, level)
     recorded = _recorded_objects(label)
     if recorded is not None:
         return _instances(recorded, 0, "provenance")
@@ -149,6 +163,25 @@ def _instances(objects: int | None, level: int | None, source: str | None) -> di
         "objects_source": source,
         "foreground_fraction": None,
         "fraction_level": None,
+    }
+
+
+def _classes(classes: list[dict[str, Any]], label: OmeImage, level: int | None) -> dict[str, Any]:
+    """A class image (``ingest --class``, a multi-class prediction): its classes and their shares
+    of the pixels on ``level`` (None when none was measured), "unlabelled" for 0."""
+    shares = None
+    if level is not None:
+        counts = _histogram(label.levels[level])
+        total = max(int(counts.sum()), 1)
+        shares = {"unlabelled": float(counts[0] / total)}
+        shares.update({str(c["name"]): float(counts[int(c["value"])] / total) for c in classes})
+    return {
+        "kind": "classes",
+        "classes": [str(c["name"]) for c in classes],
+        "class_fractions": shares,
+        "fraction_level": level,
+        "objects": None,
+        "foreground_fraction": None,
     }
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from emseg.classes import CodeCount, classes_record, label_classes, map_codes
 from emseg.config import IngestConfig
 from emseg.errors import BadInputError
 from emseg.io.outputs import Output, check_inputs, provenance
@@ -74,10 +75,14 @@ def ingest_stack(
     """Convert a TIFF stack, slice folder or 2D image (and optionally its labels) to OME-Zarr.
 
     The image keeps its dtype; labels are binarised (value > 0 -> 1, uint8) into
-    ``labels/cells``. Writes through :class:`~emseg.io.outputs.Output`: on any failure nothing
-    new exists under ``output`` (an earlier output it was to replace stays). Returns ``output``.
+    ``labels/cells``, or with ``config.classes`` mapped to class numbers (uint8, 0 unlabelled)
+    into ``labels/classes``, each class named and coloured in its metadata. Writes through
+    :class:`~emseg.io.outputs.Output`: on any failure nothing new exists under ``output`` (an
+    earlier output it was to replace stays). Returns ``output``.
     """
     _check_config(config)
+    if config.classes is not None and labels is None:
+        raise BadInputError("--class names the codes of a label image: give it with --labels")
     progress = reporter_or_null(progress)
     output = Path(output)
     check_inputs(output, [source, labels])
@@ -108,8 +113,8 @@ def _write(  # noqa: C901 - the streaming loop: read ahead, check, write each py
     spec = LevelSpec(
         shape=stack.shape,
         dtype=str(stack.dtype),
-        chunks=tuple(int(c) for c in config.chunks),  # type: ignore[arg-type]
-        shards=None if config.shards is None else tuple(int(s) for s in config.shards),  # type: ignore[arg-type]
+        chunks=tuple(int(c) for c in config.chunks),
+        shards=None if config.shards is None else tuple(int(s) for s in config.shards),
         pyramid_min_size=config.pyramid_min_size,
         clevel=config.clevel,
     )
@@ -129,13 +134,19 @@ def _write(  # noqa: C901 - the streaming loop: read ahead, check, write each py
         "ingest",
         source=stack.describe(),
         labels=None if lab is None else lab.describe(),
+        **({} if config.classes is None or lab is None else {"classes": classes_record(label_classes(config.classes))}),
         voxel_size_from=vs_source,
     )
     inputs = [stack.path, None if lab is None else lab.path]
     with Output(output, overwrite=config.overwrite, kind="store", command="ingest", inputs=inputs) as out:
         root = create_image_store(out.path, config.ngff, attrs={"emseg": prov})
         image_arrays = create_multiscale(root, spec, voxel_size, config.ngff, stack.path.stem)
-        label_arrays = None if lab is None else create_label(root, "cells", spec, voxel_size, config.ngff)
+        classes = None if config.classes is None else label_classes(config.classes)
+        label_arrays = None
+        if lab is not None:
+            name = "cells" if classes is None else "classes"
+            label_arrays = create_label(root, name, spec, voxel_size, config.ngff, classes=classes)
+        codes = CodeCount()
         seen_label_values: set[float] = set()
         floating = np.issubdtype(stack.dtype, np.floating)
         progress.start(f"ingest {stack.path.name}", total=stack.shape[0], unit="slices")
@@ -147,7 +158,8 @@ def _write(  # noqa: C901 - the streaming loop: read ahead, check, write each py
         bands = list(_bands(stack.shape, zstep, ystep))
         with ThreadPoolExecutor(1, "emseg-read") as reader, ThreadPoolExecutor(2, "emseg-write") as writer:
             image_writer = PyramidWriter(image_arrays, "mean", writer)
-            label_writer = None if label_arrays is None else PyramidWriter(label_arrays, "majority", writer)
+            reduction = "majority" if classes is None else "mode"
+            label_writer = None if label_arrays is None else PyramidWriter(label_arrays, reduction, writer)
             future = reader.submit(read, *bands[0])
             try:
                 for i, (z0, z1, y0, y1) in enumerate(bands):
@@ -160,7 +172,10 @@ def _write(  # noqa: C901 - the streaming loop: read ahead, check, write each py
                             "fix the source first"
                         )
                     image_writer.write(z0, y0, image)
-                    if label is not None and label_writer is not None:
+                    if label is not None and label_writer is not None and classes is not None:
+                        codes.add(label)
+                        label_writer.write(z0, y0, map_codes(label, classes))
+                    elif label is not None and label_writer is not None:
                         if len(seen_label_values) <= 2:
                             seen_label_values.update(np.unique(label).tolist()[:3])
                         label_writer.write(z0, y0, (label > 0).astype(np.uint8))
@@ -175,6 +190,9 @@ def _write(  # noqa: C901 - the streaming loop: read ahead, check, write each py
         progress.finish()
         if vs_source == "default":
             log.warning("%s carries no voxel size; used 1 x 1 x 1 nm (set it with --voxel-size Z Y X)", stack.path.name)
+        if classes is not None and lab is not None:
+            for note in codes.report(classes, lab.path.name):
+                log.warning("%s", note)
         if len(seen_label_values) > 2:
             log.warning(
                 "labels %s have more than two values; binarised as value > 0 -> cell (1)", lab.path.name if lab else ""

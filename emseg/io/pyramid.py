@@ -28,11 +28,13 @@ from emseg.config import IngestConfig
 REDUCTIONS = ("mean", "majority", "mode")
 
 
-def pyramid_shapes(shape: Sequence[int], min_size: int = IngestConfig.pyramid_min_size) -> list[tuple[int, int, int]]:
-    """Level shapes: level 0 is ``shape``; each next level halves y and x (rounding up) until the
-    largest of y and x is at most ``min_size``."""
+def pyramid_shapes(shape: Sequence[int], min_size: int = IngestConfig.pyramid_min_size) -> list[tuple[int, ...]]:
+    """Level shapes: level 0 is ``shape`` ((Z, Y, X), or (C, Z, Y, X) whose C stays); each next
+    level halves y and x (rounding up) until the largest of y and x is at most ``min_size``."""
+    if len(shape) == 4:
+        return [(int(shape[0]), *s) for s in pyramid_shapes(shape[1:], min_size)]
     z, y, x = (int(s) for s in shape)
-    shapes = [(z, y, x)]
+    shapes: list[tuple[int, ...]] = [(z, y, x)]
     while max(y, x) > min_size and min(y, x) > 1:
         y, x = math.ceil(y / 2), math.ceil(x / 2)
         shapes.append((z, y, x))
@@ -134,11 +136,15 @@ def build_levels(group_path: Path, kind: str) -> None:
     group = zarr.open_group(str(group_path), mode="r+")
     levels = [array for _, array in sorted(group.arrays(), key=lambda item: int(item[0]))]
     for src, dst in itertools.pairwise(levels):
-        rows = int(dst.chunks[1])
-        for z in range(dst.shape[0]):
-            for y in range(0, dst.shape[1], rows):
-                block = np.asarray(src[z : z + 1, 2 * y : 2 * (y + rows)])
-                dst[z : z + 1, y : y + rows] = reduce2(block, kind)[:, : min(rows, dst.shape[1] - y)]
+        channels = range(dst.shape[0]) if dst.ndim == 4 else (None,)  # (C, Z, Y, X): channel by channel
+        for c in channels:
+            head = () if c is None else (c,)
+            rows = int(dst.chunks[-2])
+            for z in range(dst.shape[-3]):
+                for y in range(0, dst.shape[-2], rows):
+                    block = np.asarray(src[head + (slice(z, z + 1), slice(2 * y, 2 * (y + rows)))])
+                    reduced = reduce2(block, kind)[:, : min(rows, dst.shape[-2] - y)]
+                    dst[head + (slice(z, z + 1), slice(y, y + rows))] = reduced
 
 
 __all__ = ["REDUCTIONS", "PyramidWriter", "band_rows", "build_levels", "pyramid_shapes", "reduce2"]

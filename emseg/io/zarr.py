@@ -30,6 +30,7 @@ from typing import Any, Literal
 import numpy as np
 import zarr
 
+from emseg.classes import LabelClass, classes_record, from_record, image_label_metadata
 from emseg.config import IngestConfig, Limits
 from emseg.errors import BadInputError
 from emseg.io.pyramid import pyramid_shapes
@@ -44,6 +45,8 @@ AXES = [
     {"name": "y", "type": "space", "unit": "nanometer"},
     {"name": "x", "type": "space", "unit": "nanometer"},
 ]
+#: The channel axis of a (c, z, y, x) image (one channel per class of a multi-class prediction).
+CHANNEL_AXIS = {"name": "c", "type": "channel"}
 #: Colour of each label value in viewers (RGBA 0-255).
 LABEL_COLORS = {
     "cells": [{"label-value": 1, "rgba": [255, 200, 0, 128]}],
@@ -159,9 +162,9 @@ def detect_version(attrs: Mapping[str, Any]) -> str:
 # --- writing -------------------------------------------------------------------------------------
 
 
-def clip_chunks(chunks: Sequence[int], shape: Sequence[int]) -> tuple[int, int, int]:
+def clip_chunks(chunks: Sequence[int], shape: Sequence[int]) -> tuple[int, ...]:
     """Chunk shape clipped to the array (a chunk never exceeds the array, never below 1)."""
-    return tuple(max(1, min(int(c), int(s))) for c, s in zip(chunks, shape, strict=False))  # type: ignore[return-value]
+    return tuple(max(1, min(int(c), int(s))) for c, s in zip(chunks, shape, strict=False))
 
 
 #: How level k + 1 is made from level k, as the multiscales entry says it (type, description).
@@ -180,23 +183,27 @@ def multiscales(
     *,
     reduction: str = "mean",
     origin: Sequence[float] = (0.0, 0.0, 0.0),
+    channels: bool = False,
 ) -> dict[str, Any]:
     """The ``multiscales`` entry for an image of ``n_levels`` 2x-in-(y, x) levels whose level 0
-    starts at ``origin`` (nm; e.g. the z of slice A for ``predict --slices A:B``)."""
+    starts at ``origin`` (nm; e.g. the z of slice A for ``predict --slices A:B``); with
+    ``channels``, a (c, z, y, x) image (a channel axis first, unscaled)."""
     datasets = []
+    head = [1.0] if channels else []
     for level in range(n_levels):
         factor = 2**level
-        scale = [float(voxel_size[0]), voxel_size[1] * factor, voxel_size[2] * factor]
+        scale = [*head, float(voxel_size[0]), voxel_size[1] * factor, voxel_size[2] * factor]
         transforms: list[dict[str, Any]] = [{"type": "scale", "scale": scale}]
         shift = (factor - 1) / 2  # a level-k pixel's centre, in level-0 pixels
         translation = [float(origin[0]), origin[1] + voxel_size[1] * shift, origin[2] + voxel_size[2] * shift]
         if any(translation):
+            translation = [0.0] * len(head) + translation
             transforms.append({"type": "translation", "translation": translation})
         datasets.append({"path": str(level), "coordinateTransformations": transforms})
     kind, description = DOWNSAMPLING[reduction]
     entry: dict[str, Any] = {
         "name": name,
-        "axes": AXES,
+        "axes": [CHANNEL_AXIS, *AXES] if channels else AXES,
         "datasets": datasets,
         "type": kind,
         "metadata": {"description": description},
@@ -208,10 +215,10 @@ def multiscales(
 class LevelSpec:
     """Storage layout of one multiscale image: shape, dtype, chunks and shards of level 0."""
 
-    shape: tuple[int, int, int]
+    shape: tuple[int, ...]  # (Z, Y, X), or (C, Z, Y, X) for a multi-channel image
     dtype: str
-    chunks: tuple[int, int, int] = IngestConfig.chunks
-    shards: tuple[int, int, int] | None = None
+    chunks: tuple[int, ...] = IngestConfig.chunks
+    shards: tuple[int, ...] | None = None
     pyramid_min_size: int = IngestConfig.pyramid_min_size
     clevel: int = IngestConfig.clevel
 
@@ -252,12 +259,33 @@ def create_multiscale(
                 **kwargs,
             )
         )
-    entry = multiscales(name, len(arrays), voxel_size, version, reduction=reduction, origin=origin)
+    channels = len(spec.shape) == 4
+    entry = multiscales(name, len(arrays), voxel_size, version, reduction=reduction, origin=origin, channels=channels)
     attrs = ngff.wrap({"multiscales": [entry]})
     if extra_attrs:
         attrs.update(extra_attrs)
     group.attrs.update(attrs)
     return arrays
+
+
+def omero_channels(classes: Sequence[LabelClass]) -> dict[str, Any]:
+    """The NGFF ``omero`` rendering block of a (c, z, y, x) probability image: one channel per
+    class, named and coloured as its class, a 0-255 window (uint8 probabilities)."""
+    return {
+        "channels": [
+            {
+                "label": c.name,
+                "color": "{:02X}{:02X}{:02X}".format(*c.rgb),
+                "window": {"start": 0, "end": 255, "min": 0, "max": 255},
+                "active": True,
+                "coefficient": 1.0,
+                "family": "linear",
+                "inverted": False,
+            }
+            for c in classes
+        ],
+        "rdefs": {"model": "color", "defaultZ": 0, "defaultT": 0},
+    }
 
 
 def create_image_store(path: Path, version: str, attrs: dict[str, Any] | None = None) -> zarr.Group:
@@ -272,8 +300,10 @@ def create_label(
     voxel_size: Sequence[float],
     version: str,
     origin: Sequence[float] = (0.0, 0.0, 0.0),
+    classes: Sequence[LabelClass] | None = None,
 ) -> list[zarr.Array]:
-    """Create ``labels/<label_name>`` (uint8 multiscale with image-label metadata) under the image."""
+    """Create ``labels/<label_name>`` (uint8 multiscale with image-label metadata) under the image;
+    with ``classes``, the metadata names and colours each class (and ``emseg.classes`` records them)."""
     ngff = ngff_for(version)
     labels = image_group.require_group("labels")
     existing = list(ngff_payload(labels.attrs).get("labels", []))
@@ -281,11 +311,9 @@ def create_label(
         existing.append(label_name)
     labels.attrs.update(ngff.wrap({"labels": existing}))
     group = labels.create_group(label_name)
+    colors = {"colors": LABEL_COLORS.get(label_name, [{"label-value": 1, "rgba": [255, 0, 0, 128]}])}
     image_label = ngff.tag(
-        {
-            "colors": LABEL_COLORS.get(label_name, [{"label-value": 1, "rgba": [255, 0, 0, 128]}]),
-            "source": {"image": "../../"},
-        }
+        {**(colors if classes is None else image_label_metadata(classes)), "source": {"image": "../../"}}
     )
     arrays = create_multiscale(
         group,
@@ -293,10 +321,12 @@ def create_label(
         voxel_size,
         version,
         label_name,
-        reduction="majority",
+        reduction="majority" if classes is None else "mode",
         origin=origin,
     )
     group.attrs.update(ngff.wrap({**ngff_payload(group.attrs), "image-label": image_label}))
+    if classes is not None:
+        group.attrs["emseg"] = {"classes": classes_record(classes)}
     return arrays
 
 
@@ -317,15 +347,18 @@ class OmeImage:
     origin: tuple[float, ...]
     labels: dict[str, OmeImage]
     attrs: dict[str, Any]
+    #: Channels of a (c, z, y, x) image (open_ome(..., channels=True)); 0 for a (z, y, x) one.
+    channels: int = 0
 
     @property
     def array(self) -> zarr.Array:
-        """Level 0, (Z, Y, X)."""
+        """Level 0, (Z, Y, X) (or (C, Z, Y, X) with channels)."""
         return self.levels[0]
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(self.levels[0].shape)  # type: ignore[return-value]
+        """(Z, Y, X) of level 0 (without the channel axis)."""
+        return tuple(self.levels[0].shape[-3:])  # type: ignore[return-value]
 
     @property
     def ngff(self) -> Ngff:
@@ -333,13 +366,28 @@ class OmeImage:
         return ngff_for(self.version)
 
 
-def open_ome(path: str | Path, *, access: OpenMode = "r") -> OmeImage:
-    """Open an OME-Zarr image written by emseg (or any NGFF 0.4/0.5 3D image).
+def store_classes(image: OmeImage, label: str = "classes") -> list[LabelClass] | None:
+    """The classes ``labels/<label>`` records (``emseg ingest --class``, a multi-class prediction),
+    or None when the store has no such class image."""
+    lab = image.labels.get(label)
+    record = None if lab is None else (lab.attrs.get("emseg") or {}).get("classes")
+    if not record:
+        return None
+    try:
+        return from_record(record)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BadInputError(f"{image.path}: labels/{label} has a malformed class record ({exc})") from None
+
+
+def open_ome(path: str | Path, *, access: OpenMode = "r", channels: bool = False) -> OmeImage:
+    """Open an OME-Zarr image written by emseg (or any NGFF 0.4/0.5 3D image); with ``channels``
+    also a (c, z, y, x) image (a multi-class prediction: ``shape`` and ``voxel_size`` are then its
+    (z, y, x) ones, ``array`` the 4D level 0, ``channels`` its channel count).
 
     Raises :class:`BadInputError` with one clear line when ``path`` is missing, not a zarr group,
     has no multiscales image, or carries metadata that does not make sense.
     """
-    return _open_ome(Path(path), access, is_label=False)
+    return _open_ome(Path(path), access, is_label=False, channels=channels)
 
 
 #: The metadata files of a zarr v2 or v3 node.
@@ -354,7 +402,7 @@ def _check_metadata_files(node: Path) -> None:
             check_source(node / name, "store's metadata")
 
 
-def _open_ome(path: Path, access: OpenMode, is_label: bool) -> OmeImage:
+def _open_ome(path: Path, access: OpenMode, is_label: bool, channels: bool = False) -> OmeImage:  # noqa: C901
     if check_source(path, "store").is_dir():
         for node in (path, path / "labels", *(p for p in path.iterdir() if p.name.isdigit() and p.is_dir())):
             _check_metadata_files(node)  # the group, its labels and levels, before zarr reads them
@@ -373,14 +421,26 @@ def _open_ome(path: Path, access: OpenMode, is_label: bool) -> OmeImage:
     levels = [a for a in nodes if isinstance(a, zarr.Array)]
     if len(levels) != len(nodes):
         raise BadInputError(f"{path}: multiscales datasets are not arrays")
-    if levels[0].ndim != 3 or len(scale) != 3:
+    axes = ms[0].get("axes")
+    first = axes[0] if isinstance(axes, list) and axes else None
+    n_channels = 0
+    if levels[0].ndim == 4 and isinstance(first, dict) and first.get("type") == "channel":
+        if not channels:
+            raise BadInputError(
+                f"{path}: an image of {levels[0].shape[0]} channels (c, z, y, x: a multi-class prediction); "
+                "this command reads (z, y, x) images (evaluate, export --labels classes and napari read it)"
+            )
+        n_channels, scale = int(levels[0].shape[0]), scale[1:]
+        origin = origin[-3:]  # (a translation names the channel axis too; none gives (0, 0, 0))
+    ndim = 4 if n_channels else 3
+    if levels[0].ndim != ndim or len(scale) != 3:
         raise BadInputError(f"{path}: expected a 3D (z, y, x) image, found {levels[0].ndim} dimensions")
-    if any(a.ndim != 3 or min(a.shape) < 1 for a in levels):
+    if any(a.ndim != ndim or min(a.shape) < 1 for a in levels):
         raise BadInputError(f"{path}: a pyramid level is empty or not 3D")
     if any(math.prod(a.shape) > MAX_ELEMENTS for a in levels):
         largest = max((a.shape for a in levels), key=math.prod)
         raise BadInputError(f"{path}: an array of shape {largest} is larger than emseg accepts")
-    _check_slices(path, tuple(int(s) for s in levels[0].shape))
+    _check_slices(path, tuple(int(s) for s in levels[0].shape[-3:]))
     if not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in scale):
         raise BadInputError(f"{path}: voxel size {scale} is not three positive numbers")
     _check_chunks(path, levels)
@@ -391,8 +451,9 @@ def _open_ome(path: Path, access: OpenMode, is_label: bool) -> OmeImage:
         levels=levels,
         voxel_size=tuple(float(s) for s in scale),  # type: ignore[arg-type]
         origin=origin,
-        labels={} if is_label else _open_labels(path, group, access, tuple(levels[0].shape)),
+        labels={} if is_label else _open_labels(path, group, access, tuple(levels[0].shape[-3:])),
         attrs=raw_attrs,
+        channels=n_channels,
     )
 
 

@@ -145,6 +145,17 @@ def checked_config(path: str | Path, tensors: dict[str, torch.Tensor], meta: dic
     return config
 
 
+def refuse_classes(meta: dict[str, Any], path: str | Path, command: str) -> None:
+    """BadInputError for a network of several classes where ``command`` handles P(cell) only."""
+    classes = meta.get("classes")
+    if classes:
+        names = ", ".join(str(c.get("name")) for c in classes)
+        raise BadInputError(
+            f"{path}: a network of {len(classes)} classes ({names}); {command} takes membrane networks (P(cell)) "
+            "only so far: score it with its run's validation (metrics.csv) or benchmarks/classes_score.py"
+        )
+
+
 def check_trained(path: str | Path) -> tuple[Path, dict[str, Any]]:
     """(checkpoint path, meta) after loading the model once on the CPU: everything
     :func:`load_trained` refuses is refused here, in the calling process, before any output exists."""

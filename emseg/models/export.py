@@ -43,7 +43,7 @@ from emseg._version import __version__
 from emseg.config import ExportModelConfig, PredictConfig
 from emseg.errors import BadInputError
 from emseg.io.outputs import Output, check_output
-from emseg.models.checkpoint import load_trained
+from emseg.models.checkpoint import load_trained, refuse_classes
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +231,7 @@ def export_model(run: str | Path, output: str | Path, config: ExportModelConfig 
 
     check_output(Path(output).absolute(), overwrite, kind="run", inputs=[run])
     model, meta = load_trained(run, "cpu")
+    refuse_classes(meta, run, "emseg export-model")
     divisor = int(meta["divisor"])
     halo = int(meta["halo"]) if meta.get("halo") is not None else measure_halo(model, divisor)
     context = package_context(halo, divisor)

@@ -35,6 +35,7 @@ class Rescaled(nn.Module):
         super().__init__()
         self.net, self.factor = net, float(factor)
         self.divisor = int(getattr(net, "divisor", 1))
+        self.out_channels = int(getattr(net, "out_channels", 1))
         self.halo = math.ceil(int(getattr(net, "halo", 0)) / self.factor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,7 @@ class SmpUNet(SegmentationNet):
                 f"--arch smp:{encoder} --encoder-weights {encoder_weights}: could not get the weights ({exc}); "
                 "they need internet, or use --encoder-weights none"
             ) from None
-        self.encoder_name = encoder
+        self.encoder_name, self.out_channels = encoder, out_channels
         self._halo: int | None = None
 
     @property

@@ -64,7 +64,7 @@ class UNet(SegmentationNet):
         super().__init__()
         if depth < 1 or base_channels < 1:
             raise ValueError("depth and base_channels must be positive")
-        self.depth = depth
+        self.depth, self.out_channels = depth, out_channels
         widths = [base_channels * 2**i for i in range(depth + 1)]
         self.down = nn.ModuleList()
         c = in_channels

@@ -23,7 +23,7 @@ from emseg.config import PredictConfig
 from emseg.errors import BadInputError
 from emseg.inference.predict import predict_store
 from emseg.io.zarr import LevelSpec, create_image_store, create_multiscale, open_ome
-from emseg.models.checkpoint import check_trained
+from emseg.models.checkpoint import check_trained, refuse_classes
 from emseg.napari.reader import LayerData, labels_layer, probability_layer
 
 #: A progress event: (phase, units done, total units or None).
@@ -70,6 +70,7 @@ def predict_layer(job: PredictJob, progress: Any = None) -> list[LayerData]:
     """Predict ``job`` with emseg's engine; returns the "P(cell)" and "membranes" layers, placed
     over the input layer. ``progress`` is an :class:`emseg.progress.Reporter`."""
     _, meta = check_trained(job.run)
+    refuse_classes(meta, job.run, "the napari widget")
     divisor = int(meta.get("divisor") or 1)
     work = Path(tempfile.mkdtemp(prefix="emseg-napari-"))
     try:
@@ -145,7 +146,7 @@ def _input_store(layer: LayerInput, work: Path) -> tuple[Path, bool]:
     if dtype.kind not in "uif" or dtype.itemsize > 4:
         dtype = np.dtype(np.float32)
     spec = LevelSpec(
-        shape=tuple(int(s) for s in data.shape),  # type: ignore[arg-type]
+        shape=tuple(int(s) for s in data.shape),
         dtype=dtype.name,
         pyramid_min_size=max(data.shape[1:]),  # one level: only level 0 is predicted
     )

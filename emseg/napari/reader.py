@@ -4,6 +4,9 @@
 - a prediction store (``emseg predict``): the EM it was predicted from (found through the store's
   provenance, when that store still exists), P(cell) drawn translucent above it, then
   ``labels/membranes`` and, after ``segment --into``, ``labels/cells``;
+- a multi-class prediction (a network of several classes): the EM, P(class) per class, each in
+  its class's colour (the first non-membrane class shown), then ``labels/classes`` named and
+  coloured per class;
 - a label image (``emseg segment -o``): the EM and P(cell) of its prediction (P(cell) hidden),
   then the cells;
 - any other 3D OME-Zarr image (NGFF 0.4/0.5): the image and its labels.
@@ -59,7 +62,7 @@ def get_reader(path: str | list[str]) -> Callable[[str | list[str]], list[LayerD
     if p.suffix.lower() != ".zarr" or not p.is_dir():
         return None
     try:
-        open_ome(p)
+        open_ome(p, channels=True)
     except BadInputError:
         return None
     return read_store
@@ -67,11 +70,16 @@ def get_reader(path: str | list[str]) -> Callable[[str | list[str]], list[LayerD
 
 def read_store(path: str | list[str]) -> list[LayerData]:
     """The layers of the emseg store (or other OME-Zarr image) at ``path``, bottom to top."""
-    image = open_ome(path[0] if isinstance(path, list) else path)
+    image = open_ome(path[0] if isinstance(path, list) else path, channels=True)
     provenance = _provenance(image)
+    layers: list[LayerData] = []
+    if image.channels:  # a multi-class prediction: the EM, a layer per class, the class image
+        em = _open_source(image, provenance.get("data"))
+        layers += [em_layer(em)] if em is not None else []
+        layers += class_layers(image)
+        return layers + [labels_layer(label, name) for name, label in image.labels.items()]
     if "image-label" in ngff_payload(image.attrs):  # a label image of its own (segment -o)
         prediction = _open_source(image, provenance.get("prediction"))
-        layers: list[LayerData] = []
         if prediction is not None:
             em = _open_source(prediction, _provenance(prediction).get("data"))
             layers += [em_layer(em)] if em is not None else []
@@ -119,6 +127,44 @@ def probability_layer(image: OmeImage, name: str = "P(cell)", visible: bool = Tr
     return data, kwargs, "image"
 
 
+def class_layers(image: OmeImage) -> list[LayerData]:
+    """One layer per channel of a (c, z, y, x) class-probability image, named and coloured as its
+    class (``omero``: a transparent-to-colour ramp), additive so several read at once; hidden
+    but the first non-membrane one, so the EM stays readable."""
+    import dask.array as da
+
+    omero = ngff_payload(image.attrs).get("omero")
+    channels = omero.get("channels") if isinstance(omero, dict) else None
+    channels = channels if isinstance(channels, list) and len(channels) == image.channels else []
+    top = 255.0 if np.dtype(image.array.dtype) == np.uint8 else 1.0
+    layers: list[LayerData] = []
+    for c in range(image.channels):
+        meta = channels[c] if c < len(channels) and isinstance(channels[c], dict) else {}
+        name = str(meta.get("label", f"class {c + 1}"))
+        hex_color = str(meta.get("color", "FFFFFF"))
+        try:
+            rgb = [int(hex_color[i : i + 2], 16) / 255 for i in (0, 2, 4)]
+        except ValueError:
+            rgb = [1.0, 1.0, 1.0]
+        levels = [da.from_zarr(level)[c] for level in image.levels]
+        kwargs = {
+            "name": f"P({name})",
+            "colormap": {"name": name, "colors": [[*rgb, 0.0], [*rgb, 1.0]]},
+            "contrast_limits": [0.0, top],
+            "blending": "additive",
+            "opacity": 0.6,
+            "visible": False,
+            "multiscale": len(levels) > 1,
+            "metadata": {"emseg": {"store": str(image.path), "kind": "class probabilities", "channel": c}},
+            **placement(image),
+        }
+        layers.append((levels if len(levels) > 1 else levels[0], kwargs, "image"))
+    shown = next((i for i, (_, kw, _) in enumerate(layers) if kw["name"] != "P(membrane)"), None)
+    if shown is not None:
+        layers[shown][1]["visible"] = True
+    return layers
+
+
 def labels_layer(image: OmeImage, name: str) -> LayerData:
     """A label image, visible: in the colours its ``image-label`` metadata gives (binary masks),
     else in napari's random colours (instance labels)."""
@@ -134,7 +180,21 @@ def labels_layer(image: OmeImage, name: str) -> LayerData:
     }
     if colors:
         kwargs["colormap"] = {None: "transparent", 0: "transparent", **colors}
+    names = class_names(image)
+    if names:  # a class image: napari shows each value's class name under the cursor
+        kwargs["features"] = {"index": [0, *names.keys()], "class": ["unlabelled", *names.values()]}
     return data, kwargs, "labels"
+
+
+def class_names(image: OmeImage) -> dict[int, str]:
+    """{class value: name} from the ``image-label`` ``properties`` (empty for masks and instances)."""
+    meta = ngff_payload(image.attrs).get("image-label")
+    props = meta.get("properties") if isinstance(meta, dict) else None
+    out: dict[int, str] = {}
+    for p in props if isinstance(props, list) else []:
+        if isinstance(p, dict) and isinstance(p.get("label-value"), int) and isinstance(p.get("name"), str):
+            out[p["label-value"]] = p["name"]
+    return out
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -167,8 +227,8 @@ def level0_translation(image: OmeImage) -> tuple[float, float, float]:
     entry = ngff_payload(image.attrs)["multiscales"][0]
     transforms = entry["datasets"][0].get("coordinateTransformations", [])
     shift = next((t.get("translation") for t in transforms if t.get("type") == "translation"), None)
-    if isinstance(shift, list) and len(shift) == 3 and all(isinstance(v, (int, float)) for v in shift):
-        return (float(shift[0]), float(shift[1]), float(shift[2]))
+    if isinstance(shift, list) and len(shift) in (3, 4) and all(isinstance(v, (int, float)) for v in shift):
+        return (float(shift[-3]), float(shift[-2]), float(shift[-1]))  # (a channel axis first has none)
     return (0.0, 0.0, 0.0)
 
 
@@ -227,8 +287,9 @@ def _open_source(image: OmeImage, source: Any) -> OmeImage | None:
 
 def _units(image: OmeImage) -> tuple[str, ...] | None:
     axes = ngff_payload(image.attrs)["multiscales"][0].get("axes")
-    if not isinstance(axes, list) or len(axes) != 3:
+    if not isinstance(axes, list) or len(axes) != 3 + (1 if image.channels else 0):
         return None
+    axes = axes[-3:]  # the spatial ones (a class-probability image has c first)
     units = tuple(a.get("unit") if isinstance(a, dict) else None for a in axes)
     return units if all(u in _UNITS for u in units) else None  # type: ignore[return-value]
 
@@ -238,4 +299,13 @@ def _metadata(image: OmeImage, kind: str) -> dict[str, Any]:
     return {"emseg": {"store": str(image.path), "kind": kind}}
 
 
-__all__ = ["get_reader", "read_store", "em_layer", "probability_layer", "labels_layer", "LayerData"]
+__all__ = [
+    "LayerData",
+    "class_layers",
+    "class_names",
+    "em_layer",
+    "get_reader",
+    "labels_layer",
+    "probability_layer",
+    "read_store",
+]

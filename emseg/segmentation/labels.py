@@ -26,12 +26,13 @@ def create_label_image(
     attrs: dict[str, Any],
     in_image: bool,
     origin: Sequence[float] = (0.0, 0.0, 0.0),
+    name: str = "cells",
 ) -> list[zarr.Array]:
     """Multiscale arrays "0", "1", ... of ``spec`` (its dtype: uint32 or uint64) in ``group``,
-    with multiscales, image-label (naming the image two levels up when ``in_image``, i.e. the
-    group is IMAGE/labels/NAME) and ``attrs`` metadata."""
+    with multiscales (called ``name``), image-label (naming the image two levels up when
+    ``in_image``, i.e. the group is IMAGE/labels/NAME) and ``attrs`` metadata."""
     ngff = ngff_for(version)
-    arrays = create_multiscale(group, spec, voxel_size, version, "cells", reduction="mode", origin=origin)
+    arrays = create_multiscale(group, spec, voxel_size, version, name, reduction="mode", origin=origin)
     payload = ngff_payload(group.attrs)
     payload["image-label"] = ngff.tag({"source": {"image": "../../"}} if in_image else {})
     group.attrs.update({**ngff.wrap(payload), **attrs})

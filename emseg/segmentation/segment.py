@@ -49,6 +49,10 @@ def segment_store(
     """Segment the P(cell) of ``pred`` (an ``emseg predict`` store, or any OME-Zarr image of
     (Z, Y, X) uint8 0-255 or float 0-1 P(cell)) into instance labels: the OME-Zarr label image
     ``output``, or ``pred``/labels/cells with ``config.into``. Returns the label image's path."""
+    if config.objects is not None:  # a blob-like class of a multi-class prediction, not cells
+        from emseg.segmentation.objects import segment_objects
+
+        return segment_objects(pred, output, config, progress)
     progress = reporter_or_null(progress)
     image = _checked_input(pred)
     final = _final_path(image, output, config)
@@ -344,7 +348,7 @@ def _create_labels(
     levels = image.levels
     min_size = max(levels[-1].shape[1:]) if len(levels) > 1 else max(image.shape[1:])
     # IDs compress well at a low level, and a high one costs more time than the watershed
-    spec = LevelSpec(shape=image.shape, dtype=label_dtype(count), chunks=chunks, pyramid_min_size=min_size, clevel=1)  # type: ignore[arg-type]
+    spec = LevelSpec(shape=image.shape, dtype=label_dtype(count), chunks=chunks, pyramid_min_size=min_size, clevel=1)
     attrs = {"emseg": {**prov, "complete": False}}
     create_label_image(root, spec, image.voxel_size, image.version, attrs, into, image.origin)
 

@@ -26,7 +26,7 @@ from emseg.models.checkpoint import add_meta, checked_config, load_trained, read
 from emseg.probability import probability_uint8
 from emseg.progress import Reporter, reporter_or_null
 from emseg.segmentation.calibrate import calibrate
-from emseg.training.data import open_training_store
+from emseg.training.data import open_training_store, training_label
 from emseg.training.loop import fit
 from emseg.training.validate import Validate, predict_planes, validator
 
@@ -42,7 +42,7 @@ def train(data: str | Path, run_dir: str | Path, config: TrainConfig, progress: 
     config = with_init(config)
     validate: Validate = validator(config)
     summary = fit(data, run_dir, config, validate=validate, progress=progress)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0 and training_label(open_training_store(str(data))) == "cells":
         summary["segmentation"] = calibrate_run(data, run_dir, config, progress)
     return summary
 

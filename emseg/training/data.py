@@ -16,13 +16,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from emseg.classes import LabelClass, membrane_value
 from emseg.config import TrainConfig
 from emseg.errors import BadInputError
-from emseg.io.zarr import OmeImage, open_ome
+from emseg.io.zarr import OmeImage, open_ome, store_classes
 from emseg.models.normalization import robust_normalization
 from emseg.probability import check_both_classes
 from emseg.reflection import reflect_index
-from emseg.training.weights import unet_weight_map
+from emseg.training.weights import class_weight_map, unet_weight_map
 
 log = logging.getLogger(__name__)
 
@@ -48,32 +49,58 @@ class Annotated:
     """Slices of a store with their labels and weight maps, in host memory."""
 
     raw: np.ndarray  # (N, H, W) source dtype
-    labels: np.ndarray  # (N, H, W) uint8 {0, 1}
-    weights: np.ndarray  # (N, H, W) float32
+    labels: np.ndarray  # (N, H, W) uint8: {0, 1} cell, or class numbers (0 unlabelled) with classes
+    weights: np.ndarray  # (N, H, W) float32 (0 where unlabelled)
     indices: list[int]
+    classes: list[LabelClass] | None = None
+
+
+def training_label(image: OmeImage) -> str:
+    """The label image training learns: ``classes`` (``ingest --class``) when the store has it, else ``cells``."""
+    return "classes" if "classes" in image.labels else "cells"
 
 
 def open_training_store(path: str) -> OmeImage:
     image = open_ome(path)
-    if "cells" not in image.labels:
+    name = training_label(image)
+    if name not in image.labels:
         raise BadInputError(f"{path}: has no labels/cells; ingest it with --labels to train on it")
-    if image.labels["cells"].shape != image.shape:
+    if image.labels[name].shape != image.shape:
         raise BadInputError(
-            f"{path}: labels/cells shape {image.labels['cells'].shape} differs from the image {image.shape}"
+            f"{path}: labels/{name} shape {image.labels[name].shape} differs from the image {image.shape}"
         )
+    if name == "classes" and store_classes(image) is None:
+        raise BadInputError(f"{path}: labels/classes records no classes; ingest it again with --class")
     return image
 
 
 def check_validation_labels(image: OmeImage, indices: Sequence[int]) -> None:
-    """:func:`check_both_classes` on the labels of the validation slices ``indices``."""
-    labels = np.stack([np.asarray(image.labels["cells"].array[z]) for z in indices])
-    check_both_classes(labels, f"{image.path}: validation slices {list(indices)}")
+    """:func:`check_both_classes` on the labels of the validation slices ``indices`` (of a class
+    image: that they hold labelled pixels, and a warning for classes they lack)."""
+    name = training_label(image)
+    labels = np.stack([np.asarray(image.labels[name].array[z]) for z in indices])
+    where = f"{image.path}: validation slices {list(indices)}"
+    if name == "cells":
+        check_both_classes(labels, where)
+        return
+    if indices and not labels.any():
+        raise BadInputError(f"{where} are unlabelled everywhere; choose others with --val-slices")
+    missing = [c.name for c in store_classes(image) or [] if indices and not (labels == c.value).any()]
+    if missing:
+        log.warning("%s hold no %s: their scores are left out of validation", where, ", ".join(missing))
 
 
 def load_slices(image: OmeImage, indices: Sequence[int], w0: float, sigma: float) -> Annotated:
     """Read slices (level 0) with their labels and compute their weight maps once."""
     raw = np.stack([np.asarray(image.array[z]) for z in indices]) if indices else np.zeros((0, *image.shape[1:]))
-    labels = np.stack([np.asarray(image.labels["cells"].array[z]) for z in indices]).astype(np.uint8)
+    name = training_label(image)
+    labels = np.stack([np.asarray(image.labels[name].array[z]) for z in indices]).astype(np.uint8)
+    if name == "classes":
+        classes = store_classes(image)
+        assert classes is not None  # open_training_store checked it
+        membrane = membrane_value(classes)
+        weights = np.stack([class_weight_map(lab, len(classes), membrane, w0=w0, sigma=sigma) for lab in labels])
+        return Annotated(raw=raw, labels=labels, weights=weights, indices=list(indices), classes=classes)
     weights = np.stack([unet_weight_map(lab, w0=w0, sigma=sigma) for lab in labels])
     return Annotated(raw=raw, labels=(labels > 0).astype(np.uint8), weights=weights, indices=list(indices))
 

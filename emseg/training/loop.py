@@ -15,18 +15,19 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
 
 import torch
 from torch import nn
 
+from emseg.classes import classes_record
 from emseg.config import TrainConfig
 from emseg.device import autocast_dtype, backend_flags, is_cuda, synchronize
 from emseg.errors import BadInputError, EmsegRuntimeError
 from emseg.io.outputs import check_inputs, write_json_atomic
-from emseg.io.zarr import OmeImage
+from emseg.io.zarr import OmeImage, store_classes
 from emseg.models.base import SegmentationNet
 from emseg.models.build import build_model
 from emseg.models.checkpoint import read_checkpoint
@@ -41,6 +42,7 @@ from emseg.training.data import (
     load_slices,
     open_training_store,
     split_slices,
+    training_label,
 )
 from emseg.training.ema import WeightAverage
 from emseg.training.losses import Loss, make_loss
@@ -78,10 +80,27 @@ def seeded_model(config: TrainConfig) -> SegmentationNet:
         torch.manual_seed(config.seed)
         model = build_model(config.model)
     if config.init is not None:  # the weights of a trained model (with_init made the network its)
-        model.load_state_dict(read_checkpoint(config.init)[0])
+        tensors = read_checkpoint(config.init)[0]
+        own = model.state_dict()
+        fresh = [k for k, v in own.items() if k in tensors and tensors[k].shape != v.shape]
+        if fresh:  # another number of classes: every layer but the output one starts from it
+            log.info("--init %s: %s start afresh (another number of output classes)", config.init, ", ".join(fresh))
+        model.load_state_dict({k: (own[k] if k in fresh else v) for k, v in tensors.items()})
     if config.crop % model.divisor or config.crop < model.divisor:
         raise BadInputError(f"--crop {config.crop}: the model needs a multiple of {model.divisor}")
     return model
+
+
+def with_classes(config: TrainConfig, image: OmeImage) -> TrainConfig:
+    """``config`` with one output channel per class of the store's class image (``ingest --class``;
+    a softmax network), or one (P(cell)) for a store of cells."""
+    classes = store_classes(image) if training_label(image) == "classes" else None
+    n = 1 if classes is None else len(classes)
+    if classes is not None and n < 2:
+        raise BadInputError(f"{image.path}: labels/classes has one class; train on two or more (or on cells)")
+    if config.model.out_channels == n:
+        return config
+    return replace(config, model=replace(config.model, out_channels=n))
 
 
 def draw_batch(sampler: CropSampler, config: TrainConfig, gens: tuple[torch.Generator, torch.Generator]) -> Batch:
@@ -209,7 +228,12 @@ class EpochMeter:
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, label: torch.Tensor) -> None:
         self.loss += loss.detach()
-        self.correct += ((logits.detach() > 0) == (label > 0.5)).float().mean()
+        if logits.shape[1] == 1:
+            self.correct += ((logits.detach() > 0) == (label > 0.5)).float().mean()
+        else:  # the share of labelled pixels whose most probable class is theirs
+            labelled = label[:, 0] > 0
+            right = (logits.detach().argmax(1) + 1 == label[:, 0].long()) & labelled
+            self.correct += right.sum() / labelled.sum().clamp(min=1)
         self.steps += 1
 
     def crops_per_s(self, crops_per_step: int) -> float:
@@ -227,13 +251,14 @@ def selection_score(rows: list[dict[str, Any]], row: dict[str, Any]) -> tuple[st
     """The score that chooses the best weights: the mean V_rand of this validation and the
     ``SMOOTHING - 1`` before it (minus the training loss when nothing is validated). Three
     validation slices are a noisy judge; the weights are an EMA, so neighbouring validations judge
-    nearly the same network, and one lucky score on three slices no longer picks the weights."""
-    name = "v_rand" if "v_rand" in row else "-train_loss"
+    nearly the same network, and one lucky score on three slices no longer picks the weights. A
+    network of several classes is judged by its mean IoU over the classes instead."""
+    name = next((k for k in ("mean_iou", "v_rand") if k in row), "-train_loss")
 
     def value(r: dict[str, Any]) -> float:
-        return float(r["v_rand"]) if name == "v_rand" else -float(r["train_loss"])
+        return -float(r["train_loss"]) if name == "-train_loss" else float(r[name])
 
-    earlier = [value(r) for r in rows if r["epoch"] < row["epoch"] and (name != "v_rand" or "v_rand" in r)]
+    earlier = [value(r) for r in rows if r["epoch"] < row["epoch"] and (name == "-train_loss" or name in r)]
     window = [*earlier[-(SMOOTHING - 1) :], value(row)]
     return name, sum(window) / len(window), window
 
@@ -293,6 +318,7 @@ def run_meta(
         "train_slices": split[0],
         "val_slices": split[1],
         "data": data,
+        **({"classes": classes_record(classes)} if (classes := store_classes(image)) is not None else {}),
     }
     return run.meta(config, extra)
 
@@ -397,7 +423,9 @@ def fit(
     image = open_training_store(str(data))
     split = split_slices(image.shape[0], config.val_slices)
     check_validation_labels(image, split[1])  # before anything is written
-    model, loss_fn, budget, run = seeded_model(config), make_loss(config.loss), TimeBudget.of(config), RunDir(run_dir)
+    config = with_classes(config, image)
+    model, budget, run = seeded_model(config), TimeBudget.of(config), RunDir(run_dir)
+    loss_fn = make_loss(config.loss, config.model.out_channels)
     fast = True if is_cuda(device) else None
     claim = run.claim(resume, overwrite) if dist.is_main else contextlib.nullcontext()
     with backend_flags(cudnn_benchmark=fast, tf32=fast), claim:

@@ -194,10 +194,13 @@ class RunDir:
 
     def write_metrics(self) -> None:
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+        # a network of several classes adds its mean IoU and each class's IoU and Dice
+        extra = dict.fromkeys(k for r in self.rows for k in r if k == "mean_iou" or k.startswith(("iou_", "dice_")))
+        columns = (*COLUMNS, *extra)
+        writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         for r in self.rows:
-            writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in COLUMNS})
+            writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
         write_bytes_atomic(self.path / "metrics.csv", buf.getvalue().encode())
         self.plot()
 

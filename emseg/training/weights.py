@@ -141,6 +141,39 @@ def unet_weight_map_reference(
     return _combine(cell, d1, d2, w0, sigma, balance)
 
 
+def class_weight_map(
+    label: np.ndarray, n_classes: int, membrane: int | None, *, w0: float = W0, sigma: float = SIGMA
+) -> np.ndarray:
+    """The U-Net weight map generalised to classes 1..``n_classes`` (0 = unlabelled).
+
+    label: (H, W) uint8 class numbers. Returns (H, W) float32: 0 on unlabelled pixels; on the
+    labelled ones the class balance ``w_c = 1 / (n * f_k)`` (``f_k`` the share of class k among
+    the slice's labelled pixels, ``n`` the classes present: mean exactly 1 over them), plus, on
+    the ``membrane`` class, the paper's border term with the cells being the 4-connected
+    components of every other labelled class (what a membrane separates: cell interior,
+    mitochondria, ... of one cell are one region)."""
+    label = np.asarray(label)
+    if label.ndim != 2:
+        raise ValueError(f"label must be 2-D (H, W), got shape {label.shape}")
+    counts = np.bincount(label.ravel(), minlength=n_classes + 1)[: n_classes + 1].astype(np.float64)
+    labelled = counts[1:].sum()
+    out = np.zeros(label.shape, np.float64)
+    present = np.count_nonzero(counts[1:])
+    if labelled == 0:
+        return out.astype(np.float32)
+    table = np.zeros(256, np.float64)
+    for k in range(1, n_classes + 1):
+        if counts[k]:
+            table[k] = labelled / (present * counts[k])
+    out = table[label]
+    if membrane is not None and w0 > 0:
+        inside = (label > 0) & (label != membrane)
+        border = unet_weight_map(inside, w0=w0, sigma=sigma, balance=False) - 1.0  # the term, on ~inside
+        is_membrane = label == membrane
+        out[is_membrane] += border[is_membrane]
+    return out.astype(np.float32)
+
+
 def weight_maps(labels: np.ndarray, **kw: Any) -> np.ndarray:
     """(Z, H, W) {0, 1} labels -> (Z, H, W) float32 weight maps, slice by slice.
 
@@ -159,6 +192,7 @@ def weight_maps(labels: np.ndarray, **kw: Any) -> np.ndarray:
 __all__ = [
     "BORDER_EPS",
     "border_cutoff",
+    "class_weight_map",
     "unet_weight_map",
     "unet_weight_map_reference",
     "weight_maps",
