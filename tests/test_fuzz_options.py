@@ -136,6 +136,8 @@ BAD: dict[str, st.SearchStrategy] = {
     "--components": _floats(NAN_INF, OUTSIDE_0_1),
     "--calibrate": BAD_INPUT,
     "--init": BAD_INPUT,
+    "--class": st.sampled_from(["membrane", "=1", "a=b", "a=-1", "9a=1", "a=1,x", "a=", "a=1.5"]),
+    "--objects": TEXT.filter(lambda s: not s.startswith("-")),  # the base's prediction has no classes
 }
 #: Per command, where an option means something else there.
 BAD_FOR = {

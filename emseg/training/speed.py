@@ -41,9 +41,12 @@ def train_bench(  # noqa: PLR0913 - a benchmark's knobs are its arguments
     warmup: int = 3,
     repeats: int = 3,
     torch_compile: bool = BenchConfig.torch_compile,
+    slices: int | None = None,
 ) -> dict:
     """Training steps/s with the full augmentation, and the share of a step spent sampling and
-    augmenting (the two are timed separately, so under load the share can exceed 1).
+    augmenting (the two are timed separately, so under load the share can exceed 1). The crops
+    come from the first ``slices`` slices (default: all but the last); a step costs the same
+    whatever their number, so a quick probe loads one or two.
 
     The steps are the training loop's own (:func:`emseg.training.loop.draw_batch` and
     :func:`~emseg.training.loop.optimizer_step`, weighted BCE, bf16 autocast on CUDA) with the
@@ -55,7 +58,8 @@ def train_bench(  # noqa: PLR0913 - a benchmark's knobs are its arguments
     from emseg.training.losses import weighted_bce
 
     image = open_training_store(str(store))
-    data = load_slices(image, list(range(max(1, image.shape[0] - 1))), TrainConfig.w0, TrainConfig.sigma)
+    n = max(1, image.shape[0] - 1) if slices is None else max(1, min(slices, image.shape[0]))
+    data = load_slices(image, list(range(n)), TrainConfig.w0, TrainConfig.sigma)
     mean, std = normalization(data.raw)
     sampler = CropSampler(data, mean, std, device)
     model = build_model(model_config).to(device)
