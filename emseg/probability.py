@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage as ndi
-from skimage.feature import peak_local_max
-from skimage.segmentation import watershed
 
 from emseg.errors import BadInputError
 
@@ -152,6 +150,9 @@ def blob_objects(
 ) -> np.ndarray:
     """Instances of one class in one slice: (Y, X) float P(class) in [0, 1] (and optionally the
     (Y, X) bool pixels where it is the most probable class) -> (Y, X) uint32 labels 1..N, 0 elsewhere."""
+    from skimage.feature import peak_local_max
+    from skimage.segmentation import relabel_sequential, watershed
+
     prob = np.asarray(prob, dtype=np.float32)
     inside = prob > threshold if mask is None else np.asarray(mask, bool)
     if not inside.any():
@@ -161,28 +162,16 @@ def blob_objects(
     peaks = peak_local_max(distance, min_distance=max(1, int(min_distance)), labels=components, exclude_border=False)
     markers = np.zeros(prob.shape, np.int32)
     markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
-    # a component without a peak (thinner than min_distance everywhere) keeps one seed: its core
-    seeded = np.unique(components[markers > 0])
-    for k in np.setdiff1d(np.arange(1, components.max() + 1), seeded):
-        where = components == k
-        if where.any():
-            y, x = np.unravel_index(np.argmax(np.where(where, distance, -1)), prob.shape)
-            markers[y, x] = markers.max() + 1
+    # a component without a peak (thinner than min_distance everywhere) keeps one seed: its core,
+    # found for all of them in one pass
+    unseeded = np.setdiff1d(np.arange(1, components.max() + 1), components[markers > 0])
+    for i, (y, x) in enumerate(ndi.maximum_position(distance, components, unseeded), start=len(peaks) + 1):
+        markers[int(y), int(x)] = i
     labels = watershed(-distance, markers, mask=inside)
     if min_size > 1:
         sizes = np.bincount(labels.ravel())
         labels[sizes[labels] < min_size] = 0
-    return relabel(labels)
-
-
-def relabel(labels: np.ndarray) -> np.ndarray:
-    """Labels renumbered 1..N in order of first appearance of their value (0 stays), uint32."""
-    values, inverse = np.unique(labels, return_inverse=True)
-    offset = 1 if values[0] == 0 else 0
-    new = np.arange(len(values), dtype=np.uint32) + (1 - offset)
-    if offset:
-        new[0] = 0
-    return new[inverse].reshape(labels.shape)
+    return relabel_sequential(labels)[0].astype(np.uint32)
 
 
 __all__ = [
@@ -196,6 +185,5 @@ __all__ = [
     "fiji_cells",
     "probability_float",
     "probability_uint8",
-    "relabel",
     "thinned_segmentation",
 ]

@@ -130,18 +130,18 @@ def _write(  # noqa: C901 - the streaming loop: read ahead, check, write each py
             f"{stack.path}: one band of {ystep} rows x {stack.shape[2]} columns would need "
             f"{ystep * row_bytes / 2**30:.1f} GiB; use smaller --chunks"
         )
+    classes = None if config.classes is None else label_classes(config.classes)
     prov = provenance(
         "ingest",
         source=stack.describe(),
         labels=None if lab is None else lab.describe(),
-        **({} if config.classes is None or lab is None else {"classes": classes_record(label_classes(config.classes))}),
+        **({} if classes is None or lab is None else {"classes": classes_record(classes)}),
         voxel_size_from=vs_source,
     )
     inputs = [stack.path, None if lab is None else lab.path]
     with Output(output, overwrite=config.overwrite, kind="store", command="ingest", inputs=inputs) as out:
         root = create_image_store(out.path, config.ngff, attrs={"emseg": prov})
         image_arrays = create_multiscale(root, spec, voxel_size, config.ngff, stack.path.stem)
-        classes = None if config.classes is None else label_classes(config.classes)
         label_arrays = None
         if lab is not None:
             name = "cells" if classes is None else "classes"
