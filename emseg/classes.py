@@ -196,6 +196,12 @@ def membrane_value(classes: Sequence[LabelClass]) -> int | None:
     return next((c.value for c in classes if c.name.lower() == MEMBRANE), None)
 
 
+def not_membrane(labels: np.ndarray, membrane: int) -> np.ndarray:
+    """The cells of a class image as ISBI ground truth (uint8, 1 = labelled and not membrane, 0 =
+    membrane or unlabelled)."""
+    return ((labels > 0) & (labels != membrane)).astype(np.uint8)
+
+
 __all__ = [
     "MAX_CLASSES",
     "MEMBRANE",
@@ -207,5 +213,6 @@ __all__ = [
     "label_classes",
     "map_codes",
     "membrane_value",
+    "not_membrane",
     "parse_classes",
 ]

@@ -23,6 +23,7 @@ from emseg.io.zarr import open_ome, store_classes
 from emseg.probability import blob_objects
 from emseg.training.losses import make_loss
 from emseg.training.weights import class_weight_map
+from tests.test_segment import write_pred
 
 VNC_CLASSES = ("membrane=0,32,64,96,128", "glia=159", "mitochondria=191", "synapse=223", "cell=255")
 
@@ -265,9 +266,20 @@ def test_a_multi_class_run_learns_classes_and_records_them(tmp_path, cli):
     assert out.exit_code == 0 and "mito" in out.stdout and "membrane against the rest" in out.stdout
     out = cli("info", pred)
     assert "shape (c, z, y, x)" in out.stdout and "membrane, mito, cell" in out.stdout
-    # commands that read P(cell) say in one line what they were given
-    out = cli("segment", pred, "-o", tmp_path / "s.zarr")
-    assert out.exit_code == 2 and "3 channels" in out.output
+    # cells of a prediction with a membrane class: those of P(cell) = 255 - P(membrane), exactly
+    out = cli("segment", pred, "-o", tmp_path / "s.zarr", "--merge-threshold", "0.5", "-q")
+    assert out.exit_code == 0, out.output
+    p_cell = (255 - np.asarray(group["0"][0])) / 255.0
+    write_pred(tmp_path / "pcell.zarr", p_cell, chunks=(1, 96, 96))
+    emseg.segment(tmp_path / "pcell.zarr", tmp_path / "s2.zarr", merge_threshold=0.5)
+    cells, direct = (np.asarray(open_ome(tmp_path / name).array[:]) for name in ("s.zarr", "s2.zarr"))
+    assert cells.max() > 1
+    np.testing.assert_array_equal(cells, direct)
+    # calibrated on the class annotation's labelled non-membrane pixels
+    out = cli("segment", pred, "-o", tmp_path / "cal.zarr", "--calibrate", store, "--slices", "0:2", "-q")
+    assert out.exit_code == 0, out.output
+    chosen = open_ome(tmp_path / "cal.zarr").attrs["emseg"]["segmentation"]
+    assert chosen["calibration"]["slices"] == [0, 1]
 
     # objects of a blob-like class: the blob objects of each slice, IDs running on across slices
     out = cli("segment", pred, "-o", tmp_path / "mito.zarr", "--objects", "mito", "--min-size", "5", "-q")

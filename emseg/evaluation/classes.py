@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from emseg.classes import LabelClass, membrane_value
+from emseg.classes import LabelClass, membrane_value, not_membrane
 from emseg.errors import BadInputError
 from emseg.evaluation.metrics import class_scores, evaluate_arrays
 from emseg.evaluation.objects import match_objects, true_objects
@@ -94,8 +94,8 @@ def evaluate_classes(pred: str | Path, data: str | Path, slices: tuple[int, int]
         objects = np.stack([blob_objects(prob[i], predicted[i] == c.value) for i in range(len(prob))])
         result["classes"][c.name]["objects"] = match_objects(objects, true_objects(truth == c.value))
     membrane = membrane_value(classes)
-    rest = ((truth > 0) & (truth != membrane)).astype(np.uint8)
-    if membrane is not None and rest.any() and ((truth == membrane).any()):
+    if membrane is not None and not_membrane(truth, membrane).any() and (truth == membrane).any():
+        rest = not_membrane(truth, membrane)
         scores = evaluate_arrays(1.0 - probability(classes[membrane - 1]), rest)
         result.update(v_rand=scores.v_rand, v_rand_threshold=scores.v_rand_threshold, v_info=scores.v_info)
     return result

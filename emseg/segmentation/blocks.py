@@ -49,6 +49,9 @@ class Job:
     seeds: str = SegmentConfig.seeds
     #: Instead of watershed and merging, the thinned components of P(cell) above this, per slice.
     components: float | None = None
+    #: With a (C, Z, Y, X) prediction of several classes: the membrane's channel, P(cell) being
+    #: 255 - P(membrane); None for a (Z, Y, X) P(cell).
+    channel: int | None = None
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,14 @@ class Task:
     block: Block
     #: For the relabel pass: final IDs of local IDs 0..n (None in the first pass).
     table: np.ndarray | None = None
+
+
+def cell_probability(array: Any, region: tuple[slice, ...], channel: int | None, where: str) -> np.ndarray:
+    """P(cell) of ``region`` (z, y, x) as uint8 0-255: the array's values, or with ``channel`` the
+    complement of that channel (P(membrane)) of a (C, Z, Y, X) prediction of several classes."""
+    if channel is None:
+        return probability_uint8(np.asarray(array[region]), where)
+    return np.uint8(255) - probability_uint8(np.asarray(array[(channel,) + region]), where)
 
 
 def segment_image(prob: np.ndarray, job: Job) -> tuple[np.ndarray, int]:
@@ -97,7 +108,7 @@ def segment_block(task: Task) -> int:
     """First pass over one block; returns the pixels written."""
     job, block = task.job, task.block
     where = f"{Path(job.prob).parent}: block {block.name}"
-    prob = probability_uint8(np.asarray(zarr.open_array(job.prob, mode="r")[slices(block.read)]), where)
+    prob = cell_probability(zarr.open_array(job.prob, mode="r"), slices(block.read), job.channel, where)
     labels, n = segment_image(prob, job)
     # number the IDs present in the write region 1..n; IDs only in the halo become 0 (no pixel
     # of the write region equals them, which is all the face test asks of them)
@@ -130,4 +141,4 @@ def relabel_block(task: Task) -> int:
     return int(local.size)
 
 
-__all__ = ["Job", "Task", "relabel_block", "segment_block", "segment_image"]
+__all__ = ["Job", "Task", "cell_probability", "relabel_block", "segment_block", "segment_image"]

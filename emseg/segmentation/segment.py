@@ -23,16 +23,25 @@ import numpy as np
 import zarr
 
 from emseg.blocks import Block, grow, plan_blocks, run_blocks
+from emseg.classes import membrane_value, not_membrane
 from emseg.cluster import check_local_workers, check_scheduler_address
 from emseg.config import CALIBRATED, SEGMENT_DEFAULTS, SegmentConfig, runtime_fields, to_dict
 from emseg.errors import BadInputError
 from emseg.io.outputs import Output, complete_output, is_emseg_store, provenance
 from emseg.io.pyramid import build_levels
 from emseg.io.untrusted import untrusted
-from emseg.io.zarr import LevelSpec, OmeImage, create_image_store, emseg_attrs, first_slice, open_ome
-from emseg.probability import check_probability, probability_uint8
+from emseg.io.zarr import (
+    LevelSpec,
+    OmeImage,
+    create_image_store,
+    emseg_attrs,
+    first_slice,
+    open_ome,
+    store_classes,
+)
+from emseg.probability import check_probability
 from emseg.progress import Reporter, reporter_or_null
-from emseg.segmentation.blocks import Job, Task, relabel_block, segment_block
+from emseg.segmentation.blocks import Job, Task, cell_probability, relabel_block, segment_block
 from emseg.segmentation.calibrate import Calibration, calibrate
 from emseg.segmentation.labels import create_label_image, list_label
 from emseg.segmentation.stitch import face_joins, global_table, label_dtype, neighbours
@@ -54,15 +63,15 @@ def segment_store(
 
         return segment_objects(pred, output, config, progress)
     progress = reporter_or_null(progress)
-    image = _checked_input(pred)
+    image, channel = _checked_input(pred)
     final = _final_path(image, output, config)
     if config.scheduler is not None:
         check_scheduler_address(config.scheduler)
     elif config.workers is not None:
         check_local_workers(config.workers)
-    config, chosen = resolve_settings(image, config)
+    config, chosen = resolve_settings(image, config, channel)
     settings = {k: v for k, v in to_dict(config).items() if k not in RUNTIME_ONLY}
-    chunks = tuple(int(c) for c in image.array.chunks)
+    chunks = tuple(int(c) for c in image.array.chunks[-3:])
     target, halo = _block_and_halo(config, image.voxel_size, chunks)  # type: ignore[arg-type]
     blocks = list(plan_blocks(image.shape, chunks, target, lambda write: grow(write, halo, image.shape))[1])
     # the first block's extent pins the plan: a resume never mixes blocks of two plans
@@ -83,7 +92,7 @@ def segment_store(
         resume_record=record, resume=config.resume,
         inputs=[] if config.into else [image.path],  # --into writes inside its input on purpose
     ) as out:  # fmt: skip
-        job = _job(image, out, config)
+        job = _job(image, out, config, channel)
         _first_pass(job, blocks, out.done_names(), config, progress)
         offsets, table = _stitch(job, blocks)
         _create_labels(out.path, image, chunks, int(table.max()), prov, config.into)
@@ -112,7 +121,9 @@ def segment_store(
 CALIBRATION_MAX_PIXELS = 2**26
 
 
-def resolve_settings(image: OmeImage, config: SegmentConfig) -> tuple[SegmentConfig, dict[str, Any]]:
+def resolve_settings(
+    image: OmeImage, config: SegmentConfig, channel: int | None = None
+) -> tuple[SegmentConfig, dict[str, Any]]:
     """``config`` with every setting of :data:`~emseg.config.CALIBRATED` it leaves at None chosen:
     by calibration on ``config.calibrate``'s labelled slices, else by the calibration of the run
     that made the prediction (its provenance), else :data:`~emseg.config.SEGMENT_DEFAULTS`; and
@@ -120,7 +131,7 @@ def resolve_settings(image: OmeImage, config: SegmentConfig) -> tuple[SegmentCon
     explicit = {k: getattr(config, k) for k in CALIBRATED if getattr(config, k) is not None}
     calibration: dict[str, Any] | None = None
     if config.calibrate is not None:
-        calibration = calibrate_on(image, config).to_dict()
+        calibration = calibrate_on(image, config, channel).to_dict()
         base, source = calibration["settings"], f"calibrated on {config.calibrate} slices {calibration['slices']}"
     else:
         run = emseg_attrs(image).get("segmentation")
@@ -142,12 +153,17 @@ def resolve_settings(image: OmeImage, config: SegmentConfig) -> tuple[SegmentCon
     return resolved, {"settings": {k: values[k] for k in CALIBRATED}, "from": origin, "calibration": calibration}
 
 
-def calibrate_on(image: OmeImage, config: SegmentConfig) -> Calibration:
+def calibrate_on(image: OmeImage, config: SegmentConfig, channel: int | None = None) -> Calibration:
     """:func:`~emseg.segmentation.calibrate.calibrate` on the labelled slices of ``config.calibrate``
-    that the prediction covers (``config.slices``, default all of them)."""
+    that the prediction covers (``config.slices``, default all of them): its ``labels/cells``, or
+    the labelled pixels that are not membrane of its ``labels/classes``."""
     data = open_ome(str(config.calibrate))
-    if "cells" not in data.labels:
-        raise BadInputError(f"--calibrate {config.calibrate}: has no labels/cells (ingest it with --labels)")
+    classes = store_classes(data) if "cells" not in data.labels else None
+    membrane = None if classes is None else membrane_value(classes)
+    if "cells" not in data.labels and membrane is None:
+        raise BadInputError(
+            f"--calibrate {config.calibrate}: has no labels/cells nor a membrane class (ingest it with --labels)"
+        )
     if data.shape[1:] != image.shape[1:]:
         raise BadInputError(
             f"--calibrate {config.calibrate}: slices are {data.shape[1:]}, the prediction's are {image.shape[1:]}"
@@ -163,8 +179,12 @@ def calibrate_on(image: OmeImage, config: SegmentConfig) -> Calibration:
         raise BadInputError(
             f"--slices {lo}:{hi}: more than {CALIBRATION_MAX_PIXELS} labelled pixels to calibrate on; choose fewer"
         )
-    prob = probability_uint8(np.asarray(image.array[lo - offset : hi - offset]), str(image.path))
-    truth = np.asarray(data.labels["cells"].array[lo:hi])
+    region = (slice(lo - offset, hi - offset), slice(None), slice(None))
+    prob = cell_probability(image.array, region, channel, str(image.path))
+    if membrane is None:
+        truth = np.asarray(data.labels["cells"].array[lo:hi])
+    else:
+        truth = not_membrane(np.asarray(data.labels["classes"].array[lo:hi]), membrane)
     return calibrate(
         prob, truth, mode=config.mode, seeds=config.seeds, voxel_size=image.voxel_size, slices=range(lo, hi)
     )
@@ -175,25 +195,44 @@ def calibrate_on(image: OmeImage, config: SegmentConfig) -> Calibration:
 SAMPLE_PIXELS = 2**24
 
 
-def _checked_input(pred: str | Path) -> OmeImage:
-    """The P(cell) image, its dtype checked and a sample of its values checked as every block
-    will be (uint8, or finite floats within [0, 1]): evenly spaced slices of its coarsest level,
-    at most :data:`SAMPLE_PIXELS` in all (a NaN survives the pyramid's means), or one chunk of
-    level 0 when even one coarse slice is larger."""
-    image = open_ome(pred)
+def _checked_input(pred: str | Path) -> tuple[OmeImage, int | None]:
+    """The P(cell) image and, for a (C, Z, Y, X) prediction of several classes, its membrane
+    channel (P(cell) = 255 - P(membrane)); its dtype checked and a sample of its values checked as
+    every block will be (uint8, or finite floats within [0, 1]): evenly spaced slices of its
+    coarsest level, at most :data:`SAMPLE_PIXELS` in all (a NaN survives the pyramid's means), or
+    one chunk of level 0 when even one coarse slice is larger."""
+    image = open_ome(pred, channels=True)
+    channel = _membrane_channel(image, pred)
+    lead: tuple[int | slice, ...] = () if channel is None else (channel,)
     dtype = np.dtype(image.array.dtype)
     if dtype != np.uint8 and not np.issubdtype(dtype, np.floating):
         raise BadInputError(f"{pred}: expected P(cell) as uint8 (0-255) or float (0-1), not {dtype}")
     coarse = image.levels[-1]
-    per_slice = math.prod(coarse.shape[1:])
+    per_slice = math.prod(coarse.shape[-2:])
     if per_slice <= SAMPLE_PIXELS:
-        count = min(coarse.shape[0], SAMPLE_PIXELS // per_slice)
-        for z in np.linspace(0, coarse.shape[0] - 1, count).round().astype(int):
-            check_probability(np.asarray(coarse[int(z)]), str(pred))
+        depth = coarse.shape[-3]
+        count = min(depth, SAMPLE_PIXELS // per_slice)
+        for z in np.linspace(0, depth - 1, count).round().astype(int):
+            check_probability(np.asarray(coarse[lead + (int(z),)]), str(pred))
     else:
-        cy, cx = (int(c) for c in image.array.chunks[1:])
-        check_probability(np.asarray(image.array[0, :cy, :cx]), str(pred))
-    return image
+        cy, cx = (int(c) for c in image.array.chunks[-2:])
+        check_probability(np.asarray(image.array[lead + (0, slice(0, cy), slice(0, cx))]), str(pred))
+    return image, channel
+
+
+def _membrane_channel(image: OmeImage, pred: str | Path) -> int | None:
+    """None for a (Z, Y, X) P(cell); the membrane's channel of a prediction of several classes."""
+    if not image.channels:
+        return None
+    classes = store_classes(image)
+    membrane = None if classes is None else membrane_value(classes)
+    if classes is None or membrane is None:
+        names = "" if classes is None else f" ({', '.join(c.name for c in classes)}); "
+        raise BadInputError(
+            f"{pred}: a prediction of several classes without a membrane class{names}"
+            "segment one of them with --objects NAME"
+        )
+    return membrane - 1
 
 
 def _final_path(image: OmeImage, output: str | Path | None, config: SegmentConfig) -> Path:
@@ -231,12 +270,12 @@ def _block_and_halo(
     )
 
 
-def _job(image: OmeImage, out: Output, config: SegmentConfig) -> Job:
+def _job(image: OmeImage, out: Output, config: SegmentConfig, channel: int | None) -> Job:
     """The shared block settings; creates the scratch array and faces folder unless resuming."""
     partial = out.done_dir.parent
     scratch, faces = partial / "scratch.zarr", partial / "faces"
     if not (out.resumed and scratch.exists()):
-        chunks = tuple(int(c) for c in image.array.chunks)
+        chunks = tuple(int(c) for c in image.array.chunks[-3:])
         import numcodecs
 
         zarr.create_array(
@@ -258,6 +297,7 @@ def _job(image: OmeImage, out: Output, config: SegmentConfig) -> Job:
         voxel_size=image.voxel_size,
         seeds=config.seeds,
         components=config.components,
+        channel=channel,
     )
 
 
