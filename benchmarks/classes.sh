@@ -11,6 +11,7 @@
 # mitochondria object F1 and the V_rand of membrane against the rest for both.
 #
 #   bash benchmarks/classes.sh ../shared/data/vnc /tmp/classes [TIME]     # ~25 min on 2 cores
+#   INIT=builtin:membranes bash benchmarks/classes.sh ...   # both networks start from the built-in model
 set -euo pipefail
 vnc=${1:?VNC folder with train-volume.tif and train-labels.tif}
 out=${2:?output folder}
@@ -28,7 +29,7 @@ for name, sl in (("train", slice(0, 8)), ("test", slice(8, 10))):
     tifffile.imwrite(f"{out}/{name}-binary.tif", binary[sl])
 PY
 classes=(--class membrane=0,32,64,96,128 --class glia=159 --class mitochondria=191 --class synapse=223 --class cell=255)
-small=(--depth 3 --base-channels 16 --crop 256 --batch-size 4 --steps-per-epoch 40 --epochs 100)
+small=(--depth 3 --base-channels 16 --crop 256 --batch-size 4 --steps-per-epoch 40 --epochs 100 ${INIT:+--init "$INIT"})
 for name in train test; do
   $emseg ingest "$out/$name-raw.tif" --labels "$out/$name-lab.tif" "${classes[@]}" -o "$out/$name.zarr" \
     --voxel-size 50 4.6 4.6 --quiet --overwrite

@@ -43,7 +43,7 @@ LOSSES = ("weighted-bce", "bce", "dice", "bce+dice")
 #: AVX512-BF16 or AMX), else fp32; "fp32" and "bf16" force one.
 PRECISIONS = ("auto", "fp32", "bf16")
 #: How predict normalises intensities (see PredictConfig.normalization).
-NORMALIZATIONS = ("stack", "checkpoint")
+NORMALIZATIONS = ("slice", "stack", "checkpoint")
 #: How predict stores P(cell).
 OUTPUT_DTYPES = ("uint8", "float16", "float32")
 BLENDS = ("gaussian", "linear", "crop")
@@ -506,8 +506,10 @@ class PredictConfig(Checked):
     torch_compile: bool = option(False, "torch.compile the network (CUDA).", flag="--compile", runtime=True)
     precision: str = option("auto", "auto (bf16 where the device has it natively), fp32 or bf16.", choices=PRECISIONS)
     normalization: str = option(
-        "stack",
-        "stack (map this stack's intensity percentiles onto training's) or checkpoint (training's mean/std).",
+        "slice",
+        "slice: map each slice's intensity percentiles onto training's (what an exported bioimage.io package "
+        "does); stack: one mapping from a sample of the stack, padding values 0 and 255 left out; checkpoint: "
+        "training's mean/std.",
         choices=NORMALIZATIONS,
     )
     rescale: bool = option(

@@ -25,6 +25,15 @@ def _offline(monkeypatch, tmp_path_factory):
     monkeypatch.delenv("NO_PROXY", raising=False)
     monkeypatch.delenv("no_proxy", raising=False)
     monkeypatch.setenv("BIOIMAGEIO_CACHE_PATH", str(tmp_path_factory.getbasetemp() / "bioimageio-cache"))
+    # the package's author has a GitHub user name, which bioimageio.spec looks up online unless it
+    # is in its own cache of known users: tests have no network, so it goes there
+    try:
+        from bioimageio.spec._internal import field_validation
+    except ImportError:
+        return
+    from emseg.models.export import GITHUB_USER
+
+    monkeypatch.setattr(field_validation, "KNOWN_GITHUB_USERS", field_validation.KNOWN_GITHUB_USERS | {GITHUB_USER})
 
 
 @pytest.fixture(scope="module")
@@ -91,32 +100,51 @@ def test_bioimageio_core_model_test_passes_with_onnx(exported):
     assert summary.status == "passed", failed
 
 
-def test_bioimageio_core_prediction_equals_emseg_predict_edges_included(exported, isbi_zarr, tmp_path):
+def _core_prediction(folder, raw: np.ndarray, weight_format: str) -> np.ndarray:
+    """bioimageio.core's prediction of the whole slice ``raw`` with the package's ``weight_format``."""
     core = pytest.importorskip("bioimageio.core")
-    from emseg.config import IngestConfig
-    from emseg.io.ingest import ingest_stack
-    from emseg.io.zarr import open_ome
+    from bioimageio.spec import load_description
 
-    run, folder = exported
-    raw = np.asarray(open_ome(isbi_zarr).array[29])  # a whole slice (512 x 512 ISBI, else 256 x 256)
-    tifffile.imwrite(tmp_path / "slice.tif", raw[None], photometric="minisblack")
-    store = ingest_stack(tmp_path / "slice.tif", tmp_path / "slice.zarr", IngestConfig(voxel_size=(50, 4, 4)))
+    pipeline = core.create_prediction_pipeline(
+        load_description(folder / "rdf.yaml"), weight_format=weight_format, devices=["cpu"]
+    )
+    out = core.predict(model=pipeline, inputs=raw[None, None].astype(np.float32))
+    return out.members["probability"].data.values[0, 0]
+
+
+@pytest.mark.parametrize("weight_format", ["torchscript", "onnx"])
+def test_bioimageio_core_prediction_equals_emseg_predict_edges_included(exported, isbi_zarr, tmp_path, weight_format):
+    """A slice of the training stack (predicted within its stack, by predict's default per-slice
+    normalisation) and a slice of another size: bioimageio.core on the package equals ``emseg
+    predict --blend crop`` everywhere, edges included."""
     from emseg.inference.tiling import mirrored_context
+    from emseg.io.zarr import open_ome
     from emseg.models.export import edge_context
 
+    run, folder = exported
     divisor = emseg.load_model(run).emseg_meta["divisor"]
-    context = mirrored_context(64, divisor)
-    assert edge_context(divisor) == context  # the package mirrors the edges as predict's tiles do
-    tile = -(-(raw.shape[0] + 2 * context) // divisor) * divisor  # one tile: the slice and its mirrored context
-    pred = emseg.predict(run, store, tmp_path / "pred.zarr", tile=tile, dtype="float32", precision="fp32", device="cpu")
-    ours = np.asarray(open_ome(pred).array[0])
-    out = core.predict(model=folder / "rdf.yaml", inputs=raw[None, None].astype(np.float32))
-    theirs = out.members["probability"].data.values[0, 0]
-    assert theirs.shape == ours.shape == raw.shape
-    delta = np.abs(theirs - ours)
-    border = np.ones_like(delta, dtype=bool)
-    border[20:-20, 20:-20] = False
-    assert delta[border].max() < 1e-3 and delta.max() < 1e-3, (delta[border].max(), delta.max())
+    assert edge_context(divisor) == mirrored_context(64, divisor)  # the package mirrors edges as predict does
+    stack = open_ome(isbi_zarr)
+    z = stack.shape[0] - 3  # ISBI slice 27 (of the whole stack: not normalised by the stack's percentiles)
+    other = (np.asarray(stack.array[z - 1, :300, :436]) * 0.6 + 60).astype(np.uint8)  # another size and contrast
+    tifffile.imwrite(tmp_path / "other.tif", other[None], photometric="minisblack")
+    from emseg.config import IngestConfig
+    from emseg.io.ingest import ingest_stack
+
+    other_store = ingest_stack(tmp_path / "other.tif", tmp_path / "other.zarr", IngestConfig(voxel_size=(50, 4, 4)))
+    for name, store, index in (("stack", isbi_zarr, z), ("other", other_store, 0)):
+        raw = np.asarray(open_ome(store).array[index])
+        pred = emseg.predict(
+            run, store, tmp_path / f"pred-{name}.zarr", slices=(index, index + 1), blend="crop",
+            dtype="float32", precision="fp32", device="cpu",
+        )  # fmt: skip
+        ours = np.asarray(open_ome(pred).array[0])
+        theirs = _core_prediction(folder, raw, weight_format)
+        assert theirs.shape == ours.shape == raw.shape
+        delta = np.abs(theirs - ours)
+        border = np.ones_like(delta, dtype=bool)
+        border[20:-20, 20:-20] = False
+        assert delta[border].max() < 0.01 and delta.max() < 0.01, (name, delta[border].max(), delta.max())
 
 
 def test_package_takes_normalisation_voxel_size_and_data_from_the_run(exported, isbi_zarr, tmp_path):
@@ -127,7 +155,7 @@ def test_package_takes_normalisation_voxel_size_and_data_from_the_run(exported, 
     run, folder = exported
     _, meta = read_checkpoint(run)
     norm = meta["normalization"]
-    steps = _rdf(folder)["inputs"][0]["preprocessing"]
+    steps = [s for s in _rdf(folder)["inputs"][0]["preprocessing"] if s["id"] != "ensure_dtype"]  # the spec adds casts
     assert [s["id"] for s in steps] == ["scale_range", "scale_linear"]
     assert [steps[0]["kwargs"]["min_percentile"], steps[0]["kwargs"]["max_percentile"]] == norm["percentiles"]
     gain, offset = scale_linear(norm)
@@ -156,7 +184,7 @@ def test_package_takes_normalisation_voxel_size_and_data_from_the_run(exported, 
     changed = save_checkpoint(tmp_path / "changed.safetensors", model, meta)
     assert resolve_checkpoint(changed) == changed
     rdf = _rdf(emseg.export_model(changed, tmp_path / "exported"))
-    kwargs = rdf["inputs"][0]["preprocessing"][1]["kwargs"]
+    kwargs = next(s for s in rdf["inputs"][0]["preprocessing"] if s["id"] == "scale_linear")["kwargs"]
     assert kwargs == pytest.approx({"gain": 4.6527, "offset": -4.6527 / 2})
     assert [a.get("scale") for a in rdf["inputs"][0]["axes"][2:]] == [7.5, 7.5]
     assert [a.get("scale") for a in rdf["outputs"][0]["axes"][2:]] == [7.5, 7.5]
@@ -174,3 +202,55 @@ def test_export_refuses_to_overwrite(exported, cli):
     run, folder = exported
     result = cli("export-model", run, "-o", folder)
     assert result.exit_code == 2 and "already exists" in result.stderr
+
+
+#: Run in a child process: block every module no distribution of emseg's base install provides
+#: (as if only ``pip install emseg`` had run: optional imports fail as they would there), then
+#: run the command in sys.argv[1:].
+BASE_ONLY = """
+import sys
+from importlib import metadata
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+base, todo = set(), ["emseg"]
+while todo:
+    name = canonicalize_name(todo.pop())
+    if name in base:
+        continue
+    base.add(name)
+    try:
+        requires = metadata.requires(name) or []
+    except metadata.PackageNotFoundError:
+        continue
+    todo += [r.name for r in map(Requirement, requires) if r.marker is None or r.marker.evaluate({"extra": ""})]
+owners = metadata.packages_distributions()
+blocked = {m for m, dists in owners.items() if not {canonicalize_name(d) for d in dists} & base}
+
+class Blocker:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in blocked:
+            raise ModuleNotFoundError(f"No module named {name!r} (not in emseg's base install)")
+        return None
+
+sys.meta_path.insert(0, Blocker())
+from emseg.cli import main
+sys.argv = ["emseg", *sys.argv[1:]]
+main()
+"""
+
+
+def test_export_model_needs_only_the_base_install(exported, tmp_path):
+    """``emseg export-model`` runs with only the modules of emseg's base install importable
+    (no extras, no dev tools): the README's install runs it."""
+    import subprocess
+    import sys
+
+    run, _ = exported
+    out = subprocess.run(
+        [sys.executable, "-c", BASE_ONLY, "export-model", str(run), "-o", str(tmp_path / "base"), "-q"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / "base" / "model.onnx").stat().st_size > 0
+    assert "&id" not in (tmp_path / "base" / "rdf.yaml").read_text()  # written by bioimageio.spec: no YAML anchors

@@ -16,7 +16,7 @@ import dataclasses
 import os
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,12 +67,20 @@ class Task:
 
     run: Run
     block: Block
+    #: (mean, std) of the block's slice (``--normalization slice``); None: the run's.
+    norm: tuple[float, float] | None = None
 
 
-def plan_tasks(run: Run, shape: tuple[int, int, int], chunks: tuple[int, int, int]) -> tuple[int, Iterator[Task]]:
+def plan_tasks(
+    run: Run,
+    shape: tuple[int, int, int],
+    chunks: tuple[int, int, int],
+    slice_norms: Sequence[tuple[float, float]] | None = None,
+) -> tuple[int, Iterator[Task]]:
     """(how many, every task) over the output's (Z, Y, X) ``shape`` stored in ``chunks``: one slice
     and about ``config.block`` pixels of whole chunks per block (:func:`emseg.blocks.plan_blocks`),
-    read over the tile plan's domain. The tasks come from a generator."""
+    read over the tile plan's domain, each with its output slice's ``slice_norms`` entry. The
+    tasks come from a generator."""
     c = run.config
 
     def read(write: Region) -> Region:
@@ -80,7 +88,11 @@ def plan_tasks(run: Run, shape: tuple[int, int, int], chunks: tuple[int, int, in
         return write[0], (int(ys[0]), int(ys[-1]) + c.tile), (int(xs[0]), int(xs[-1]) + c.tile)
 
     count, blocks = plan_blocks(shape, chunks, (1, c.block, c.block), read)
-    return count, (Task(run, block) for block in blocks)
+
+    def norm(block: Block) -> tuple[float, float] | None:
+        return None if slice_norms is None else tuple(slice_norms[block.write[0][0]])  # type: ignore[return-value]
+
+    return count, (Task(run, block, norm(block)) for block in blocks)
 
 
 def with_torch_threads(task: Task, threads: int) -> Task:
@@ -176,7 +188,7 @@ def run_block(task: Task) -> int:
     (z, _), (y0, y1), (x0, x1) = block.read
     plan = plan_block(block.write[1], block.write[2], c.tile, c.overlap, run.divisor, c.blend, source.shape[1:])
     region = read_reflected(lambda r, s: source[run.first_slice + z, r, s], source.shape[1:], y0, y1, x0, x1)
-    prob, membranes = engine.run_block(region, plan)
+    prob, membranes = engine.run_block(region, plan, task.norm)
     where = (z, *slices(block.write[1:]))
     channels = (slice(None),) if prob.ndim == 3 else ()  # (C, h, w) class probabilities
     _array(str(Path(run.output) / "0"), "r+", run.run_id)[channels + where] = prob

@@ -219,6 +219,8 @@ class _InFlight:
     plan: TilePlan
     staged: list[torch.Tensor]  # raw region (Hd, Wd), wy (n_y, tile), wx (n_x, tile), sy (h,), sx (w,)
     future: Future
+    #: (mean, std) of this block's slice (predict's per-slice normalisation); None: the engine's.
+    norm: tuple[float, float] | None = None
     region: Any = None  # (Hd, Wd) raw on the device
     wy: Any = None  # (n_y, tile) float32 window weights
     wx: Any = None
@@ -275,20 +277,24 @@ class Engine:
 
     # --- public -----------------------------------------------------------------------------
 
-    def submit(self, region: np.ndarray, plan: TilePlan) -> Future:
-        """Queue a block: ``region`` (Hd, Wd) is the input over ``plan.domain``. The future gives
-        (probabilities (h, w) in the output dtype, membranes (h, w) uint8), or with C > 1 classes
-        ((C, h, w) probabilities, (h, w) uint8 most probable class numbered from 1)."""
+    def submit(self, region: np.ndarray, plan: TilePlan, norm: tuple[float, float] | None = None) -> Future:
+        """Queue a block: ``region`` (Hd, Wd) is the input over ``plan.domain``, normalised by
+        ``norm`` (mean, std) or else the engine's. The future gives (probabilities (h, w) in the
+        output dtype, membranes (h, w) uint8), or with C > 1 classes ((C, h, w) probabilities,
+        (h, w) uint8 most probable class numbered from 1)."""
         if self._error is not None:
             raise EmsegRuntimeError(f"inference failed: {self._error}")
         future: Future = Future()
         sy, sx = plan.weight_sums()
         arrays = [region, *(w.astype(np.float32) for w in (plan.y_windows, plan.x_windows, sy, sx))]
-        self._inbox.put(_InFlight(plan=plan, staged=self.transfer.stage(arrays), future=future))
+        norm = None if norm is None else (float(norm[0]), float(norm[1]))
+        self._inbox.put(_InFlight(plan=plan, staged=self.transfer.stage(arrays), future=future, norm=norm))
         return future
 
-    def run_block(self, region: np.ndarray, plan: TilePlan) -> tuple[np.ndarray, np.ndarray]:
-        return self.submit(region, plan).result()
+    def run_block(
+        self, region: np.ndarray, plan: TilePlan, norm: tuple[float, float] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        return self.submit(region, plan, norm).result()
 
     def predict_tiles(self, tiles: np.ndarray) -> np.ndarray:
         """(N, T, T) raw tiles -> (N, T, T) float32 P(cell), no blending (for tests and bench)."""
@@ -316,11 +322,17 @@ class Engine:
 
     # --- model ------------------------------------------------------------------------------
 
-    def _forward(self, raw: torch.Tensor, net: nn.Module | None = None) -> torch.Tensor:
+    def _forward(
+        self, raw: torch.Tensor, net: nn.Module | None = None, norm: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """(B, T, T) raw tiles on the device -> (B, T, T) P(cell) float32, or (B, C, T, T) class
-        probabilities with C > 1 channels."""
+        probabilities with C > 1 channels; ``norm``: (B,) means and stds, one per tile, else the
+        engine's."""
         net = self.model if net is None else net
-        x = ((raw.float() - self.mean) / self.std).unsqueeze(1)
+        if norm is None:
+            x = ((raw.float() - self.mean) / self.std).unsqueeze(1)
+        else:
+            x = ((raw.float() - norm[0][:, None, None]) / norm[1][:, None, None]).unsqueeze(1)
         views = range(8) if self.settings.tta else (0,)
         total = None
         for k in views:
@@ -339,11 +351,11 @@ class Engine:
             return torch.sigmoid(total[:, 0] / len(views))
         return torch.softmax(total / len(views), dim=1)
 
-    def _padded(self, raw: torch.Tensor) -> torch.Tensor:
-        """(n, T, T) -> (batch_size, T, T) with zero tiles after the n real ones: one shape always."""
+    def _padded(self, raw: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """(n, ...) -> (batch_size, ...) with ``fill`` entries after the n real ones: one shape always."""
         if len(raw) == self.batch_size:
             return raw
-        return torch.cat([raw, raw.new_zeros((self.batch_size - len(raw), *raw.shape[1:]))])
+        return torch.cat([raw, raw.new_full((self.batch_size - len(raw), *raw.shape[1:]), fill)])
 
     def _shrink(self) -> None:
         """Halve the batch size after an out-of-memory error (its traceback already dropped)."""
@@ -353,17 +365,24 @@ class Engine:
         self.batch_size = max(1, self.batch_size // 2)
         log.warning("out of device memory: continuing with batch size %d", self.batch_size)
 
-    def _forward_safe(self, raw: torch.Tensor) -> torch.Tensor:
-        """:meth:`_forward` over (N, T, T) tiles in batches of ``batch_size`` (each padded to it),
-        halving the batch size on out-of-memory errors; the result does not depend on it."""
+    def _forward_safe(self, raw: torch.Tensor, norm: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """:meth:`_forward` over (N, T, T) tiles (``norm``: their (N,) means and stds) in batches
+        of ``batch_size`` (each padded to it), halving the batch size on out-of-memory errors; the
+        result does not depend on it."""
         if self._eager is not None:  # settle the batch size before the compiled network runs
             self._settle(raw[:1])
         out = []
         i = 0
         while i < len(raw):
             chunk = raw[i : i + self.batch_size]
+            part = None
+            if norm is not None:
+                part = (
+                    self._padded(norm[0][i : i + self.batch_size], self.mean),
+                    self._padded(norm[1][i : i + self.batch_size], self.std),
+                )
             try:
-                out.append(self._forward(self._padded(chunk))[: len(chunk)])
+                out.append(self._forward(self._padded(chunk), norm=part)[: len(chunk)])
             except RuntimeError as exc:
                 if not is_out_of_memory(exc):
                     raise
@@ -479,7 +498,14 @@ class Engine:
         for block, (_, _, y, x) in batch:
             oy, ox = y - block.plan.domain[0], x - block.plan.domain[2]
             tiles.append(block.region[oy : oy + t, ox : ox + t])
-        prob = self._forward_safe(torch.stack(tiles))
+        norm = None
+        if any(block.norm is not None for block, _ in batch):
+            pairs = [block.norm or (self.mean, self.std) for block, _ in batch]
+            norm = (
+                torch.tensor([m for m, _ in pairs], dtype=torch.float32, device=self.device),
+                torch.tensor([s for _, s in pairs], dtype=torch.float32, device=self.device),
+            )
+        prob = self._forward_safe(torch.stack(tiles), norm)
         for (block, (iy, ix, y, x)), p in zip(batch, prob, strict=True):
             assert block.acc is not None
             w = block.wy[iy, :, None] * block.wx[ix, None, :]

@@ -35,12 +35,12 @@ from emseg.io.zarr import (
     create_label,
     create_multiscale,
     emseg_attrs,
-    ngff_for,
     omero_channels,
     open_ome,
+    probability_omero,
 )
 from emseg.models.checkpoint import check_trained
-from emseg.models.normalization import stack_normalization
+from emseg.models.normalization import slice_normalization, stack_normalization
 from emseg.progress import Reporter, reporter_or_null
 
 log = logging.getLogger(__name__)
@@ -95,8 +95,9 @@ def predict_store(
 
     def create(path: Path) -> None:
         root = create_image_store(path, image.version, attrs={"emseg": {**prov, "complete": False}})
-        extra = None if classes is None else ngff_for(image.version).wrap({"omero": omero_channels(classes)})
-        create_multiscale(root, image_spec, image.voxel_size, image.version, "probabilities", extra, origin=origin)
+        top = 255 if config.dtype == "uint8" else 1
+        omero = probability_omero(top) if classes is None else omero_channels(classes, top)
+        create_multiscale(root, image_spec, image.voxel_size, image.version, "probabilities", omero, origin=origin)
         create_label(root, label, spec, image.voxel_size, image.version, origin, classes=classes)
 
     with Output(
@@ -121,7 +122,8 @@ def predict_store(
             zoom=factor,
             label=label,
         )
-        total, tasks = plan_tasks(run, shape, chunks)
+        norms = slice_mean_stds(meta, image, z_range, config, progress)
+        total, tasks = plan_tasks(run, shape, chunks, norms)
         done = out.done_names()
         if out.resumed:
             log.info("resuming: %d of %d blocks already done", len(done), total)
@@ -181,6 +183,34 @@ def stack_mean_std(meta: dict[str, Any], image: OmeImage, config: PredictConfig)
     mean, std = stack_normalization(norm, lambda z, rows, cols: np.asarray(image.array[z, rows, cols]), image.shape)
     log.info("stack normalisation: mean %.4g, std %.4g (training %.4g, %.4g)", mean, std, norm["mean"], norm["std"])
     return mean, std
+
+
+def slice_mean_stds(
+    meta: dict[str, Any], image: OmeImage, z_range: tuple[int, int], config: PredictConfig, progress: Reporter
+) -> list[tuple[float, float]] | None:
+    """(mean, std) of every slice of ``z_range`` (output slice order) with ``config.normalization``
+    "slice" and a checkpoint that records percentiles: each slice's own percentiles
+    (:func:`~emseg.models.normalization.slice_normalization`), read in bands of chunk rows on
+    ``config.threads`` threads; None otherwise."""
+    norm = meta["normalization"]
+    if config.normalization != "slice" or not {"percentiles", "low", "high"} <= set(norm):
+        return None
+    from concurrent.futures import ThreadPoolExecutor
+
+    array = image.array
+    height, band = int(array.shape[1]), int(array.chunks[1])
+
+    def one(z: int) -> tuple[float, float]:
+        return slice_normalization(norm, (np.asarray(array[z, y : y + band]) for y in range(0, height, band)))
+
+    progress.start("predict: slice intensities", total=z_range[1] - z_range[0], unit="slices")
+    with ThreadPoolExecutor(max(1, int(config.threads))) as pool:
+        result = []
+        for pair in pool.map(one, range(*z_range)):
+            result.append(pair)
+            progress.advance(1)
+    progress.finish()
+    return result
 
 
 def _checked_model(model: str | Path, config: PredictConfig) -> tuple[Path, dict[str, Any]]:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -188,6 +189,7 @@ def _write(  # noqa: C901 - the streaming loop: read ahead, check, write each py
             finally:
                 future.cancel()
         progress.finish()
+        _add_display_window(root, image_arrays[-1], config.ngff)
         if vs_source == "default":
             log.warning("%s carries no voxel size; used 1 x 1 x 1 nm (set it with --voxel-size Z Y X)", stack.path.name)
         if classes is not None and lab is not None:
@@ -198,3 +200,26 @@ def _write(  # noqa: C901 - the streaming loop: read ahead, check, write each py
                 "labels %s have more than two values; binarised as value > 0 -> cell (1)", lab.path.name if lab else ""
             )
     return output
+
+
+#: Percentiles of the display window of an ingested image (viewers that read ``omero``).
+DISPLAY_PERCENTILES = (0.5, 99.5)
+
+
+def _add_display_window(root: Any, coarsest: Any, version: str) -> None:
+    """The image's ``omero`` block: a grey channel windowed on robust percentiles of nine evenly
+    spaced slices of its coarsest level (about 1 kpx a side), within the dtype's range (the
+    sample's for floats)."""
+    from emseg.io.zarr import intensity_omero, ngff_metadata, ngff_payload
+
+    depth = int(coarsest.shape[0])
+    zs = sorted(set(np.linspace(0, depth - 1, min(9, depth)).round().astype(int).tolist()))
+    sample = np.concatenate([np.asarray(coarsest[z]).ravel() for z in zs]).astype(np.float64)
+    start, end = (float(v) for v in np.percentile(sample, DISPLAY_PERCENTILES))
+    dtype = np.dtype(coarsest.dtype)
+    if np.issubdtype(dtype, np.integer):
+        low, high = float(np.iinfo(dtype).min), float(np.iinfo(dtype).max)
+    else:
+        low, high = float(sample.min()), float(sample.max())
+    payload = {**ngff_payload(root.attrs), "omero": intensity_omero(low, high, start, max(end, start + 1e-6))}
+    root.attrs.update(ngff_metadata(version, "image", payload))

@@ -223,18 +223,51 @@ class LevelSpec:
     clevel: int = IngestConfig.clevel
 
 
+def ngff_metadata(version: str, kind: Literal["image", "label", "labels"], payload: dict[str, Any]) -> dict[str, Any]:
+    """The group attributes of NGFF ``payload`` ({"multiscales": ..., "omero": ...} of an image,
+    with "image-label" of a label image, {"labels": ...} of a labels group), built by
+    ome-zarr-models' classes for ``version``: every field validated, then dumped back and wrapped
+    as the version stores it. Invalid metadata is a bug in emseg: it raises and nothing is written."""
+    import pydantic
+
+    if version == "0.4":
+        from ome_zarr_models.v04.image import ImageAttrs
+        from ome_zarr_models.v04.image_label import ImageLabelAttrs
+        from ome_zarr_models.v04.labels import LabelsAttrs
+    else:
+        from ome_zarr_models.v05.image import ImageAttrs  # type: ignore[assignment]
+        from ome_zarr_models.v05.image_label import ImageLabelAttrs  # type: ignore[assignment]
+        from ome_zarr_models.v05.labels import LabelsAttrs  # type: ignore[assignment]
+    from ome_zarr_models.v04.omero import Omero  # the same rendering block in 0.4 and 0.5
+
+    model: Any = {"image": ImageAttrs, "label": ImageLabelAttrs, "labels": LabelsAttrs}[kind]
+    ngff = ngff_for(version)
+    content = {k: v for k, v in payload.items() if k != "omero"}
+    try:
+        built = model.model_validate(content if version == "0.4" else {"version": version, **content})
+        omero = None if "omero" not in payload else Omero.model_validate(payload["omero"])
+    except pydantic.ValidationError as exc:
+        raise RuntimeError(f"emseg built invalid NGFF {version} {kind} metadata: {exc}") from exc
+    dumped = built.model_dump(by_alias=True, exclude_none=True, mode="json")
+    dumped.pop("version", None)
+    if omero is not None:
+        dumped["omero"] = omero.model_dump(by_alias=True, exclude_none=True, mode="json")
+    return ngff.wrap(dumped)
+
+
 def create_multiscale(
     group: zarr.Group,
     spec: LevelSpec,
     voxel_size: Sequence[float],
     version: str,
     name: str,
-    extra_attrs: dict[str, Any] | None = None,
+    omero: dict[str, Any] | None = None,
     *,
     reduction: str = "mean",
     origin: Sequence[float] = (0.0, 0.0, 0.0),
 ) -> list[zarr.Array]:
-    """Create the arrays "0", "1", ... of a multiscale image in ``group`` and write its metadata.
+    """Create the arrays "0", "1", ... of a multiscale image in ``group`` and write its metadata
+    (with ``omero``, its rendering block), built by :func:`ngff_metadata`.
 
     Returns the arrays, level 0 first. Chunks are clipped to each level's shape; shards (NGFF 0.5
     only; ignored for 0.4) are clipped likewise and rounded to whole chunks.
@@ -261,29 +294,50 @@ def create_multiscale(
         )
     channels = len(spec.shape) == 4
     entry = multiscales(name, len(arrays), voxel_size, version, reduction=reduction, origin=origin, channels=channels)
-    attrs = ngff.wrap({"multiscales": [entry]})
-    if extra_attrs:
-        attrs.update(extra_attrs)
-    group.attrs.update(attrs)
+    payload: dict[str, Any] = {"multiscales": [entry], **({} if omero is None else {"omero": omero})}
+    group.attrs.update(ngff_metadata(version, "image", payload))
     return arrays
 
 
-def omero_channels(classes: Sequence[LabelClass]) -> dict[str, Any]:
+def _omero_channel(label: str, color: str, start: float, end: float, low: float, high: float) -> dict[str, Any]:
+    return {
+        "label": label,
+        "color": color,
+        "window": {"start": start, "end": end, "min": low, "max": high},
+        "active": True,
+        "coefficient": 1.0,
+        "family": "linear",
+        "inverted": False,
+    }
+
+
+#: P(cell)'s colour in viewers that read ``omero`` (the cells' label colour, amber).
+PROBABILITY_COLOR = "FFC800"
+
+
+def probability_omero(top: float = 255) -> dict[str, Any]:
+    """The ``omero`` rendering block of a P(cell) image: one amber channel, a 0-``top`` window
+    (255 for uint8 probabilities, 1 for floats)."""
+    return {
+        "channels": [_omero_channel("P(cell)", PROBABILITY_COLOR, 0, top, 0, top)],
+        "rdefs": {"model": "color", "defaultZ": 0, "defaultT": 0},
+    }
+
+
+def intensity_omero(low: float, high: float, start: float, end: float) -> dict[str, Any]:
+    """The ``omero`` rendering block of an EM image: one grey channel windowed on ``start``-``end``
+    (robust percentiles) within its dtype's ``low``-``high``."""
+    return {
+        "channels": [_omero_channel("EM", "FFFFFF", start, end, low, high)],
+        "rdefs": {"model": "greyscale", "defaultZ": 0, "defaultT": 0},
+    }
+
+
+def omero_channels(classes: Sequence[LabelClass], top: float = 255) -> dict[str, Any]:
     """The NGFF ``omero`` rendering block of a (c, z, y, x) probability image: one channel per
     class, named and coloured as its class, a 0-255 window (uint8 probabilities)."""
     return {
-        "channels": [
-            {
-                "label": c.name,
-                "color": "{:02X}{:02X}{:02X}".format(*c.rgb),
-                "window": {"start": 0, "end": 255, "min": 0, "max": 255},
-                "active": True,
-                "coefficient": 1.0,
-                "family": "linear",
-                "inverted": False,
-            }
-            for c in classes
-        ],
+        "channels": [_omero_channel(c.name, "{:02X}{:02X}{:02X}".format(*c.rgb), 0, top, 0, top) for c in classes],
         "rdefs": {"model": "color", "defaultZ": 0, "defaultT": 0},
     }
 
@@ -309,7 +363,7 @@ def create_label(
     existing = list(ngff_payload(labels.attrs).get("labels", []))
     if label_name not in existing:
         existing.append(label_name)
-    labels.attrs.update(ngff.wrap({"labels": existing}))
+    labels.attrs.update(ngff_metadata(version, "labels", {"labels": existing}))
     group = labels.create_group(label_name)
     colors = {"colors": LABEL_COLORS.get(label_name, [{"label-value": 1, "rgba": [255, 0, 0, 128]}])}
     image_label = ngff.tag(
@@ -324,7 +378,7 @@ def create_label(
         reduction="majority" if classes is None else "mode",
         origin=origin,
     )
-    group.attrs.update(ngff.wrap({**ngff_payload(group.attrs), "image-label": image_label}))
+    group.attrs.update(ngff_metadata(version, "label", {**ngff_payload(group.attrs), "image-label": image_label}))
     if classes is not None:
         group.attrs["emseg"] = {"classes": classes_record(classes)}
     return arrays

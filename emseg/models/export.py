@@ -20,10 +20,12 @@ gets emseg's prediction at the edges too. The package declares no halo (it is in
 measures the percentiles (the spec allows no NaN padding), which would shift the normalisation;
 without one, its whole-image prediction equals emseg's whole-slice pass, edges included.
 
-The package normalises as ``emseg predict`` does by default (``--normalization stack``): the
-input's own percentiles (the checkpoint's, usually 1 and 99) are mapped where the training stack's
-went (``scale_range`` per sample, then ``scale_linear``); a checkpoint without percentiles gets
-its fixed mean and std (``fixed_zero_mean_unit_variance``), as predict gives it.
+The package normalises as ``emseg predict`` does by default (``--normalization slice``): each
+slice's own percentiles (the checkpoint's, usually 1 and 99, over every pixel, numpy's linear
+ones) are mapped where the training stack's went (``scale_range`` per sample over channel, y and
+x, then ``scale_linear``); a checkpoint without percentiles gets its fixed mean and std
+(``fixed_zero_mean_unit_variance``), as predict gives it. ``--normalization stack`` (one mapping
+for the whole stack) has no bioimage.io equivalent: its predictions differ from the package's.
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ UNET_CITATION = {
     "Image Segmentation, MICCAI",
     "doi": "10.1007/978-3-319-24574-4_28",
 }
+#: The GitHub account of the package's authors (bioimage.io asks for one).
+GITHUB_USER = "emseg"
 #: Largest side of the test and sample tensors (a central crop of a training slice).
 TEST_SIDE = 512
 #: scale_range's epsilon in bioimageio.core: ``(x - low) / (high - low + eps)``.
@@ -273,6 +277,10 @@ def export_model(run: str | Path, output: str | Path, config: ExportModelConfig 
 
 
 def _onnx(net: nn.Module, x: torch.Tensor, path: Path, opset: int) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("onnx") is None:  # a dependency of emseg: only a broken install lacks it
+        raise BadInputError("export-model needs the onnx package, a dependency of emseg: pip install onnx")
     axes = {0: "batch", 2: "height", 3: "width"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -322,7 +330,7 @@ def _readme(info: dict[str, Any]) -> str:
         how = (
             f"each input's own {low_pct:g} and {high_pct:g} percentiles are mapped where the training stack's "
             f"({norm['low']:.4g}, {norm['high']:.4g}) went under mean {norm['mean']:.4g}, std {norm['std']:.4g} "
-            "(emseg predict's default, `--normalization stack`)"
+            "(emseg predict's default, `--normalization slice`: each slice by its own percentiles)"
         )
     else:
         how = f"(raw - {norm['mean']:.4f}) / {norm['std']:.4f}"
@@ -349,8 +357,6 @@ def _readme(info: dict[str, Any]) -> str:
 
 
 def _rdf(folder: Path, info: dict[str, Any], meta: dict[str, Any], opset: int) -> None:
-    import yaml
-
     divisor = int(info["divisor"])
     size = voxel_size(meta)
 
@@ -370,7 +376,7 @@ def _rdf(folder: Path, info: dict[str, Any], meta: dict[str, Any], opset: int) -
         "type": "model",
         "name": "emseg U-Net EM membrane segmentation",
         "description": "U-Net predicting P(cell interior) in serial-section electron micrographs (emseg).",
-        "authors": [{"name": "emseg developers"}],
+        "authors": [{"name": "emseg developers", "github_user": GITHUB_USER}],
         "cite": [ISBI_CITATION, UNET_CITATION],
         "license": "BSD-3-Clause",
         "documentation": "README.md",
@@ -418,4 +424,23 @@ def _rdf(folder: Path, info: dict[str, Any], meta: dict[str, Any], opset: int) -
         },
         "config": {"emseg": info},
     }
-    (folder / "rdf.yaml").write_text(yaml.safe_dump(rdf, sort_keys=False))
+    write_rdf(folder, rdf)
+
+
+def write_rdf(folder: Path, rdf: dict[str, Any]) -> Path:
+    """``folder``/rdf.yaml: ``rdf`` built into bioimageio.spec's model description (every field
+    and file hash validated; no network: the GitHub user is not looked up) and written by
+    bioimageio.spec (plain YAML, no anchors). An invalid description is a bug in emseg: it raises
+    before anything is written."""
+    from bioimageio.spec import ModelDescr, ValidationContext, build_description, save_bioimageio_yaml_only
+
+    with ValidationContext(root=folder, perform_io_checks=False):
+        description = build_description(rdf)
+    if not isinstance(description, ModelDescr):
+        errors = [
+            f"{'.'.join(map(str, e.loc))}: {e.msg}" for d in description.validation_summary.details for e in d.errors
+        ]
+        raise RuntimeError(f"emseg built an invalid bioimage.io model description: {'; '.join(errors[:5])}")
+    path = folder / "rdf.yaml"
+    save_bioimageio_yaml_only(description, path)
+    return path

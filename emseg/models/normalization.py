@@ -6,13 +6,19 @@ percentiles (low, high) of its slices: ``mean`` is their midpoint and ``std`` th
 nothing. The checkpoint's ``normalization`` block keeps ``mean`` and ``std`` (what every older
 reader uses) and adds ``percentiles``, ``low`` and ``high``. Predict on another stack (another
 session, contrast, animal) measures the same percentiles there and maps them onto the values
-the training stack's percentiles had (:func:`for_stack`). Pixels at the dtype's extremes
-(0 and 255 of uint8: alignment padding, saturation) are left out of the percentiles.
+the training stack's percentiles had (:func:`for_stack`).
+
+Predict measures them per slice by default (:func:`slice_percentiles`: every pixel of the slice,
+numpy's linear percentiles), exactly as a bioimage.io package's per-sample ``scale_range``
+computes them, so an exported model and ``emseg predict`` normalise alike; ``--normalization
+stack`` measures them once on a sample of the stack instead, leaving out the dtype's extremes
+(0 and 255 of uint8: alignment padding, saturation).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -29,13 +35,13 @@ SAMPLE_SIDE = 2048
 MAX_FLOAT_VALUES = 2**21
 
 
-def _values(raw: np.ndarray) -> np.ndarray:
+def _values(raw: np.ndarray, extremes: bool = False) -> np.ndarray:
     """The finite values of ``raw`` (any shape) as float64, without the integer dtype's extremes
-    (unless nothing else is left), strided down to at most :data:`MAX_FLOAT_VALUES`."""
+    (unless nothing else is left, or ``extremes``), strided down to at most :data:`MAX_FLOAT_VALUES`."""
     values = np.asarray(raw).ravel()
     if values.size > MAX_FLOAT_VALUES:
         values = values[:: -(-values.size // MAX_FLOAT_VALUES)]
-    if np.issubdtype(values.dtype, np.integer):
+    if np.issubdtype(values.dtype, np.integer) and not extremes:
         info = np.iinfo(values.dtype)
         inner = values[(values != info.min) & (values != info.max)]
         values = inner if inner.size else values
@@ -43,18 +49,17 @@ def _values(raw: np.ndarray) -> np.ndarray:
     return values[np.isfinite(values)]
 
 
-def _histogram(windows: Sequence[np.ndarray]) -> tuple[np.ndarray, int] | None:
-    """(counts per value, the value of bin 0) of 8- or 16-bit integer windows, without the
-    dtype's extremes (unless nothing else is left); None for other dtypes. Memory: one window at
-    a time, never a float copy of the whole sample."""
-    dtype = np.asarray(windows[0]).dtype
-    if not (np.issubdtype(dtype, np.integer) and dtype.itemsize <= 2):
-        return None
+def _histogram(windows: Iterable[np.ndarray], dtype: np.dtype, extremes: bool = False) -> tuple[np.ndarray, int]:
+    """(counts per value, the value of bin 0) of 8- or 16-bit integer ``windows`` of ``dtype``,
+    without the dtype's extremes (unless nothing else is left, or ``extremes``). Memory: one
+    window at a time, never a float copy of the whole sample."""
     info = np.iinfo(dtype)
     counts = np.zeros(int(info.max) - int(info.min) + 1, dtype=np.int64)
     for window in windows:
         flat = np.asarray(window).ravel()
         counts += np.bincount(flat.astype(np.int32) - int(info.min), minlength=counts.size)
+    if extremes:
+        return counts, int(info.min)
     inner = counts.copy()
     inner[0] = inner[-1] = 0
     return (inner if inner.sum() else counts), int(info.min)
@@ -70,19 +75,27 @@ def _histogram_percentile(counts: np.ndarray, offset: int, pct: float) -> float:
     return float(offset + v_lo + frac * (v_hi - v_lo))
 
 
-def percentiles(raw: np.ndarray | Sequence[np.ndarray], pct: Sequence[float]) -> tuple[float, float]:
-    """(low, high) percentiles of the intensities of ``raw`` (an array of any shape, or a list of
-    windows of one dtype): exact from a histogram for 8- and 16-bit integers, else from a strided
-    subsample of each window."""
-    windows = list(raw) if isinstance(raw, (list, tuple)) else [np.asarray(raw)]
-    hist = _histogram(windows)
-    if hist is not None:
-        counts, offset = hist
+def percentiles(
+    raw: np.ndarray | Iterable[np.ndarray], pct: Sequence[float], extremes: bool = False
+) -> tuple[float, float]:
+    """(low, high) percentiles of the intensities of ``raw`` (an array of any shape, or windows of
+    one dtype, e.g. a generator of a slice's rows read in bands): exact from a histogram for 8-
+    and 16-bit integers, else from a strided subsample of each window (exact up to
+    :data:`MAX_FLOAT_VALUES` values a window). The integer dtype's extremes are left out unless
+    ``extremes``."""
+    windows: Iterator[np.ndarray] = iter([raw]) if isinstance(raw, np.ndarray) else iter(raw)
+    first = next(windows, None)
+    if first is None:
+        return 0.0, 1.0
+    first = np.asarray(first)
+    every = itertools.chain([first], windows)
+    if np.issubdtype(first.dtype, np.integer) and first.dtype.itemsize <= 2:
+        counts, offset = _histogram(every, first.dtype, extremes)
         if counts.sum() == 0:
             return 0.0, 1.0
         low, high = (_histogram_percentile(counts, offset, float(p)) for p in pct[:2])
         return low, high
-    values = np.concatenate([_values(w) for w in windows])
+    values = np.concatenate([_values(w, extremes) for w in every])
     if values.size == 0:
         return 0.0, 1.0
     low, high = np.percentile(values, [float(pct[0]), float(pct[1])])
@@ -135,4 +148,23 @@ def stack_normalization(
     return for_stack(norm, low, high)
 
 
-__all__ = ["robust_normalization", "percentiles", "for_stack", "sample_stack", "stack_normalization", "NORMAL_SPAN"]
+def slice_normalization(norm: Mapping[str, Any], windows: Iterable[np.ndarray]) -> tuple[float, float]:
+    """(mean, std) for one slice given as ``windows`` (e.g. its rows in bands): its own
+    percentiles over every pixel (the dtype's extremes included, as bioimage.io's per-sample
+    ``scale_range`` measures them) mapped where the training stack's went; the checkpoint's mean
+    and std when it records no percentiles."""
+    if not {"percentiles", "low", "high"} <= set(norm):
+        return float(norm["mean"]), float(norm["std"])
+    low, high = percentiles(windows, norm["percentiles"], extremes=True)
+    return for_stack(norm, low, high)
+
+
+__all__ = [
+    "NORMAL_SPAN",
+    "for_stack",
+    "percentiles",
+    "robust_normalization",
+    "sample_stack",
+    "slice_normalization",
+    "stack_normalization",
+]

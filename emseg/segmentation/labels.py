@@ -15,7 +15,7 @@ from typing import Any
 
 import zarr
 
-from emseg.io.zarr import LevelSpec, create_multiscale, ngff_for, ngff_payload
+from emseg.io.zarr import LevelSpec, create_multiscale, ngff_for, ngff_metadata, ngff_payload
 
 
 def create_label_image(
@@ -35,7 +35,7 @@ def create_label_image(
     arrays = create_multiscale(group, spec, voxel_size, version, name, reduction="mode", origin=origin)
     payload = ngff_payload(group.attrs)
     payload["image-label"] = ngff.tag({"source": {"image": "../../"}} if in_image else {})
-    group.attrs.update({**ngff.wrap(payload), **attrs})
+    group.attrs.update({**ngff_metadata(version, "label", payload), **attrs})
     return arrays
 
 
@@ -46,9 +46,9 @@ def list_label(image_group: Path, name: str, version: str) -> None:
     attrs = dict(labels.attrs)
     payload = ngff_payload(attrs)
     names = [n for n in payload.get("labels", []) if n != name] + [name]
-    wrapped = {**payload, "labels": names}
+    built = ngff_metadata(version, "labels", {"labels": names})
     ome = attrs.get("ome")
-    labels.attrs.update({"ome": {**ome, **wrapped}} if isinstance(ome, dict) else wrapped)
+    labels.attrs.update({"ome": {**ome, **built["ome"]}} if isinstance(ome, dict) and "ome" in built else built)
 
 
 __all__ = ["create_label_image", "list_label"]
