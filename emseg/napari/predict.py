@@ -32,11 +32,11 @@ import numpy as np
 from emseg.config import PredictConfig
 from emseg.errors import BadInputError, Cancelled
 from emseg.inference.predict import predict_store
-from emseg.io.outputs import PARTIAL_TAG, destination_error, is_emseg_store
+from emseg.io.outputs import PARTIAL_TAG, complete_output, destination_error, is_emseg_store
 from emseg.io.zarr import LevelSpec, create_image_store, create_multiscale, open_ome
 from emseg.models.checkpoint import check_trained, refuse_classes
 from emseg.napari.reader import LayerData, labels_layer, probability_layer
-from emseg.progress import Cancellable, Eta, reporter_or_null
+from emseg.progress import Cancellable, Eta, Reporter, reporter_or_null
 
 #: A progress event: (phase, units done, total units or None, seconds left or None, unit).
 Progress = tuple[str, float, float | None, float | None, str]
@@ -106,11 +106,13 @@ def _nm_per_unit(units: Any) -> tuple[float, ...] | None:
         return None
     try:
         return tuple(float((1 * u).to("nanometer").magnitude) for u in units)
-    except Exception:  # noqa: BLE001 - pint's DimensionalityError and friends: not lengths
+    except (TypeError, ValueError, AttributeError):  # pint's DimensionalityError, UndefinedUnitError
         return None
 
 
-def predict_layer(job: PredictJob, progress: Any = None, stop: threading.Event | None = None) -> list[LayerData]:
+def predict_layer(
+    job: PredictJob, progress: Reporter | None = None, stop: threading.Event | None = None
+) -> list[LayerData]:
     """Predict ``job`` with emseg's engine; returns the "P(cell)" and "membranes" layers, placed
     over the input layer. ``progress`` is an :class:`emseg.progress.Reporter`; setting ``stop``
     cancels the run between slices of the input and between blocks
@@ -119,6 +121,8 @@ def predict_layer(job: PredictJob, progress: Any = None, stop: threading.Event |
         raise BadInputError(f"if the output exists: {job.existing!r}, expected one of {', '.join(EXISTING)}")
     _, meta = check_trained(job.run)
     refuse_classes(meta, job.run, "the napari widget")
+    if job.output is not None and job.existing == "refuse":  # refused before the layer is written out
+        complete_output(job.output, {}, overwrite=False, resume=False)
     divisor = int(meta.get("divisor") or 1)
     stop = stop or threading.Event()
     work = Path(tempfile.mkdtemp(prefix="emseg-napari-"))
