@@ -344,14 +344,21 @@ def test_the_result_layers_carry_the_image_units_and_scale(world, viewer, notes,
         assert tuple(out.axis_labels) == tuple(layer.axis_labels)
 
 
-def test_an_in_memory_layer_keeps_its_own_units(world, viewer):
+def test_an_in_memory_layer_keeps_its_own_units(world, viewer, tmp_path):
+    import threading
+
     import tifffile
+
+    from emseg.io.zarr import open_ome
+    from emseg.napari.predict import _write_layer
 
     raw = tifffile.imread(world["raw"])
     layer = viewer.add_image(raw[1], name="slice", scale=(0.004, 0.004), units=("micrometer",) * 2)
     widget, _ = _dock(viewer, raw[2], world["run"])  # another layer; predict the micrometre one
     widget.image.value = layer
     assert widget.job().layer.nm_per_unit == pytest.approx((1000.0, 1000.0))
+    _write_layer(widget.job().layer, tmp_path / "in.zarr", threading.Event())  # what predict reads
+    assert tuple(open_ome(tmp_path / "in.zarr").voxel_size[1:]) == pytest.approx((4.0, 4.0))  # nanometres
     widget.start()
     _wait(widget)
     assert widget.status.value.startswith("done"), widget.status.value

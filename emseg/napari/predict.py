@@ -59,7 +59,8 @@ class LayerInput:
     #: napari's units per axis ("nanometer", "pixel", ...); None: napari's default.
     units: tuple[str, ...] | None = None
     axis_labels: tuple[str, ...] | None = None
-    #: Nanometres per unit of each axis; None when the units are no lengths (pixels).
+    #: Nanometres per unit of each axis; None when the units are no lengths (pixels: the scale is
+    #: taken as nanometres, as it always was).
     nm_per_unit: tuple[float, ...] | None = None
 
 
@@ -240,8 +241,9 @@ def _input_store(layer: LayerInput, work: Path | None, output: Path, stop: threa
 
 def _write_layer(layer: LayerInput, path: Path, stop: threading.Event) -> str:
     """Write the layer's pixels as the one-level OME-Zarr image ``path`` (a 2D layer as one
-    slice; its scale in nanometres where its units are lengths), a slice at a time (a lazy layer
-    is never loaded whole); returns the SHA-256 of its shape, dtype, voxel size and pixels."""
+    slice; its scale converted to nanometres where its units are lengths, else taken as
+    nanometres), a slice at a time (a lazy layer is never loaded whole); returns the SHA-256 of
+    its shape, dtype, voxel size and pixels."""
     data = layer.data[None] if layer.data.ndim == 2 else layer.data
     scale = (1.0,) * (data.ndim - len(layer.scale)) + layer.scale
     nm = layer.nm_per_unit
@@ -255,9 +257,7 @@ def _write_layer(layer: LayerInput, path: Path, stop: threading.Event) -> str:
         dtype=dtype.name,
         pyramid_min_size=max(data.shape[1:]),  # one level: only level 0 is predicted
     )
-    # pixels without a length: a built-in model must not rescale them by a made-up pixel size
-    attrs = {"emseg": {"command": INPUT_COMMAND, **({} if nm else {"voxel_size_from": "default"})}}
-    root = create_image_store(path, "0.4", attrs=attrs)
+    root = create_image_store(path, "0.4", attrs={"emseg": {"command": INPUT_COMMAND}})
     (array,) = create_multiscale(root, spec, voxel, "0.4", "image")
     digest = hashlib.sha256(repr((spec.shape, spec.dtype, voxel)).encode())
     for z in range(data.shape[0]):
