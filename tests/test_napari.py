@@ -514,3 +514,15 @@ def test_errors_are_notifications_in_the_widgets_words(world, viewer, notes, tmp
     assert not [r for r in caplog.records if r.exc_info and r.levelname != "DEBUG"]
     assert widget.button.enabled and not widget.cancel.enabled
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_cancel_at_once_stops_before_any_block(world, viewer, notes):
+    import tifffile
+
+    widget, _ = _dock(viewer, tifffile.imread(world["raw"])[:2], world["run"])
+    widget.start()
+    widget.cancel.native.click()
+    assert widget.status.value.startswith("cancelling") and not widget.cancel.enabled
+    _wait(widget)
+    assert widget.status.value == "cancelled" and "P(cell)" not in viewer.layers
+    assert str(notes[-1].message) == "prediction cancelled"  # nothing kept: no output was asked for

@@ -278,6 +278,11 @@ def _partial(output: Path) -> Path:
     return output.parent / f".{output.name}{PARTIAL_TAG}"
 
 
+def has_partial(output: Path) -> bool:
+    """Whether an interrupted prediction into ``output`` left work that a resume continues."""
+    return _partial(Path(output).absolute()).is_dir()
+
+
 def _is_input_beside(path: Path, output: Path) -> bool:
     return path.parent == output.parent and path.name.startswith(f".{output.name}.input-")
 
@@ -320,4 +325,13 @@ def _result_layers(output: Path, job: PredictJob, is_2d: bool, keep: bool) -> li
     return placed
 
 
-__all__ = ["EXISTING", "LayerInput", "PredictJob", "Progress", "layer_input", "predict_layer", "predict_in_steps"]
+__all__ = [
+    "EXISTING",
+    "LayerInput",
+    "PredictJob",
+    "Progress",
+    "has_partial",
+    "layer_input",
+    "predict_in_steps",
+    "predict_layer",
+]

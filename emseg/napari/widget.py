@@ -25,7 +25,15 @@ from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, Lin
 
 from emseg.config import PredictConfig, flag_of, options
 from emseg.errors import Cancelled, EmsegError
-from emseg.napari.predict import EXISTING, LayerData, PredictJob, Progress, layer_input, predict_in_steps
+from emseg.napari.predict import (
+    EXISTING,
+    LayerData,
+    PredictJob,
+    Progress,
+    has_partial,
+    layer_input,
+    predict_in_steps,
+)
 from emseg.progress import format_duration
 
 log = logging.getLogger(__name__)
@@ -179,7 +187,7 @@ class PredictWidget(Container):
     def _cancelled(self) -> None:
         from napari.utils.notifications import show_info
 
-        if self._output is None:
+        if self._output is None or not has_partial(self._output):
             message = "prediction cancelled"
         else:
             message = (
