@@ -2,8 +2,10 @@
 
 A :class:`BadInputError` is something the user can fix (a missing file, a tile the model cannot
 take): the CLI prints its message on one line and exits with code 2. An :class:`EmsegRuntimeError`
-is a failure while doing valid work (a full disk, a non-finite loss): exit code 1. Anything else
-is a bug and keeps its traceback.
+is a failure while doing valid work (a full disk, a non-finite loss): exit code 1. A
+:class:`Cancelled` run was stopped by its user (the napari widget's Cancel button, through
+:class:`emseg.progress.Cancellable`): it unwinds like Ctrl-C, so a resumable output keeps what
+is done. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -25,3 +27,9 @@ class EmsegRuntimeError(EmsegError, RuntimeError):
     """A failure while running a valid request. Exit code 1."""
 
     exit_code = 1
+
+
+class Cancelled(EmsegError):
+    """The user stopped the run between two pieces of work. Exit code 130, as for Ctrl-C."""
+
+    exit_code = 130
