@@ -18,6 +18,30 @@ _CANDIDATES = [
 ]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Without a display but with Xvfb installed, start one for the session, so the napari tests
+    drive a real viewer (Xvfb and Mesa draw its OpenGL canvas); without Xvfb they fall back to
+    offscreen Qt and napari's ViewerModel (tests/test_napari.py)."""
+    import atexit
+    import shutil
+
+    if os.environ.get("DISPLAY") or os.environ.get("QT_QPA_PLATFORM") or shutil.which("Xvfb") is None:
+        return
+    read, write = os.pipe()
+    xvfb = subprocess.Popen(
+        ["Xvfb", "-displayfd", str(write), "-screen", "0", "1280x1024x24", "-nolisten", "tcp"],
+        pass_fds=(write,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        number = pipe.readline().strip()  # Xvfb writes its display number once it accepts clients
+    if not number.isdigit():
+        xvfb.kill()
+        return
+    os.environ["DISPLAY"] = f":{number}"
+    atexit.register(xvfb.kill)
+
+
 def isbi_dir() -> Path | None:
     for c in _CANDIDATES:
         if c is not None and (c / "train-volume.tif").is_file():
