@@ -740,6 +740,17 @@ def demo_cmd(
         )
     if "cells_v_rand" in s:
         table.add_row("V_rand (cells)", f"{s['cells_v_rand']:.4f}, {s['cells_objects']} cells from emseg segment")
+    if result.classes:
+        c = result.classes
+        held = ", ".join(map(str, c["sections"]["held_out"]))
+        table.add_row("classes", f"{c['steps']} steps from builtin:membranes on {c['data']}; sections {held} held out")
+        for name, score in c["classes"].items():
+            table.add_row(f"  IoU {name}", f"{score['iou']:.3f} (Dice {score['dice']:.3f})")
+        if c.get("mitochondria_objects"):
+            o = c["mitochondria_objects"]
+            table.add_row(
+                "  mitochondria objects", f"F1 {o['f1']:.3f} (precision {o['precision']:.3f}, recall {o['recall']:.3f})"
+            )
     for name, path in result.outputs.items():
         table.add_row(name.replace("_", " "), path)
     stdout.print(table)

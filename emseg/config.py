@@ -619,6 +619,12 @@ class DemoConfig(Checked):
     output: str = option("emseg-demo", "Folder for everything the demo writes.", short="-o")
     device: str = _device()
     minutes: float | None = option(None, "Training time (default 3 on a CPU, 4 on a GPU).", kind=float, gt=0)
+    classes_minutes: float = option(
+        2.0,
+        "Training time of the second part, several classes on the VNC sections when found nearby "
+        "(../shared/data/vnc, ./data/vnc or $EMSEG_VNC); 0 skips it.",
+        ge=0,
+    )
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -143,3 +144,35 @@ def test_cluster_example_connects_to_a_running_scheduler(tiny_run, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "scheduler tcp://" in proc.stdout
     assert emseg.info(tmp_path / "p.zarr")["shape"] == [3, 200, 160]
+
+
+@pytest.mark.slow
+def test_the_demo_second_part_learns_several_classes_on_vnc_sections(tmp_path):
+    """The second part on a crop of the VNC sections: five classes ingested, a softmax network
+    fine-tuned from the built-in model, the held-out sections scored per class, mitochondria
+    segmented, a picture."""
+    import tifffile
+
+    from emseg.recipes.demo import CPU_PLAN, VNC_FILES, classes_part, find_vnc
+
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "vnc"
+    source = find_vnc(None) or (shared if (shared / VNC_FILES[0]).is_file() else None)
+    if source is None:
+        pytest.skip("VNC sections not found")
+    folder = tmp_path / "vnc"
+    folder.mkdir()
+    for name in VNC_FILES:  # 5 sections, 192 x 192: a minute's test
+        tifffile.imwrite(folder / name, tifffile.imread(source / name)[:5, 256:448, 256:448], photometric="minisblack")
+    with pytest.raises(BadInputError, match="missing train-volume.tif, train-labels.tif"):
+        find_vnc(tmp_path)
+    plan = dataclasses.replace(CPU_PLAN, crop=64, batch_size=2, steps_per_epoch=3)
+    outputs, result = classes_part(folder, tmp_path, plan, 0.1, "cpu", None)
+    assert result["sections"] == {"train": [0, 1], "validation": [2], "held_out": [3, 4]}
+    assert set(result["classes"]) <= {"membrane", "glia", "mitochondria", "synapse", "cell"}
+    assert "membrane" in result["classes"] and "cell" in result["classes"]
+    for score in result["classes"].values():
+        assert 0.0 <= score["iou"] <= 1.0 and 0.0 <= score["dice"] <= 1.0
+    assert result["steps"] >= 1
+    for key in ("classes_prediction", "classes_scores", "classes_mitochondria", "classes_pictures"):
+        assert Path(outputs[key]).exists(), key
+    assert emseg.info(outputs["classes_prediction"])["shape"] == [5, 2, 192, 192]

@@ -96,6 +96,9 @@ class DemoResult:
     started_from: str = ""
     #: The segmentation settings the run calibrated on its validation slices (segmentation.json).
     segmentation: dict[str, Any] = field(default_factory=dict)
+    #: The second part (several classes on the VNC sections): where its data came from, its
+    #: scores on the held-out sections ({} when it did not run).
+    classes: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -131,12 +134,14 @@ def run_demo(
     config: DemoConfig | None = None,
     *,
     data: str | Path | None = None,
+    vnc: str | Path | None = None,
     shape: tuple[int, int, int] = (30, 512, 512),
     progress: Reporter | None = None,
 ) -> DemoResult:
     """The whole flow into ``config.output``, on ``config.device``, training for
     ``config.minutes`` (default: the device's plan); ``shape`` sizes the synthetic stack
-    (ignored with ISBI data)."""
+    (ignored with ISBI data). Then, with the VNC sections (``vnc``, else found nearby) and
+    ``config.classes_minutes`` > 0, a second part: several classes (:func:`classes_part`)."""
     from emseg.device import device_name, resolve_device
     from emseg.evaluation.evaluate import evaluate
     from emseg.inference.predict import predict_store
@@ -212,7 +217,141 @@ def run_demo(
     result.outputs.update(outputs)
     result.scores.update(cells_v_rand=cells.v_rand, cells_objects=cells.n_objects)
     result.segmentation = summary["segmentation"]
+    vnc_folder = find_vnc(vnc)
+    if vnc_folder is not None and config.classes_minutes > 0:
+        outputs, result.classes = classes_part(vnc_folder, out, plan, config.classes_minutes, device, progress)
+        result.outputs.update(outputs)
     return result
+
+
+# --- the second part: several classes ---------------------------------------------------------
+
+VNC_FILES = ("train-volume.tif", "train-labels.tif")
+#: The VNC annotation's codes (its README) as emseg classes.
+VNC_CLASSES = ("membrane=0,32,64,96,128", "glia=159", "mitochondria=191", "synapse=223", "cell=255")
+#: The sections the second part never trains on, and the one validating: the last two, the third last.
+VNC_HELD_OUT = 2
+
+
+def find_vnc(vnc: str | Path | None) -> Path | None:
+    """The folder holding the VNC sections (train-volume.tif and train-labels.tif): ``vnc`` if
+    given (it must hold them), else the first of $EMSEG_VNC, ./data/vnc and ../shared/data/vnc
+    that does; None when none does."""
+    if vnc is not None:
+        folder = Path(vnc)
+        missing = [f for f in VNC_FILES if not (folder / f).is_file()]
+        if missing:
+            raise BadInputError(f"{folder}: missing {', '.join(missing)} (the VNC sections' layout)")
+        return folder
+    for c in (os.environ.get("EMSEG_VNC"), "data/vnc", "../shared/data/vnc"):
+        if c and all((Path(c) / f).is_file() for f in VNC_FILES):
+            return Path(c)
+    return None
+
+
+def classes_part(
+    folder: Path, out: Path, plan: DemoPlan, minutes: float, device: str, progress: Reporter | None
+) -> tuple[dict[str, str], dict[str, Any]]:
+    """Several classes from one annotation: the VNC sections but the last two ingested with their
+    five classes, a softmax network fine-tuned from the built-in membrane model for ``minutes``
+    (the third-last section validating), the last two predicted and scored per class (IoU, Dice,
+    mitochondria objects), its mitochondria segmented (``segment --objects``) and a picture.
+    Returns (outputs, scores)."""
+    import tifffile
+
+    from emseg.classes import parse_classes
+    from emseg.config import SegmentConfig
+    from emseg.evaluation.evaluate import evaluate
+    from emseg.inference.predict import predict_store
+    from emseg.io.ingest import ingest_stack
+    from emseg.io.metadata import tiff_voxel_size
+    from emseg.segmentation.segment import segment_store
+    from emseg.training.calibrate import train as train_and_calibrate
+
+    part = out / "classes"
+    part.mkdir(exist_ok=True)
+    with tifffile.TiffFile(folder / VNC_FILES[0]) as tif:
+        voxel = tiff_voxel_size(tif)
+        raw = tif.asarray()
+    labels = tifffile.imread(folder / VNC_FILES[1])
+    n = len(raw)
+    if n < VNC_HELD_OUT + 2:
+        raise BadInputError(f"{folder}: {n} sections; the second part needs at least {VNC_HELD_OUT + 2}")
+    stores = {}
+    for name, sl in (("train", slice(0, n - VNC_HELD_OUT)), ("test", slice(n - VNC_HELD_OUT, n))):
+        tifffile.imwrite(part / f"{name}-raw.tif", raw[sl], photometric="minisblack")
+        tifffile.imwrite(part / f"{name}-labels.tif", labels[sl], photometric="minisblack")
+        stores[name] = ingest_stack(
+            part / f"{name}-raw.tif",
+            part / f"{name}.zarr",
+            IngestConfig(voxel_size=voxel, classes=parse_classes(list(VNC_CLASSES)), overwrite=True),
+            labels=part / f"{name}-labels.tif",
+            progress=progress,
+        )
+    run = part / "run"
+    train_config = TrainConfig(
+        init=BUILTIN_START,
+        model=ModelConfig(depth=plan.depth, base_channels=plan.base_channels),
+        crop=plan.crop,
+        batch_size=plan.batch_size,
+        steps_per_epoch=plan.steps_per_epoch,
+        epochs=10_000,
+        time_limit=minutes * 60,
+        val_slices=(n - VNC_HELD_OUT - 1,),
+        device=device,
+        overwrite=True,
+    )
+    summary = train_and_calibrate(stores["train"], run, train_config, progress=progress)
+    pred = predict_store(
+        run, stores["test"], part / "pred.zarr", PredictConfig(device=device, overwrite=True), progress=progress
+    )
+    scores = evaluate(pred, stores["test"], EvaluateConfig(overwrite=True), part / "scores.json")
+    mito = segment_store(
+        pred, part / "mitochondria.zarr", SegmentConfig(objects="mitochondria", overwrite=True), progress=progress
+    )
+    picture = _class_pictures(stores["test"], pred, part / "classes.png")
+    result = {
+        "data": str(folder),
+        "sections": {"train": list(range(n - VNC_HELD_OUT - 1)), "validation": [n - VNC_HELD_OUT - 1],
+                     "held_out": list(range(n - VNC_HELD_OUT, n))},
+        "steps": summary["rows"][-1]["step"] if summary["rows"] else 0,
+        "classes": {k: {m: v[m] for m in ("iou", "dice") if m in v} for k, v in scores["classes"].items()},
+        "mitochondria_objects": scores["classes"].get("mitochondria", {}).get("objects"),
+        "v_rand": scores.get("v_rand"),
+    }  # fmt: skip
+    outputs = {
+        "classes_run": str(run),
+        "classes_prediction": str(pred),
+        "classes_scores": str(part / "scores.json"),
+        "classes_mitochondria": str(mito),
+        "classes_pictures": str(picture),
+    }
+    return outputs, result
+
+
+def _class_pictures(data: Path, pred: Path, output: Path) -> Path:
+    """Rows of EM | true classes | predicted classes, each class in its colour, for every section."""
+    from emseg.io.zarr import open_ome, store_classes
+    from emseg.viz import panel_rows
+
+    image, prediction = open_ome(data), open_ome(pred, channels=True)
+    classes = store_classes(prediction) or []
+    palette = np.zeros((len(classes) + 1, 3), np.float32)  # 0, unlabelled: black
+    for c in classes:
+        palette[c.value] = np.asarray(c.rgb, np.float32) / 255.0
+    legend = ", ".join(c.name for c in classes)
+    rows = []
+    for z in range(image.shape[0]):
+        truth = np.asarray(image.labels["classes"].array[z])
+        predicted = np.asarray(prediction.labels["classes"].array[z])
+        rows.append(
+            {
+                f"image (section {z})": np.asarray(image.array[z]),
+                f"truth: {legend}": palette[truth],
+                "predicted classes": palette[predicted],
+            }
+        )
+    return panel_rows(rows, output)
 
 
 #: Fewer training steps than this in the demo's budget (measured on this machine): random weights
