@@ -5,7 +5,8 @@
 The five-class network: each class's IoU and Dice over the labelled pixels (the predicted class
 is the most probable one), mitochondria objects (``emseg.probability.blob_objects`` of
 P(mitochondria) where it is the most probable class) against the true ones (4-connected
-components per section; a match at IoU >= 0.5: precision, recall, F1), and the V_rand of
+components per section; a match at IoU >= 0.5: precision, recall, F1; with the object settings
+the run learned on its validation slice), and the V_rand of
 membrane against the rest (P(not membrane)). The membrane-only network: its V_rand on the same
 truth. Both predicted whole-slice as ``emseg predict`` does (``predict_planes``).
 """
@@ -25,7 +26,7 @@ from emseg.evaluation.metrics import class_scores, evaluate_arrays
 from emseg.evaluation.objects import match_objects, true_objects
 from emseg.io.zarr import open_ome, store_classes
 from emseg.models.checkpoint import load_trained
-from emseg.probability import blob_objects
+from emseg.probability import blob_objects, object_settings
 from emseg.training.validate import predict_planes
 
 
@@ -33,6 +34,12 @@ def predict(run: Path, raw: np.ndarray) -> tuple[np.ndarray, dict]:
     model, meta = load_trained(run / "best.safetensors", "cpu")
     norm = meta["normalization"]
     return predict_planes(model, raw, (float(norm["mean"]), float(norm["std"])), TrainConfig()), meta
+
+
+def _steps(run: Path) -> int:
+    rows = (run / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    return int(rows[-1].split(",")[header.index("step")]) if len(rows) > 1 else 0
 
 
 def main() -> None:
@@ -56,14 +63,19 @@ def main() -> None:
     for c in classes:
         out["five_classes"][c.name] = per.get(c.value)
     mito = next(c.value for c in classes if c.name == "mitochondria")
-    objects = np.stack([blob_objects(prob[z, mito - 1], pred[z] == mito) for z in range(len(pred))])
+    learned = (meta.get("class_bias") or {}).get("objects")  # what the run learned on its validation slice
+    md, ms, _ = object_settings(learned, "mitochondria")
+    objects = np.stack(
+        [blob_objects(prob[z, mito - 1], pred[z] == mito, min_distance=md, min_size=ms) for z in range(len(pred))]
+    )
+    out["five_classes"]["class_bias"] = meta.get("class_bias")
     out["five_classes"]["mitochondria_objects"] = match_objects(objects, true_objects(truth == mito))
     v = evaluate_arrays(1.0 - prob[:, membrane - 1], rest_truth)
     out["five_classes"]["v_rand_membrane_vs_rest"] = v.v_rand
-    out["five_classes"]["steps"] = meta.get("step")
+    out["five_classes"]["steps"] = _steps(args.work / "classes")
     binary, bmeta = predict(args.work / "binary", raw)
     out["membrane_only"]["v_rand"] = evaluate_arrays(binary, rest_truth).v_rand
-    out["membrane_only"]["steps"] = bmeta.get("step")
+    out["membrane_only"]["steps"] = _steps(args.work / "binary")
     for name in ("classes", "binary"):
         rows = (args.work / name / "metrics.csv").read_text().splitlines()
         out[f"{name}_epochs"] = len(rows) - 1

@@ -559,7 +559,8 @@ class SegmentConfig(Checked):
     objects: str | None = option(
         None,
         "Of a multi-class prediction: the objects of this blob-like class (e.g. mitochondria: a seeded watershed of "
-        "its probability, touching ones split; --min-distance and --min-size apply) instead of cells.",
+        "its probability, touching ones split; --min-distance (0: not split) and --min-size default to what the "
+        "run learned on its validation slices) instead of cells.",
         kind=str,
         metavar="CLASS",
     )

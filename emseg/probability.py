@@ -17,6 +17,8 @@ sections are far thicker than their pixels, as the field's 2D benchmarks count t
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from scipy import ndimage as ndi
 
@@ -149,7 +151,9 @@ def blob_objects(
     min_size: int = OBJECT_MIN_SIZE,
 ) -> np.ndarray:
     """Instances of one class in one slice: (Y, X) float P(class) in [0, 1] (and optionally the
-    (Y, X) bool pixels where it is the most probable class) -> (Y, X) uint32 labels 1..N, 0 elsewhere."""
+    (Y, X) bool pixels where it is the most probable class) -> (Y, X) uint32 labels 1..N, 0 elsewhere.
+    Touching objects are split by a watershed of the distance transform seeded at its maxima
+    ``min_distance`` apart; ``min_distance`` 0: not split (each connected region is one object)."""
     from skimage.feature import peak_local_max
     from skimage.segmentation import relabel_sequential, watershed
 
@@ -157,9 +161,15 @@ def blob_objects(
     inside = prob > threshold if mask is None else np.asarray(mask, bool)
     if not inside.any():
         return np.zeros(prob.shape, np.uint32)
-    distance = ndi.distance_transform_edt(inside)
     components, _ = ndi.label(inside)
-    peaks = peak_local_max(distance, min_distance=max(1, int(min_distance)), labels=components, exclude_border=False)
+    if min_distance <= 0:
+        labels = components
+        if min_size > 1:
+            sizes = np.bincount(labels.ravel())
+            labels[sizes[labels] < min_size] = 0
+        return relabel_sequential(labels)[0].astype(np.uint32)
+    distance = ndi.distance_transform_edt(inside)
+    peaks = peak_local_max(distance, min_distance=int(min_distance), labels=components, exclude_border=False)
     markers = np.zeros(prob.shape, np.int32)
     markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
     # a component without a peak (thinner than min_distance everywhere) keeps one seed: its core,
@@ -174,6 +184,20 @@ def blob_objects(
     return relabel_sequential(labels)[0].astype(np.uint32)
 
 
+def object_settings(learned: Any, name: str) -> tuple[int, int, str]:
+    """(min_distance, min_size, where they came from) of the objects of class ``name``: those the
+    run learned on its validation slices (``learned``: the ``objects`` block of a prediction's
+    provenance, {name: {"min_distance", "min_size"}}), else :data:`OBJECT_MIN_DISTANCE` and
+    :data:`OBJECT_MIN_SIZE`."""
+    entry = learned.get(name) if isinstance(learned, dict) else None
+    if isinstance(entry, dict):
+        try:
+            return int(entry["min_distance"]), int(entry["min_size"]), "learned by the run on its validation slices"
+        except (KeyError, TypeError, ValueError):
+            pass
+    return OBJECT_MIN_DISTANCE, OBJECT_MIN_SIZE, "emseg's defaults"
+
+
 __all__ = [
     "DEFAULT_THRESHOLDS",
     "OBJECT_MIN_DISTANCE",
@@ -183,6 +207,7 @@ __all__ = [
     "check_both_classes",
     "check_probability",
     "fiji_cells",
+    "object_settings",
     "probability_float",
     "probability_uint8",
     "thinned_segmentation",

@@ -20,7 +20,7 @@ from emseg.evaluation.metrics import class_scores
 from emseg.evaluation.objects import match_objects, true_objects
 from emseg.io.ingest import ingest_stack
 from emseg.io.zarr import open_ome, store_classes
-from emseg.probability import blob_objects
+from emseg.probability import OBJECT_MIN_DISTANCE, blob_objects
 from emseg.training.losses import make_loss
 from emseg.training.weights import class_weight_map
 from tests.test_segment import write_pred
@@ -233,6 +233,13 @@ def test_a_multi_class_run_learns_classes_and_records_them(tmp_path, cli):
     header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"mean_iou", "iou_membrane", "iou_mito", "iou_cell", "dice_mito", "v_rand"} <= set(header)
     assert "segmentation" not in summary  # cells are calibrated for membrane networks only
+    # the class decisions and object settings learned on the validation slice, folded into best
+    bias = json.loads((run / "class_bias.json").read_text())
+    assert summary["class_bias"] == bias and set(bias["offsets"]) == {"membrane", "mito", "cell"}
+    assert bias["mean_iou_after"] >= bias["mean_iou_before"] and bias["slices"]
+    from emseg.models.checkpoint import read_checkpoint
+
+    assert read_checkpoint(run / "best.safetensors")[1]["class_bias"] == bias
 
     # prediction: (c, z, y, x) probabilities with omero channels, labels/classes the most probable
     from ome_zarr_models import open_ome_zarr
@@ -250,6 +257,7 @@ def test_a_multi_class_run_learns_classes_and_records_them(tmp_path, cli):
     np.testing.assert_array_equal(classes, prob.argmax(0) + 1)  # up to ties of rounded values
     image = open_ome(pred, channels=True)
     assert image.channels == 3 and image.shape == (4, 96, 96)
+    assert image.attrs["emseg"]["objects"] == bias["objects"]  # segment --objects and evaluate use them
     with pytest.raises(BadInputError, match="3 channels"):
         open_ome(pred)  # a (z, y, x) reader is told what it got
 
@@ -288,7 +296,8 @@ def test_a_multi_class_run_learns_classes_and_records_them(tmp_path, cli):
     expected_count = 0
     for z in range(4):
         p_mito = np.asarray(group["0"][1, z]) / 255.0
-        mine = blob_objects(p_mito, classes[z] == 2, min_size=5)
+        learned = bias["objects"].get("mito", {}).get("min_distance", OBJECT_MIN_DISTANCE)
+        mine = blob_objects(p_mito, classes[z] == 2, min_distance=learned, min_size=5)
         got = np.asarray(objects.array[z])
         assert ((got > 0) == (mine > 0)).all()
         assert len(np.unique(got[got > 0])) == mine.max()
@@ -341,3 +350,25 @@ def test_channel_pyramids_reduce_each_channel(tmp_path):
         np.testing.assert_array_equal(arrays[2][c], reduce2(level1, "mean"))
     scale = dict(root.attrs)["multiscales"][0]["datasets"][1]["coordinateTransformations"][0]["scale"]
     assert scale == [1.0, 50.0, 8.0, 8.0]
+
+
+def test_class_offsets_undo_the_balance_and_object_settings_are_learned():
+    """A rare class over-predicted (as a class-balanced loss makes it): the offsets learned on the
+    slices move its decision back and raise the mean IoU; blobs drawn whole are best kept unsplit."""
+    from emseg.training.class_bias import fit_class_bias, with_offsets
+    from emseg.training.validate import fit_object_settings, mean_iou
+
+    rng = np.random.default_rng(0)
+    truth = np.full((2, 96, 96), 2, np.uint8)  # class 2 everywhere, class 1 in elongated blobs
+    for i in range(2):
+        for y, x in rng.integers(10, 86, size=(6, 2)):
+            truth[i, y - 4 : y + 4, max(0, x - 12) : x + 12] = 1
+    p1 = np.where(truth == 1, 0.8, 0.45) + rng.normal(0, 0.05, truth.shape)  # rare class 1 bleeding out
+    prob = np.stack([p1, 1 - p1], axis=1).clip(0.01, 0.99).astype(np.float32)
+    bias, before, after = fit_class_bias(prob, truth)
+    assert after > before + 0.1 and bias[0] < bias[1]
+    fixed = with_offsets(prob, bias)
+    np.testing.assert_allclose(fixed.sum(axis=1), 1.0, atol=1e-5)
+    assert mean_iou((fixed.argmax(1) + 1).astype(np.uint8), truth, 2) == pytest.approx(after, abs=1e-6)
+    chosen = fit_object_settings(fixed, truth, 1)
+    assert chosen["f1"] >= chosen["f1_default"] and chosen["f1"] > 0.5

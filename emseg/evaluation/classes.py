@@ -8,7 +8,8 @@ probabilities and ``labels/classes`` (the most probable class). The truth is a s
 - each class's IoU and Dice, and their mean over the classes the truth holds;
 - object classes (every class but the membrane and the class covering most labelled pixels, the
   cell interior or background): objects of P(class) (:func:`~emseg.probability.blob_objects`,
-  the objects ``emseg segment --objects`` draws) matched to the truth's 4-connected components
+  the objects ``emseg segment --objects`` draws, with the settings the run learned when the
+  prediction records them) matched to the truth's 4-connected components
   per section at IoU >= 0.5: precision, recall, F1;
 - with a membrane class, the ISBI V_rand of P(not membrane) against labelled non-membrane.
 """
@@ -24,8 +25,8 @@ from emseg.classes import LabelClass, membrane_value, not_membrane
 from emseg.errors import BadInputError
 from emseg.evaluation.metrics import class_scores, evaluate_arrays
 from emseg.evaluation.objects import match_objects, true_objects
-from emseg.io.zarr import OmeImage, first_slice, open_ome, store_classes
-from emseg.probability import blob_objects, probability_float
+from emseg.io.zarr import OmeImage, emseg_attrs, first_slice, open_ome, store_classes
+from emseg.probability import blob_objects, object_settings, probability_float
 
 
 def is_class_prediction(pred: str | Path) -> bool:
@@ -87,11 +88,18 @@ def evaluate_classes(pred: str | Path, data: str | Path, slices: tuple[int, int]
             [probability_float(np.asarray(prediction.array[c.value - 1, z - offset]), str(pred)) for z in range(lo, hi)]
         )
 
+    learned = emseg_attrs(prediction).get("objects")  # the run's object settings, if it learned them
     for c in object_classes(classes, truth):
         if not (truth == c.value).any():
             continue
         prob = probability(c)
-        objects = np.stack([blob_objects(prob[i], predicted[i] == c.value) for i in range(len(prob))])
+        min_distance, min_size, _ = object_settings(learned, c.name)
+        objects = np.stack(
+            [
+                blob_objects(prob[i], predicted[i] == c.value, min_distance=min_distance, min_size=min_size)
+                for i in range(len(prob))
+            ]
+        )
         result["classes"][c.name]["objects"] = match_objects(objects, true_objects(truth == c.value))
     membrane = membrane_value(classes)
     if membrane is not None and not_membrane(truth, membrane).any() and (truth == membrane).any():

@@ -91,6 +91,8 @@ def predict_store(
         model_meta={k: meta.get(k) for k in ("halo", "divisor", "normalization", "parameters")},
         # the run's calibrated segmentation settings, which emseg segment uses by default
         **({"segmentation": meta["segmentation"]} if isinstance(meta.get("segmentation"), dict) else {}),
+        # how the run's blob-like classes become objects (segment --objects and evaluate use them)
+        **({"objects": meta["class_bias"].get("objects", {})} if isinstance(meta.get("class_bias"), dict) else {}),
     )
 
     def create(path: Path) -> None:

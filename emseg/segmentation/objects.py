@@ -22,8 +22,8 @@ from emseg.config import SegmentConfig
 from emseg.errors import BadInputError
 from emseg.io.outputs import Output, provenance
 from emseg.io.pyramid import build_levels
-from emseg.io.zarr import LevelSpec, create_image_store, open_ome, store_classes
-from emseg.probability import OBJECT_MIN_DISTANCE, OBJECT_MIN_SIZE, blob_objects, probability_float
+from emseg.io.zarr import LevelSpec, create_image_store, emseg_attrs, open_ome, store_classes
+from emseg.probability import blob_objects, object_settings, probability_float
 from emseg.progress import Reporter, reporter_or_null
 from emseg.segmentation.labels import create_label_image
 
@@ -51,8 +51,11 @@ def segment_objects(
     chosen = next((c for c in classes if c.name == name), None)
     if chosen is None:
         raise BadInputError(f"--objects {name}: {pred} has the classes {', '.join(c.name for c in classes)}")
-    min_distance = OBJECT_MIN_DISTANCE if config.min_distance is None else max(1, config.min_distance)
-    min_size = OBJECT_MIN_SIZE if config.min_size is None else config.min_size
+    learned_distance, learned_size, source = object_settings(emseg_attrs(image).get("objects"), name)
+    min_distance = learned_distance if config.min_distance is None else config.min_distance
+    min_size = learned_size if config.min_size is None else config.min_size
+    if config.min_distance is None or config.min_size is None:
+        log.info("%s objects: min distance %d, min size %d (%s)", name, min_distance, min_size, source)
     settings = {"objects": name, "min_distance": min_distance, "min_size": min_size}
     prov = provenance("segment", prediction=str(image.path.resolve()), settings=settings, objects_class=name)
     chunks = (1, *(int(c) for c in image.array.chunks[-2:]))

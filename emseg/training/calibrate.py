@@ -37,13 +37,21 @@ SEGMENTATION_FILE = "segmentation.json"
 
 
 def train(data: str | Path, run_dir: str | Path, config: TrainConfig, progress: Reporter | None = None) -> dict:
-    """:func:`~emseg.training.loop.fit` with the standard validation, then :func:`calibrate_run`
-    on the main process; the summary gains ``segmentation``."""
+    """:func:`~emseg.training.loop.fit` with the standard validation, then on the main process
+    :func:`calibrate_run` (the summary gains ``segmentation``), or for a network of several
+    classes :func:`~emseg.training.class_bias.calibrate_class_bias` (``class_bias``)."""
     config = with_init(config)
     validate: Validate = validator(config)
     summary = fit(data, run_dir, config, validate=validate, progress=progress)
-    if int(os.environ.get("RANK", "0")) == 0 and training_label(open_training_store(str(data))) == "cells":
-        summary["segmentation"] = calibrate_run(data, run_dir, config, progress)
+    if int(os.environ.get("RANK", "0")) == 0:
+        if training_label(open_training_store(str(data))) == "cells":
+            summary["segmentation"] = calibrate_run(data, run_dir, config, progress)
+        else:
+            from emseg.training.class_bias import calibrate_class_bias
+
+            bias = calibrate_class_bias(data, run_dir, config, progress)
+            if bias is not None:
+                summary["class_bias"] = bias
     return summary
 
 

@@ -7,17 +7,21 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from emseg.classes import membrane_value
+from emseg.classes import LabelClass, membrane_value
 from emseg.config import PredictConfig, TrainConfig
+from emseg.evaluation.classes import object_classes
 from emseg.evaluation.metrics import class_scores, evaluate_arrays
+from emseg.evaluation.objects import match_objects, true_objects
 from emseg.inference.engine import Engine
 from emseg.inference.tiling import plan_block, read_reflected
 from emseg.models.base import SegmentationNet
+from emseg.probability import OBJECT_MIN_DISTANCE, OBJECT_MIN_SIZE, blob_objects
 from emseg.training.data import Annotated
 from emseg.training.losses import Loss, logits_of, make_loss
 
@@ -119,3 +123,58 @@ def validate_classes(prob: np.ndarray, data: Annotated, loss_fn: Loss) -> dict[s
             v = evaluate_arrays(rest, truth)
             scores.update({"v_rand": v.v_rand, "v_rand_threshold": v.v_rand_threshold, "v_info": v.v_info})
     return scores
+
+
+# --- the end of a run of several classes (training.class_bias): scored as validation scores ---
+
+#: Object settings tried per blob-like class: seed distances (0: touching objects not split) and
+#: smallest sizes (pixels).
+OBJECT_MIN_DISTANCES = (0, 3, 6, 10, 15, 25)
+OBJECT_MIN_SIZES = (10, 30, 100, 200, 400, 800)
+
+
+def blob_classes(classes: Sequence[LabelClass], truth: np.ndarray) -> list[LabelClass]:
+    """The classes scored as objects (``emseg evaluate``'s: all but the membrane and the largest)."""
+    return object_classes(list(classes), truth)
+
+
+def mean_iou(pred: np.ndarray, truth: np.ndarray, n_classes: int) -> float:
+    """The mean IoU over the classes ``truth`` holds (labelled pixels only), as validation scores it."""
+    scores = class_scores(pred, truth, n_classes)
+    ious = [s["iou"] for s in scores.values() if s["truth_pixels"]]
+    return float(np.mean(ious)) if ious else float("nan")
+
+
+def fit_object_settings(prob: np.ndarray, truth: np.ndarray, value: int) -> dict[str, Any]:
+    """The object settings of class ``value`` (its probability ``prob[:, value - 1]`` where it is
+    the most probable class) that maximise the object F1 against ``truth``'s objects of that class
+    on these slices, among :data:`OBJECT_MIN_DISTANCES` x :data:`OBJECT_MIN_SIZES` (the defaults
+    unless one does better): {"min_distance", "min_size", "f1", "precision", "recall",
+    "f1_default"}, scores None where undefined (no object predicted)."""
+    predicted = prob.argmax(1) + 1
+    channel = prob[:, value - 1]
+    reference = true_objects(truth == value)
+
+    def score(min_distance: int, min_size: int) -> dict[str, Any]:
+        objects = np.zeros(truth.shape, np.uint32)
+        last = 0
+        for i in range(len(channel)):
+            labels = blob_objects(channel[i], predicted[i] == value, min_distance=min_distance, min_size=min_size)
+            labels[labels > 0] += np.uint32(last)
+            last = max(last, int(labels.max()))
+            objects[i] = labels
+        return match_objects(objects, reference)
+
+    def entry(min_distance: int, min_size: int, r: dict[str, Any]) -> dict[str, Any]:
+        finite = {k: (float(r[k]) if np.isfinite(r[k]) else None) for k in ("f1", "precision", "recall")}
+        return {"min_distance": min_distance, "min_size": min_size, **finite}
+
+    default = score(OBJECT_MIN_DISTANCE, OBJECT_MIN_SIZE)
+    best = entry(OBJECT_MIN_DISTANCE, OBJECT_MIN_SIZE, default)  # kept unless a setting does better
+    for min_distance in OBJECT_MIN_DISTANCES:
+        for min_size in OBJECT_MIN_SIZES:
+            r = score(min_distance, min_size)
+            if np.isfinite(r["f1"]) and r["f1"] > (best["f1"] or 0.0) + 1e-9:
+                best = entry(min_distance, min_size, r)
+    best["f1_default"] = best["f1"] if not np.isfinite(default["f1"]) else float(default["f1"])
+    return best
