@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+import yaml
 import zarr
 
 import emseg
@@ -305,8 +306,20 @@ def test_a_multi_class_run_learns_classes_and_records_them(tmp_path, cli):
     assert objects.attrs["emseg"]["objects"] == expected_count
     out = cli("segment", pred, "-o", tmp_path / "x.zarr", "--objects", "nucleus")
     assert out.exit_code == 2 and "has the classes membrane, mito, cell" in out.output
-    out = cli("export-model", run, "-o", tmp_path / "m.zip")
-    assert out.exit_code == 2 and "a network of 3 classes" in out.output
+    # export-model: a package whose networks give one probability per class, as predict does
+    out = cli("export-model", run, "-o", tmp_path / "package", "-q")
+    assert out.exit_code == 0, out.output
+    rdf = yaml.safe_load((tmp_path / "package" / "rdf.yaml").read_text())
+    assert rdf["outputs"][0]["axes"][1]["channel_names"] == ["membrane", "mito", "cell"]
+    scripted = torch.jit.load(str(tmp_path / "package" / "model.pt"))
+    x = torch.from_numpy(np.load(tmp_path / "package" / "test_input.npy"))
+    from emseg.models.export import normalize
+
+    meta_norm = json.loads((tmp_path / "package" / "emseg-model.json").read_text())["normalization"]
+    with torch.no_grad():
+        probs = scripted(torch.from_numpy(normalize(x.numpy(), meta_norm))).numpy()
+    assert probs.shape[1] == 3 and np.allclose(probs.sum(axis=1), 1.0, atol=1e-4)
+    np.testing.assert_allclose(probs, np.load(tmp_path / "package" / "test_output.npy"), atol=1e-5)
 
     # export keeps class numbers (not a 0/255 mask)
     emseg.export(pred, tmp_path / "classes.tif", labels="classes")

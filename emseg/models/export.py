@@ -45,7 +45,7 @@ from emseg._version import __version__
 from emseg.config import ExportModelConfig, PredictConfig
 from emseg.errors import BadInputError
 from emseg.io.outputs import Output, check_output
-from emseg.models.checkpoint import load_trained, refuse_classes
+from emseg.models.checkpoint import load_trained
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +68,17 @@ SCALE_RANGE_EPS = 1e-6
 
 
 class Probability(nn.Module):
-    """The trained network followed by a sigmoid: logits -> P(cell)."""
+    """The trained network followed by a sigmoid (logits -> P(cell)), or by a softmax over its
+    channels for a network of several classes (logits -> one probability per class)."""
 
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
         self.net = net
+        self.classes = int(getattr(net, "out_channels", 1)) > 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.net(x))
+        y = self.net(x)
+        return torch.softmax(y, dim=1) if self.classes else torch.sigmoid(y)
 
 
 class SliceEdges(nn.Module):
@@ -235,7 +238,7 @@ def export_model(run: str | Path, output: str | Path, config: ExportModelConfig 
 
     check_output(Path(output).absolute(), overwrite, kind="run", inputs=[run])
     model, meta = load_trained(run, "cpu")
-    refuse_classes(meta, run, "emseg export-model")
+    classes = [str(c["name"]) for c in meta.get("classes") or []]
     divisor = int(meta["divisor"])
     halo = int(meta["halo"]) if meta.get("halo") is not None else measure_halo(model, divisor)
     context = package_context(halo, divisor)
@@ -254,11 +257,17 @@ def export_model(run: str | Path, output: str | Path, config: ExportModelConfig 
         _onnx(net, x[..., : 2 * divisor, : 2 * divisor], tmp / "model.onnx", opset)
         np.save(tmp / "test_input.npy", raw[None, None])
         np.save(tmp / "test_output.npy", expected.astype(np.float32))
-        _samples(raw, expected[0, 0], tmp)
+        _samples(raw, expected[0] if classes else expected[0, 0], tmp)
         info = {
             "emseg_version": __version__,
             "input": "(B, 1, H, W) float32 normalised intensities (the package's preprocessing); NaN marks padding",
-            "output": "(B, 1, H, W) float32: P(cell interior); membranes where P < 0.5",
+            "output": (
+                f"(B, {len(classes)}, H, W) float32: the probability of each class ({', '.join(classes)}); "
+                "the most probable class per pixel"
+                if classes
+                else "(B, 1, H, W) float32: P(cell interior); membranes where P < 0.5"
+            ),
+            "classes": classes,
             "normalization": norm,
             "preprocessing": preprocessing(norm),
             "divisor": divisor,
@@ -270,7 +279,7 @@ def export_model(run: str | Path, output: str | Path, config: ExportModelConfig 
             "files": {"torchscript": "model.pt", "onnx": "model.onnx", "bioimageio": "rdf.yaml"},
         }
         (tmp / "emseg-model.json").write_text(json.dumps(info, indent=2) + "\n")
-        _cover(raw, expected[0, 0], tmp / "cover.png")
+        _cover(raw, expected[0], tmp / "cover.png", meta.get("classes"))
         (tmp / "README.md").write_text(_readme(info))
         _rdf(tmp, info, meta, opset)
     return Path(output)
@@ -301,15 +310,18 @@ def _onnx(net: nn.Module, x: torch.Tensor, path: Path, opset: int) -> None:
 
 
 def _samples(raw: np.ndarray, prob: np.ndarray, folder: Path) -> None:
-    """sample_input.tif (the raw crop) and sample_output.tif (P(cell)): (Y, X) float32 TIFFs."""
+    """sample_input.tif (the raw crop) and sample_output.tif (P(cell), or (C, Y, X) class
+    probabilities): float32 TIFFs."""
     import tifffile
 
     tifffile.imwrite(folder / "sample_input.tif", raw.astype(np.float32), photometric="minisblack")
     tifffile.imwrite(folder / "sample_output.tif", prob.astype(np.float32), photometric="minisblack")
 
 
-def _cover(raw: np.ndarray, prob: np.ndarray, path: Path) -> None:
-    """A 2:1 PNG: the training crop beside it with the predicted membranes (P < 0.5) tinted."""
+def _cover(raw: np.ndarray, prob: np.ndarray, path: Path, classes: list[dict[str, Any]] | None = None) -> None:
+    """A 2:1 PNG: the training crop beside it with the predicted membranes (P < 0.5) tinted, or
+    with ``classes`` each pixel's most probable class in its colour over the grey image.
+    ``prob``: (1, Y, X) P(cell) or (C, Y, X) class probabilities."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -319,7 +331,12 @@ def _cover(raw: np.ndarray, prob: np.ndarray, path: Path) -> None:
 
     lo, hi = display_range(raw)
     grey = np.clip((raw - lo) / (hi - lo), 0, 1)
-    picture = np.concatenate([np.repeat(grey[..., None], 3, axis=2), overlay(raw, prob < 0.5)], axis=1)
+    if classes:
+        colours = np.asarray([c.get("rgb", (255, 255, 255)) for c in classes], np.float32) / 255.0
+        tinted = 0.5 * grey[..., None] + 0.5 * colours[prob.argmax(0)]
+    else:
+        tinted = overlay(raw, prob[0] < 0.5)
+    picture = np.concatenate([np.repeat(grey[..., None], 3, axis=2), tinted], axis=1)
     matplotlib.image.imsave(path, np.clip(picture, 0, 1))
 
 
@@ -336,11 +353,17 @@ def _readme(info: dict[str, Any]) -> str:
         how = f"(raw - {norm['mean']:.4f}) / {norm['std']:.4f}"
     size = info["voxel_size_nm"]
     pixel = f"{size[0]:g} x {size[1]:g} nm" if size else "unknown"
-    return (
-        "# emseg U-Net: cell interior vs membrane in electron micrographs\n\n"
+    what = (
+        f"# emseg U-Net: {', '.join(info['classes'])} in electron micrographs\n\n"
+        "Trained with emseg (https://github.com/emseg/emseg) on EM slices annotated with these classes.\n\n"
+        if info["classes"]
+        else "# emseg U-Net: cell interior vs membrane in electron micrographs\n\n"
         "Trained with emseg (https://github.com/emseg/emseg) on annotated EM slices (ISBI 2012 layout:\n"
         "1 = cell interior, 0 = membrane).\n\n"
-        f"- input: raw EM slice, pixel size {pixel} (the training data's); normalised by the preprocessing: {how}\n"
+    )
+    return (
+        what
+        + f"- input: raw EM slice, pixel size {pixel} (the training data's); normalised by the preprocessing: {how}\n"
         f"- output: {info['output']}\n"
         f"- halo {info['context']} px: a tool that tiles should overlap tiles by at least {2 * info['context']} px\n"
         "  and pad with NaN beyond the image (the network leaves NaN rows and columns out, so the slice edges then\n"
@@ -374,8 +397,14 @@ def _rdf(folder: Path, info: dict[str, Any], meta: dict[str, Any], opset: int) -
     rdf = {
         "format_version": "0.5.4",
         "type": "model",
-        "name": "emseg U-Net EM membrane segmentation",
-        "description": "U-Net predicting P(cell interior) in serial-section electron micrographs (emseg).",
+        "name": f"emseg U-Net EM segmentation of {len(info['classes'])} classes"
+        if info["classes"]
+        else "emseg U-Net EM membrane segmentation",
+        "description": (
+            f"U-Net predicting {', '.join(info['classes'])} in serial-section electron micrographs (emseg)."
+            if info["classes"]
+            else "U-Net predicting P(cell interior) in serial-section electron micrographs (emseg)."
+        ),
         "authors": [{"name": "emseg developers", "github_user": GITHUB_USER}],
         "cite": [ISBI_CITATION, UNET_CITATION],
         "license": "BSD-3-Clause",
@@ -397,10 +426,14 @@ def _rdf(folder: Path, info: dict[str, Any], meta: dict[str, Any], opset: int) -
         "outputs": [
             {
                 "id": "probability",
-                "description": "P(cell interior); membranes where it is below 0.5",
+                "description": (
+                    f"probability of each class ({', '.join(info['classes'])}); the most probable class per pixel"
+                    if info["classes"]
+                    else "P(cell interior); membranes where it is below 0.5"
+                ),
                 "axes": [
                     {"type": "batch"},
-                    {"type": "channel", "channel_names": ["cell"]},
+                    {"type": "channel", "channel_names": info["classes"] or ["cell"]},
                     out_space("y"),
                     out_space("x"),
                 ],
