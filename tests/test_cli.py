@@ -1,15 +1,22 @@
-"""CLI habits: progress lines when stderr is not a terminal, silence with --quiet."""
+"""CLI habits: progress lines when stderr is not a terminal, silence with --quiet, help that
+shows what the parser accepts and two examples per command, shell completion."""
 
 from __future__ import annotations
+
+import re
+import shlex
+from typing import Any
 
 import numpy as np
 import pytest
 import tifffile
 
+from emseg import config as C
 from emseg.cli import PlainReporter
 from emseg.progress import format_duration as _duration
 
 from .conftest import run_emseg
+from .test_config import COMMANDS
 
 
 def test_plain_progress_lines_say_what_how_far_how_fast_and_eta(capsys) -> None:
@@ -89,3 +96,124 @@ def test_quiet_silences_every_command(tmp_path) -> None:
         proc = run_emseg(*args, *extra, "--quiet", cwd=tmp_path, env=env)
         assert proc.returncode == 0, (name, proc.stderr)
         assert proc.stderr == "", (name, proc.stderr)
+
+
+# --- help -------------------------------------------------------------------------------------
+
+
+def _commands() -> tuple[Any, Any, dict[str, Any]]:
+    """The click group, its context and its commands."""
+    import typer.main
+
+    from emseg.cli import app
+
+    group = typer.main.get_command(app)
+    ctx = group.make_context("emseg", ["--help"], resilient_parsing=True)
+    return group, ctx, group.commands  # type: ignore[attr-defined]
+
+
+#: A value for each metavar that is a placeholder rather than a type or a list of choices.
+_SAMPLES = {
+    "A:B": "0:1", "A:B|I,J,K": "27,28", "NAME=CODES": "cells=1", "DEVICE": "cpu", "MODEL": "builtin:membranes",
+    "tcp://HOST:PORT": "tcp://127.0.0.1:8786", "DATA.zarr": "data.zarr", "CLASS": "mito", "NAME": "membranes",
+    "DIR": "out", "<int>": "1", "<float>": "0.5", "<str>": "text", "<path>": "some/path",
+}  # fmt: skip
+#: Other fields an option needs before its config accepts it (checks across fields).
+_COMPANIONS: dict[str, dict[str, Any]] = {
+    "shards": {"ngff": "0.5", "chunks": (1, 1, 1)},
+    "encoder_weights": {"arch": "smp:resnet34"},
+    "slices": {"calibrate": "data.zarr"},
+}
+
+
+def _sample(shown: str, nargs: int, default: Any) -> list[str]:
+    """What a user would type after the flag, reading the metavar ``shown`` (a number: its
+    default where it has one, which is within its bounds)."""
+    if shown == "":
+        return []
+    if shown in ("<int>", "<float>") and default is not None:
+        return [str(default)]
+    if shown in _SAMPLES:
+        return [_SAMPLES[shown]]
+    words = shown.split()
+    if len(words) == nargs > 1:
+        return ["1"] * nargs
+    assert "|" in shown, f"no sample for the metavar {shown!r}"
+    return [shown.split("|")[0]]
+
+
+def _required(cmd: Any) -> list[str]:
+    """Values for a command's required arguments and options."""
+    args = ["x" for p in cmd.params if p.param_type_name == "argument" and p.required]
+    for p in cmd.params:
+        if p.param_type_name == "option" and p.required:
+            args += [p.opts[0], "x"]
+    return args
+
+
+def test_every_option_shows_a_metavar_the_parser_and_the_config_accept() -> None:
+    """For every option of every command: a flag shows no value, a tuple its items as typed
+    (``Z Y X``, never Typer's ``<float,float,float>...``), and a value made from what the help
+    shows parses, and its config takes it."""
+    group, root, commands = _commands()
+    for name, cmd in commands.items():
+        ctx = cmd.make_context(name, [], parent=root, resilient_parsing=True)
+        classes = COMMANDS.get(name, ("", ()))[1]
+        for p in cmd.get_params(ctx):
+            if p.param_type_name != "option" or p.name == "help":
+                continue
+            shown = p.display_type_rich(ctx)
+            where = f"emseg {name} {p.opts[0]}: shows {shown!r}"
+            if p.is_flag:
+                assert shown == "", where
+                continue
+            assert "<" not in shown or shown in _SAMPLES, where  # Typer's <a,b,c>... forms
+            assert not shown.endswith("..."), where
+            typed = _sample(shown, p.nargs, p.default)
+            parsed = cmd.make_context(name, [*_required(cmd), p.opts[0], *typed], parent=root)
+            value = parsed.params[p.name]
+            for cls in classes:
+                if p.name in C.user_options(cls):
+                    fields = C.options(cls)
+                    extra = {k: v for k, v in _COMPANIONS.get(p.name, {}).items() if k in fields}
+                    cls(**{p.name: value, **extra})  # raises BadInputError if the config refuses it
+    for p in group.get_params(root):
+        assert p.display_type_rich(root) == "", p.opts  # --verbose, --version, completion: flags
+
+
+def _help(cli: Any, *args: str) -> str:
+    result = cli(*args, "--help")
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+@pytest.fixture()
+def wide(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setenv("TERMINAL_WIDTH", "200")
+
+
+def test_help_shows_no_bool_and_no_comma_tuples(cli, wide) -> None:
+    _, _, commands = _commands()
+    for name in ["", *commands]:
+        text = _help(cli, *([name] if name else []))
+        assert "<bool>" not in text, name
+        assert not re.search(r"<\w+(,\w+)+>", text), name
+
+
+def test_every_command_help_ends_with_two_examples_that_parse(cli, wide) -> None:
+    _, root, commands = _commands()
+    for name, cmd in commands.items():
+        lines = [line.strip() for line in _help(cli, name).splitlines()]
+        examples = [line for line in lines if line.startswith(f"emseg {name} ") or line == f"emseg {name}"]
+        assert len(examples) >= 2, (name, examples)
+        for example in examples:
+            cmd.make_context(name, shlex.split(example)[2:], parent=root)  # its options exist, its values parse
+
+
+def test_shell_completion_is_on() -> None:
+    shown = run_emseg("--show-completion", "bash")
+    assert shown.returncode == 0 and "_emseg_completion" in shown.stdout, shown.stderr
+    env = {"_EMSEG_COMPLETE": "complete_bash", "COMP_WORDS": "emseg predict --blend li", "COMP_CWORD": "3"}
+    completed = run_emseg(env=env)
+    assert completed.returncode == 0 and completed.stdout.split() == ["linear"], completed
