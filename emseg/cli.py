@@ -12,11 +12,12 @@ import inspect
 import json
 import logging
 import os
+import shlex
 import signal
 import sys
 import time
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Optional, TypeVar
 
@@ -55,7 +56,7 @@ from emseg.config import (
     options,
     user_options,
 )
-from emseg.errors import EmsegError
+from emseg.errors import EmsegError, Interrupted
 from emseg.progress import format_duration
 
 try:  # typer >= 0.20 carries its own copy of click
@@ -64,10 +65,30 @@ except ImportError:  # pragma: no cover - older typer uses click itself
     from click import exceptions as _click  # type: ignore[no-redef]
 
 
-def _error_line(message: str) -> None:
+def _error_line(message: str, prefix: str = "emseg: error: ") -> None:
     """The one line a user sees for an error: ``emseg: error: MESSAGE`` on stderr."""
-    sys.stderr.write(f"emseg: error: {message}\n")
+    sys.stderr.write(f"{prefix}{message}\n")
     sys.stderr.flush()
+
+
+def resume_command(argv: Sequence[str]) -> str:
+    """The command line that resumes ``emseg ARGV``: the same arguments with ``--resume``, quoted
+    for a POSIX shell. An ``--overwrite`` given stays: with ``--resume`` it continues the partial
+    all the same, and still replaces the earlier output it was asked to (without it, a complete
+    earlier output would be "nothing to resume", or refused as made otherwise)."""
+    return shlex.join(["emseg", *argv, *([] if "--resume" in argv else ["--resume"])])
+
+
+def interrupted_line(exc: BaseException, command: str, argv: Sequence[str], resumes: bool) -> str:
+    """The one line Ctrl-C (or SIGTERM) prints: what the interrupted command kept and how to go
+    on (the command that resumes it, where ``emseg COMMAND`` has ``--resume``)."""
+    if not isinstance(exc, Interrupted):  # before any output was begun, or between two of them
+        return "interrupted; no output was replaced"
+    if not exc.resumable:
+        return f"interrupted: kept {exc.kept}"
+    if not resumes:
+        return f"interrupted: kept {exc.kept}; emseg {command} does not resume it (run it again)"
+    return f"interrupted: kept {exc.kept}; resume with: {resume_command(argv)}"
 
 
 def _flags_take_no_value(params: list[Any]) -> list[Any]:
@@ -91,13 +112,27 @@ class _OneLineErrors(TyperGroup):
     message, its exit code) and a usage error (an unknown option, a value the option's type
     refuses, a missing argument: exit code 2) alike, instead of click's framed usage block."""
 
+    #: The command line's arguments (after ``emseg``), for the command that resumes an interrupted one.
+    argv: Sequence[str] = ()
+
     def get_params(self, ctx: Any) -> list[Any]:
         return _flags_take_no_value(super().get_params(ctx))
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as exc:  # Typer ends it silently with exit code 130: say what was kept
+            name = ctx.invoked_subcommand or ""
+            command = self.commands.get(name)
+            resumes = command is not None and any(p.name == "resume" for p in command.params)
+            _error_line(interrupted_line(exc, name, self.argv, resumes), prefix="emseg: ")
+            raise
 
     def main(  # type: ignore[override]
         self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
         standalone_mode: bool = True, **extra: Any,
     ) -> Any:  # fmt: skip
+        self.argv = [str(a) for a in (sys.argv[1:] if args is None else args)]
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:
@@ -878,13 +913,12 @@ def _tune_zarr() -> None:
 
 
 def main() -> None:
-    """Console entry point: SIGTERM unwinds like Ctrl-C, so partial outputs are removed."""
+    """Console entry point: SIGTERM unwinds like Ctrl-C (partial outputs removed, or kept for
+    ``--resume``, and one line saying which: :func:`interrupted_line`), exit code 130."""
     signal.signal(signal.SIGTERM, _terminate)
     _tune_zarr()
     try:
         app(prog_name="emseg")  # also under python -m emseg: usage lines and completion name emseg
-    except KeyboardInterrupt:
-        sys.stderr.write(
-            "emseg: interrupted; no output was replaced (a prediction or a training run continues with --resume)\n"
-        )
+    except KeyboardInterrupt:  # outside a command (while parsing): nothing was begun
+        sys.stderr.write("emseg: interrupted\n")
         sys.exit(130)

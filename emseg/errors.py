@@ -3,7 +3,8 @@
 A :class:`BadInputError` is something the user can fix (a missing file, a tile the model cannot
 take): the CLI prints its message on one line and exits with code 2. An :class:`EmsegRuntimeError`
 is a failure while doing valid work (a full disk, a non-finite loss): exit code 1. Anything else
-is a bug and keeps its traceback.
+is a bug and keeps its traceback. An :class:`Interrupted` is Ctrl-C (or SIGTERM) that reached an
+output being written: it says what was kept, and the CLI how to resume (exit code 130).
 """
 
 from __future__ import annotations
@@ -25,3 +26,14 @@ class EmsegRuntimeError(EmsegError, RuntimeError):
     """A failure while running a valid request. Exit code 1."""
 
     exit_code = 1
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM, which emseg's CLI turns into one) while an output was written: what
+    the interruption kept (``kept``: "12/40 blocks of /data/out.zarr", or "nothing: ...") and
+    whether ``--resume`` continues from it (``resumable``). Raised from the KeyboardInterrupt."""
+
+    def __init__(self, kept: str, *, resumable: bool) -> None:
+        super().__init__(kept)
+        self.kept = kept
+        self.resumable = resumable

@@ -122,6 +122,7 @@ def predict_store(
             label=label,
         )
         total, tasks = plan_tasks(run, shape, chunks)
+        out.expect(total, "blocks")
         done = out.done_names()
         if out.resumed:
             log.info("resuming: %d of %d blocks already done", len(done), total)
