@@ -7,6 +7,7 @@ Exit codes: 0 success, 1 runtime failure, 2 bad usage or bad input (one line on 
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import inspect
 import json
@@ -107,6 +108,14 @@ class _Command(TyperCommand):
         return _flags_take_no_value(super().get_params(ctx))
 
 
+#: OSErrors that say what state the machine is in (a full disk or quota, a read-only file system,
+#: no permission, a failing device), not what emseg did wrong: one line and exit code 1 wherever
+#: they arise (the library maps those of its outputs with their context; this is the net).
+_MACHINE_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG}
+)
+
+
 class _OneLineErrors(TyperGroup):
     """The command group, where every error a user sees is made one line: an emseg error (its
     message, its exit code) and a usage error (an unknown option, a value the option's type
@@ -150,6 +159,12 @@ class _OneLineErrors(TyperGroup):
             sys.exit(exc.exit_code)
         except typer.Abort:
             sys.stderr.write("emseg: aborted\n")
+            sys.exit(1)
+        except OSError as exc:  # what the library did not map: the machine's state is one line, a bug is not
+            if exc.errno not in _MACHINE_ERRNOS:
+                raise
+            logging.getLogger("emseg").debug("the failure in full", exc_info=True)
+            _error_line(f"{exc.filename}: {exc.strerror}" if exc.filename else f"{exc.strerror or exc}")
             sys.exit(1)
         sys.exit(code if isinstance(code, int) else 0)
 

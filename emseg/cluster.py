@@ -423,6 +423,9 @@ def _local_cluster(n: int, threads_per_worker: int) -> Any:
         threads_per_worker=threads_per_worker,
         processes=True,
         dashboard_address=None,
+        # no dashboard, but distributed's HTTP server (health, metrics) still listens: on a free port
+        # of this host, not on 8787 with a warning when another cluster holds it
+        scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
         preload=preload,
     )
     try:

@@ -3,8 +3,14 @@ shows what the parser accepts and two examples per command, shell completion."""
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,7 +18,8 @@ import pytest
 import tifffile
 
 from emseg import config as C
-from emseg.cli import PlainReporter
+from emseg.cli import PlainReporter, interrupted_line, resume_command
+from emseg.errors import Interrupted
 from emseg.progress import format_duration as _duration
 
 from .conftest import run_emseg
@@ -217,3 +224,141 @@ def test_shell_completion_is_on() -> None:
     env = {"_EMSEG_COMPLETE": "complete_bash", "COMP_WORDS": "emseg predict --blend li", "COMP_CWORD": "3"}
     completed = run_emseg(env=env)
     assert completed.returncode == 0 and completed.stdout.split() == ["linear"], completed
+
+
+# --- Ctrl-C -----------------------------------------------------------------------------------
+
+
+def test_the_interrupted_line_says_what_was_kept_and_how_to_resume() -> None:
+    argv = ["predict", "run dir", "d.zarr", "-o", "p.zarr", "--overwrite"]
+    assert resume_command(argv) == "emseg predict 'run dir' d.zarr -o p.zarr --overwrite --resume"
+    assert resume_command([*argv, "--resume"]).count("--resume") == 1
+    kept = Interrupted("3/8 blocks of /x/p.zarr", resumable=True)
+    line = interrupted_line(kept, "predict", argv, resumes=True)
+    assert line == f"interrupted: kept 3/8 blocks of /x/p.zarr; resume with: {resume_command(argv)}"
+    assert "does not resume" in interrupted_line(kept, "demo", ["demo"], resumes=False)
+    gone = Interrupted("nothing: the unfinished x.tif was removed", resumable=False)
+    assert interrupted_line(gone, "export", ["export"], resumes=False) == f"interrupted: kept {gone.kept}"
+    assert interrupted_line(KeyboardInterrupt(), "info", ["info"], resumes=False) == (
+        "interrupted; no output was replaced"
+    )
+
+
+def test_an_interrupted_output_says_what_it_kept(tmp_path) -> None:
+    from emseg.io.outputs import Output
+
+    with (
+        pytest.raises(Interrupted) as caught,
+        Output(tmp_path / "o.zarr", overwrite=False, resume_record={"a": 1}) as out,
+    ):
+        out.expect(5, "blocks")
+        (out.done_dir / "0-0-0").touch()
+        raise KeyboardInterrupt
+    assert caught.value.resumable and caught.value.kept.startswith(f"1/5 blocks of {tmp_path / 'o.zarr'}")
+    with pytest.raises(Interrupted) as caught, Output(tmp_path / "o.tif", overwrite=False, kind="file"):
+        raise KeyboardInterrupt
+    assert not caught.value.resumable and caught.value.kept == "nothing: the unfinished o.tif was removed"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".o.zarr.partial"]
+
+
+def test_an_interrupted_training_run_says_whether_it_can_resume(tmp_path) -> None:
+    from emseg.training.run_dir import RESUME_POINT, RunDir
+
+    run = RunDir(tmp_path / "run")
+    with pytest.raises(Interrupted) as caught, run.claim(resume=False, overwrite=False):
+        raise KeyboardInterrupt
+    assert not caught.value.resumable and caught.value.kept.startswith("nothing to resume")
+    (run.path / RESUME_POINT).write_bytes(b"")
+    run.rows = [{"epoch": 0}, {"epoch": 1}]
+    with pytest.raises(Interrupted) as caught, run.claim(resume=True, overwrite=False):
+        raise KeyboardInterrupt
+    assert caught.value.resumable and caught.value.kept.startswith("2 finished epochs in the run directory")
+
+
+@pytest.fixture(scope="module")
+def slow_store(tmp_path_factory) -> dict[str, Path]:
+    """40 slices of 128² (one block each) and an untrained tiny network: a prediction of a few
+    seconds, to interrupt."""
+    import emseg
+    from emseg.config import ModelConfig
+    from emseg.recipes.bench import untrained_checkpoint
+    from emseg.synthetic import synthetic_stack
+
+    d = tmp_path_factory.mktemp("interrupt")
+    raw, _ = synthetic_stack((40, 128, 128), seed=4)
+    tifffile.imwrite(d / "raw.tif", raw, photometric="minisblack")
+    data = emseg.ingest(d / "raw.tif", d / "data.zarr", voxel_size=(50, 4, 4), chunks=(1, 128, 128))
+    return {"dir": d, "data": data, "run": untrained_checkpoint(d / "run", ModelConfig(depth=2, base_channels=4))}
+
+
+def _ctrl_c_when(args: list[str], ready, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run ``emseg ARGS`` in its own process group and send it Ctrl-C (SIGINT to the group, as a
+    terminal does) once ``ready()``; SIGINT is restored to Python's default for it (a test
+    runner started in the background may ignore it, and children inherit that)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "emseg", *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not ready():
+        time.sleep(0.02)
+    assert proc.poll() is None, f"emseg {args[0]} ended before it could be interrupted: {proc.stderr.read()}"
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [None, 2], ids=["threads", "local cluster"])
+def test_ctrl_c_prints_one_line_with_the_command_that_resumes(slow_store, workers) -> None:
+    """Ctrl-C mid-prediction: one line saying what was kept and the exact command that resumes
+    (exit code 130, nothing else on stderr, not even from dask's worker processes), and that
+    command completes the store."""
+    from emseg.io.zarr import open_ome
+
+    d = slow_store["dir"]
+    out = f"pred-{workers}.zarr"
+    parallel = ["--threads", "1"] if workers is None else ["--workers", str(workers)]
+    args = ["predict", "run", "data.zarr", "-o", out, "--tile", "32", "--overlap", "8", "--device", "cpu", *parallel]
+    done = d / f".{out}.partial" / "done"
+    proc = _ctrl_c_when([*args, "-q"], lambda: done.is_dir() and len(list(done.iterdir())) >= 2, d)
+    assert proc.returncode == 130, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    said = re.fullmatch(
+        r"emseg: interrupted: kept (\d+)/40 blocks of (.+) \(in \S+\); resume with: (emseg .+)", lines[0]
+    )
+    assert said is not None, lines[0]
+    assert 2 <= int(said[1]) <= 40 and said[2] == str(d / out)
+    command = shlex.split(said[3])
+    assert command == ["emseg", *args, "-q", "--resume"]
+    resumed = run_emseg(*command[1:], cwd=d)
+    assert resumed.returncode == 0 and resumed.stderr == "", resumed.stderr
+    assert open_ome(d / out).shape == (40, 128, 128) and not (d / f".{out}.partial").exists()
+
+
+def test_an_oserror_of_the_machine_is_one_line_and_a_bug_keeps_its_traceback(cli, monkeypatch) -> None:
+    """The net under the library's own mapping: a full disk or a permission the library did not
+    map is one line, exit code 1; an OSError that says emseg is wrong stays a traceback."""
+    import errno
+
+    from emseg import api
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", "/data/out.zarr/0/1.2")
+
+    monkeypatch.setattr(api, "info", full)
+    result = cli("info", "x.zarr")
+    assert result.exit_code == 1 and result.stderr == "emseg: error: /data/out.zarr/0/1.2: No space left on device\n"
+
+    def bug(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    monkeypatch.setattr(api, "info", bug)
+    result = cli("info", "x.zarr")
+    assert isinstance(result.exception, OSError) and result.exception.errno == errno.EBADF

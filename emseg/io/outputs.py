@@ -348,6 +348,27 @@ def _check_parent(final: Path) -> None:
         raise BadInputError(f"{final}: {existing} is not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise BadInputError(f"{final}: destination {existing} is not writable")
+    check_writable(existing, final)
+
+
+def check_writable(folder: Path, final: Path) -> None:
+    """Create and remove one empty hidden file in ``folder``, where ``final`` is to be written:
+    the check that holds for every user and file system (``os.access`` grants root everything,
+    and knows nothing of /proc or /sys, which refuse new files whatever the permissions say).
+    An unwritable folder is one line (:func:`destination_error`), before any work."""
+    probe = folder / f".emseg-probe-{_tag()}"
+    try:
+        fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:  # the folder is there: a virtual file system that takes no files
+            raise BadInputError(
+                f"{final}: cannot write in {folder} (it takes no new files: a virtual file system such as /proc?); "
+                "choose a writable destination"
+            ) from None
+        raise destination_error(final, exc, f"write in {folder}") from None
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(probe)
 
 
 # --- the lock -------------------------------------------------------------------------------
@@ -764,6 +785,7 @@ __all__ = [
     "MARKER",
     "check_inputs",
     "check_output",
+    "check_writable",
     "complete_output",
     "is_emseg_file",
     "is_emseg_output",
