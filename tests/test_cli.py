@@ -267,7 +267,7 @@ def test_an_interrupted_training_run_says_whether_it_can_resume(tmp_path) -> Non
     run = RunDir(tmp_path / "run")
     with pytest.raises(Interrupted) as caught, run.claim(resume=False, overwrite=False):
         raise KeyboardInterrupt
-    assert not caught.value.resumable and caught.value.kept.startswith("nothing to resume")
+    assert not caught.value.resumable and caught.value.kept.startswith("nothing: the run directory")
     (run.path / RESUME_POINT).write_bytes(b"")
     run.rows = [{"epoch": 0}, {"epoch": 1}]
     with pytest.raises(Interrupted) as caught, run.claim(resume=True, overwrite=False):

@@ -158,7 +158,7 @@ class RunDir:
             kept = f"{epochs} finished epoch{'s' if epochs != 1 else ''} in the run directory {self.path}"
             return Interrupted(f"{kept} (its resume point: {RESUME_POINT})", resumable=True)
         return Interrupted(
-            f"nothing to resume: the run directory {self.path} holds no checkpoint yet (its first epoch had not ended)",
+            f"nothing: the run directory {self.path} holds no checkpoint yet (its first epoch had not ended)",
             resumable=False,
         )
 
