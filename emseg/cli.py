@@ -7,16 +7,18 @@ Exit codes: 0 success, 1 runtime failure, 2 bad usage or bad input (one line on 
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import inspect
 import json
 import logging
 import os
+import shlex
 import signal
 import sys
 import time
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Optional, TypeVar
 
@@ -32,7 +34,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from emseg._version import __version__
 from emseg.config import (
@@ -51,10 +53,11 @@ from emseg.config import (
     ShowConfig,
     TrainConfig,
     flag_of,
+    metavar_of,
     options,
     user_options,
 )
-from emseg.errors import EmsegError
+from emseg.errors import EmsegError, Interrupted
 from emseg.progress import format_duration
 
 try:  # typer >= 0.20 carries its own copy of click
@@ -63,10 +66,54 @@ except ImportError:  # pragma: no cover - older typer uses click itself
     from click import exceptions as _click  # type: ignore[no-redef]
 
 
-def _error_line(message: str) -> None:
+def _error_line(message: str, prefix: str = "emseg: error: ") -> None:
     """The one line a user sees for an error: ``emseg: error: MESSAGE`` on stderr."""
-    sys.stderr.write(f"emseg: error: {message}\n")
+    sys.stderr.write(f"{prefix}{message}\n")
     sys.stderr.flush()
+
+
+def resume_command(argv: Sequence[str]) -> str:
+    """The command line that resumes ``emseg ARGV``: the same arguments with ``--resume``, quoted
+    for a POSIX shell. An ``--overwrite`` given stays: with ``--resume`` it continues the partial
+    all the same, and still replaces the earlier output it was asked to (without it, a complete
+    earlier output would be "nothing to resume", or refused as made otherwise)."""
+    return shlex.join(["emseg", *argv, *([] if "--resume" in argv else ["--resume"])])
+
+
+def interrupted_line(exc: BaseException, command: str, argv: Sequence[str], resumes: bool) -> str:
+    """The one line Ctrl-C (or SIGTERM) prints: what the interrupted command kept and how to go
+    on (the command that resumes it, where ``emseg COMMAND`` has ``--resume``)."""
+    if not isinstance(exc, Interrupted):  # before any output was begun, or between two of them
+        return "interrupted; no output was replaced"
+    if not exc.resumable:
+        return f"interrupted: kept {exc.kept}"
+    if not resumes:
+        return f"interrupted: kept {exc.kept}; emseg {command} does not resume it (run it again)"
+    return f"interrupted: kept {exc.kept}; resume with: {resume_command(argv)}"
+
+
+def _flags_take_no_value(params: list[Any]) -> list[Any]:
+    """``params`` with every flag's metavar empty: Typer's help shows ``<bool>`` after a flag
+    (``--tta <bool>``), which reads as if it took a value (``--tta true`` is refused)."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class _Command(TyperCommand):
+    """An emseg command: its help shows flags without a value (:func:`_flags_take_no_value`)."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _flags_take_no_value(super().get_params(ctx))
+
+
+#: OSErrors that say what state the machine is in (a full disk or quota, a read-only file system,
+#: no permission, a failing device), not what emseg did wrong: one line and exit code 1 wherever
+#: they arise (the library maps those of its outputs with their context; this is the net).
+_MACHINE_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG}
+)
 
 
 class _OneLineErrors(TyperGroup):
@@ -74,10 +121,27 @@ class _OneLineErrors(TyperGroup):
     message, its exit code) and a usage error (an unknown option, a value the option's type
     refuses, a missing argument: exit code 2) alike, instead of click's framed usage block."""
 
+    #: The command line's arguments (after ``emseg``), for the command that resumes an interrupted one.
+    argv: Sequence[str] = ()
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _flags_take_no_value(super().get_params(ctx))
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as exc:  # Typer ends it silently with exit code 130: say what was kept
+            name = ctx.invoked_subcommand or ""
+            command = self.commands.get(name)
+            resumes = command is not None and any(p.name == "resume" for p in command.params)
+            _error_line(interrupted_line(exc, name, self.argv, resumes), prefix="emseg: ")
+            raise
+
     def main(  # type: ignore[override]
         self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
         standalone_mode: bool = True, **extra: Any,
     ) -> Any:  # fmt: skip
+        self.argv = [str(a) for a in (sys.argv[1:] if args is None else args)]
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:
@@ -96,6 +160,12 @@ class _OneLineErrors(TyperGroup):
         except typer.Abort:
             sys.stderr.write("emseg: aborted\n")
             sys.exit(1)
+        except OSError as exc:  # what the library did not map: the machine's state is one line, a bug is not
+            if exc.errno not in _MACHINE_ERRNOS:
+                raise
+            logging.getLogger("emseg").debug("the failure in full", exc_info=True)
+            _error_line(f"{exc.filename}: {exc.strerror}" if exc.filename else f"{exc.strerror or exc}")
+            sys.exit(1)
         sys.exit(code if isinstance(code, int) else 0)
 
 
@@ -104,7 +174,7 @@ app = typer.Typer(
     name="emseg",
     help="Segment electron-microscopy stacks: ingest, train, predict, evaluate.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion (typer imports shellingham only then)
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -232,11 +302,17 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def command(*args: Any, **kwargs: Any) -> Callable[[F], F]:
-    """Register a command (its errors become one line in :class:`_OneLineErrors`)."""
+def command(name: str, *, examples: tuple[str, str]) -> Callable[[F], F]:
+    """Register the command ``name`` (its errors become one line in :class:`_OneLineErrors`), its
+    help ending with ``examples``: command lines, each starting with ``emseg NAME``."""
+    from rich.markup import escape
+
+    if len(examples) < 2 or not all(e.startswith(f"emseg {name}") for e in examples):
+        raise ValueError(f"emseg {name}: give two examples, each starting with 'emseg {name}'")
+    epilog = "[bold]Examples[/bold]\n" + "\n".join(escape(e) for e in examples)
 
     def decorate(fn: F) -> F:
-        app.command(*args, **kwargs)(fn)
+        app.command(name, cls=_Command, epilog=epilog)(fn)
         return fn
 
     return decorate
@@ -295,13 +371,28 @@ QUIET = typer.Option(
 
 
 def opt(cls: type, name: str) -> Any:
-    """The Typer option of the config field ``cls.name``: its default, flag, short flag, help and
-    metavar as :mod:`emseg.config` declares them (the one place an option is written)."""
+    """The Typer option of the config field ``cls.name``: its default, flag, short flag, help,
+    metavar (:func:`~emseg.config.metavar_of`: what the parser accepts) and the completion of its
+    choices, as :mod:`emseg.config` declares them (the one place an option is written)."""
     f = options(cls)[name]
     meta = f.metadata
     decls = [flag_of(f), *([meta["short"]] if meta["short"] else [])]
-    extra = {"metavar": meta["metavar"]} if meta["metavar"] else {}
+    extra: dict[str, Any] = {}
+    metavar = metavar_of(f)
+    if metavar is not None:
+        extra["metavar"] = metavar
+    if meta["choices"]:
+        extra["autocompletion"] = _completes(meta["choices"])
     return typer.Option(f.default, *decls, help=meta["help"], **extra)
+
+
+def _completes(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
+    """Shell completion of an option's choices."""
+
+    def complete(incomplete: str) -> list[str]:
+        return [c for c in choices if c.startswith(incomplete)]
+
+    return complete
 
 
 def _cli_type(cls: type, name: str) -> Any:
@@ -369,7 +460,13 @@ def _call(quiet: bool, command: str, *args: Any, progress: bool = True, **kwargs
         return getattr(api, command)(*args, **kwargs, progress=reporter)
 
 
-@command("ingest")
+@command(
+    "ingest",
+    examples=(
+        "emseg ingest train-volume.tif --labels train-labels.tif -o isbi.zarr --voxel-size 50 4 4",
+        "emseg ingest slices/ -o stack.zarr --chunks 1 512 512 --ngff 0.5 --shards 1 2048 2048",
+    ),
+)
 @with_options(IngestConfig)
 def ingest_cmd(
     source: Path = typer.Argument(..., help="Multi-page TIFF/BigTIFF, folder of TIFF/PNG slices, or a 2D image."),
@@ -384,7 +481,13 @@ def ingest_cmd(
     _note(quiet, f"wrote {_call(quiet, 'ingest', source, output, labels=labels, **options)}")
 
 
-@command("info")
+@command(
+    "info",
+    examples=(
+        "emseg info isbi.zarr",
+        "emseg info pred.zarr --json",
+    ),
+)
 def info_cmd(
     path: Path = typer.Argument(..., help="An OME-Zarr store."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
@@ -432,7 +535,13 @@ def info_cmd(
     stdout.print(table)
 
 
-@command("models")
+@command(
+    "models",
+    examples=(
+        "emseg models",
+        "emseg models --json",
+    ),
+)
 def models_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     quiet: bool = QUIET,
@@ -482,7 +591,13 @@ def _described(lab: dict[str, Any]) -> str:
     return f"foreground fraction {lab['foreground_fraction']:.4f}{note}"
 
 
-@command("show")
+@command(
+    "show",
+    examples=(
+        "emseg show isbi.zarr --slice 5 -o view.png",
+        "emseg show isbi.zarr --pred pred.zarr --slice 28 -o overlay.png",
+    ),
+)
 @with_options(ShowConfig)
 def show_cmd(
     data: Path = typer.Argument(..., help="An OME-Zarr store from emseg ingest."),
@@ -495,7 +610,13 @@ def show_cmd(
     _note(quiet, f"wrote {_call(quiet, 'show', data, output, pred=pred, progress=False, **options)}")
 
 
-@command("train")
+@command(
+    "train",
+    examples=(
+        "emseg train isbi.zarr -o run --val-slices 27:30 --time-limit 600",
+        "emseg train isbi.zarr -o run --init builtin:membranes --epochs 10 --resume",
+    ),
+)
 @with_options(TrainConfig, ModelConfig)
 def train_cmd(
     data: Path = typer.Argument(
@@ -526,7 +647,13 @@ def train_cmd(
     stdout.print(f"checkpoints, metrics.csv, curves.png{calibrated} in {output}")
 
 
-@command("predict")
+@command(
+    "predict",
+    examples=(
+        "emseg predict run isbi.zarr -o pred.zarr --tta",
+        "emseg predict builtin:membranes stack.zarr -o pred.zarr --workers 4 --resume",
+    ),
+)
 @with_options(PredictConfig)
 def predict_cmd(
     model: Path = typer.Argument(
@@ -541,7 +668,13 @@ def predict_cmd(
     _note(quiet, f"wrote {_call(quiet, 'predict', model, data, output, **options)}")
 
 
-@command("segment")
+@command(
+    "segment",
+    examples=(
+        "emseg segment pred.zarr -o cells.zarr --mode 3d",
+        "emseg segment pred.zarr -o cells.zarr --calibrate isbi.zarr --slices 27:30 --resume",
+    ),
+)
 @with_options(SegmentConfig)
 def segment_cmd(
     pred: Path = typer.Argument(..., help="Prediction store from emseg predict (P(cell))."),
@@ -571,7 +704,13 @@ def _instance_table(pred: Path, data: Path, r: dict[str, Any]) -> Table:
     return table
 
 
-@command("evaluate")
+@command(
+    "evaluate",
+    examples=(
+        "emseg evaluate pred.zarr isbi.zarr --slices 27:30",
+        "emseg evaluate cells.zarr isbi.zarr --json scores.json",
+    ),
+)
 @with_options(EvaluateConfig)
 def evaluate_cmd(
     pred: Path = typer.Argument(..., help="Prediction store from emseg predict, or a TIFF stack of P(cell)."),
@@ -625,7 +764,13 @@ def _class_table(pred: Path, data: Path, r: dict[str, Any]) -> Table:
     return table
 
 
-@command("bench")
+@command(
+    "bench",
+    examples=(
+        "emseg bench --quick",
+        "emseg bench --device cuda --compile --json bench.json",
+    ),
+)
 @with_options(BenchConfig)
 def bench_cmd(
     model: Optional[Path] = typer.Option(None, "--model", help="Run directory to time (default: the default U-Net)."),
@@ -676,7 +821,13 @@ def bench_cmd(
     stdout.print(table)
 
 
-@command("export")
+@command(
+    "export",
+    examples=(
+        "emseg export pred.zarr -o pred.tif",
+        "emseg export pred.zarr -o membranes --format png --labels membranes",
+    ),
+)
 @with_options(ExportConfig)
 def export_cmd(
     source: Path = typer.Argument(..., help="An OME-Zarr store (e.g. from emseg predict)."),
@@ -688,7 +839,13 @@ def export_cmd(
     _note(quiet, f"wrote {_call(quiet, 'export', source, output, **options)}")
 
 
-@command("export-model")
+@command(
+    "export-model",
+    examples=(
+        "emseg export-model run -o model",
+        "emseg export-model builtin:membranes -o membranes-model --overwrite",
+    ),
+)
 @with_options(ExportModelConfig)
 def export_model_cmd(
     run: Path = typer.Argument(..., help="Run directory or checkpoint from emseg train, or builtin:NAME."),
@@ -701,7 +858,13 @@ def export_model_cmd(
     _note(quiet, f"wrote {out} (model.pt, model.onnx, emseg-model.json, rdf.yaml)")
 
 
-@command("augment-preview")
+@command(
+    "augment-preview",
+    examples=(
+        "emseg augment-preview isbi.zarr -o augment.png",
+        "emseg augment-preview isbi.zarr --slice 3 --samples 8 --seed 1 -o augment.png",
+    ),
+)
 @with_options(PreviewConfig)
 def augment_preview_cmd(
     data: Path = typer.Argument(..., help="OME-Zarr store with labels/cells."),
@@ -713,7 +876,13 @@ def augment_preview_cmd(
     _note(quiet, f"wrote {_call(quiet, 'augment_preview', data, output, progress=False, **options)}")
 
 
-@command("demo")
+@command(
+    "demo",
+    examples=(
+        "emseg demo",
+        "emseg demo --minutes 10 --device cuda -o demo-out",
+    ),
+)
 @with_options(DemoConfig)
 def demo_cmd(
     data: Optional[Path] = typer.Option(
@@ -770,13 +939,12 @@ def _tune_zarr() -> None:
 
 
 def main() -> None:
-    """Console entry point: SIGTERM unwinds like Ctrl-C, so partial outputs are removed."""
+    """Console entry point: SIGTERM unwinds like Ctrl-C (partial outputs removed, or kept for
+    ``--resume``, and one line saying which: :func:`interrupted_line`), exit code 130."""
     signal.signal(signal.SIGTERM, _terminate)
     _tune_zarr()
     try:
-        app()
-    except KeyboardInterrupt:
-        sys.stderr.write(
-            "emseg: interrupted; no output was replaced (a prediction or a training run continues with --resume)\n"
-        )
+        app(prog_name="emseg")  # also under python -m emseg: usage lines and completion name emseg
+    except KeyboardInterrupt:  # outside a command (while parsing): nothing was begun
+        sys.stderr.write("emseg: interrupted\n")
         sys.exit(130)

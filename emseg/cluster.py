@@ -9,6 +9,12 @@ Faults are dask's: a task whose worker dies is recomputed elsewhere (up to the s
 ``allowed-failures``), a task that raises is retried ``retries`` times, and a task that still
 fails ends the run with its error after the tasks in flight are cancelled.
 
+distributed's log lines and the multiprocessing resource tracker's warnings never reach the user's
+terminal as they are (:func:`dask_logs_to_emseg`): a lost worker is one warning of emseg's, the rest
+is emseg's debug log, and the worker processes of a local cluster leave Ctrl-C to this process
+(which shuts them down) and log only what is critical, as one line (:func:`dask_setup`, their
+preload).
+
 A scheduler address from the user is checked where it enters (:func:`check_scheduler_address`):
 its form as distributed parses it, then one TCP connect with a short timeout, so that a typo is
 one line in a second rather than a traceback or a 20 s wait. A local cluster is the workers that
@@ -20,7 +26,10 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import re
+import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -138,29 +147,146 @@ def connect(scheduler: str | None, workers: int | None, threads: int) -> Iterato
 
     if scheduler is not None:
         address = check_scheduler_address(scheduler)
-        try:
-            client = Client(address, timeout="20s")
-        except (OSError, TimeoutError, ValueError, TypeError) as exc:  # TypeError: tls:// without TLS settings
-            message = " ".join(str(exc).split())
-            raise BadInputError(f"--scheduler {_shown(scheduler)}: cannot connect ({message})") from None
-        try:
-            yield client, None
-        finally:
-            client.close()
+        with dask_logs_to_emseg() as logs:
+            try:
+                client = Client(address, timeout="20s")
+            except (OSError, TimeoutError, ValueError, TypeError) as exc:  # TypeError: tls:// without TLS settings
+                message = " ".join(str(exc).split())
+                raise BadInputError(f"--scheduler {_shown(scheduler)}: cannot connect ({message})") from None
+            try:
+                yield client, None
+            finally:
+                logs.closing = True
+                client.close()
         return
     n = max(1, workers or 1)
     cpus_per_worker = max(1, available_cpus() // n)
-    cluster = _local_cluster(n, max(1, min(threads, cpus_per_worker)))
+    with dask_logs_to_emseg() as logs:
+        cluster = _local_cluster(n, max(1, min(threads, cpus_per_worker)))
+        try:
+            client = Client(cluster)
+        except BaseException:
+            logs.closing = True
+            cluster.close()
+            raise
+        try:
+            yield client, cpus_per_worker
+        finally:
+            logs.closing = True  # what dask says while it shuts down (a worker killed after a timeout) is no news
+            client.close()
+            cluster.close()
+
+
+# --- distributed's log and the worker processes ---------------------------------------------
+
+#: Loggers whose records dask.distributed's run prints (distributed gives them their own stderr
+#: handlers; asyncio's and tornado's report errors of its event loop).
+DASK_LOGGERS = ("distributed", "tornado", "tornado.application", "asyncio")
+#: distributed's line when a worker process dies (its nanny's, in this process for a local cluster).
+_WORKER_DIED = re.compile(r"Worker process (\d+) (was killed by .*|exited with status .*)")
+
+
+class _DaskLog(logging.Handler):
+    """Receives distributed's records in place of its own stderr handlers and says them through
+    emseg's log: a worker that died is one warning, an error one warning line (while the run
+    goes on), everything else debug."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.closing = False
+        self.lost = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = " ".join(record.getMessage().split())
+        except Exception:  # noqa: BLE001 - a record that cannot be formatted is dropped, as logging does
+            return
+        died = _WORKER_DIED.match(text)
+        if died and not self.closing:
+            self.lost += 1
+            log.warning("lost a dask worker (process %s %s); its tasks run again on the others", *died.groups())
+        elif record.levelno >= logging.ERROR and not self.closing:
+            log.warning("dask: %s", text if len(text) <= 300 else text[:297] + "...")
+        else:
+            log.debug("dask: %s: %s", record.name, text)
+
+
+@contextlib.contextmanager
+def dask_logs_to_emseg() -> Iterator[_DaskLog]:
+    """For the block, distributed's log goes through emseg's (:class:`_DaskLog`; set
+    ``.closing`` once shutting down begins) instead of straight to stderr, and the resource
+    tracker that multiprocessing starts for the worker processes keeps its "leaked semaphore"
+    warnings to itself (a worker killed while it held one leaks nothing the tracker does not
+    clean up). Every logger is as it was after."""
+    handler = _DaskLog()
+    loggers = [logging.getLogger(name) for name in DASK_LOGGERS]
+    saved = [(lg.handlers[:], lg.propagate, lg.level) for lg in loggers]
+    for lg in loggers:
+        lg.handlers = [handler]
+        lg.propagate = False
+        if lg.level == logging.NOTSET or lg.level > logging.INFO:
+            lg.setLevel(logging.INFO)  # a worker's death is an INFO record of its nanny
+    _quiet_resource_tracker()
     try:
-        client = Client(cluster)
-    except BaseException:
-        cluster.close()
-        raise
-    try:
-        yield client, cpus_per_worker
+        yield handler
     finally:
-        client.close()
-        cluster.close()
+        for lg, (handlers, propagate, level) in zip(loggers, saved, strict=True):
+            lg.handlers, lg.propagate = handlers, propagate
+            lg.setLevel(level)
+
+
+#: The warnings filter the resource tracker runs with (``-W``, a message prefix without colons).
+_TRACKER_FILTER = "ignore:resource_tracker:UserWarning"
+
+
+def _quiet_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker, unless it runs, with its leaked-resource warnings
+    ignored: it prints them on stderr at exit when a worker process was killed (after Ctrl-C, or by
+    the out-of-memory killer), and nobody can act on them. The tracker takes the interpreter's
+    ``-W`` options as it starts; those of this process stay as they were."""
+    from multiprocessing import resource_tracker
+
+    added = _TRACKER_FILTER not in sys.warnoptions
+    if added:
+        sys.warnoptions.append(_TRACKER_FILTER)
+    try:
+        resource_tracker.ensure_running()
+    except OSError as exc:  # no tracker: multiprocessing starts its own when it needs one
+        log.debug("resource tracker not started: %s", exc)
+    finally:
+        if added:
+            sys.warnoptions.remove(_TRACKER_FILTER)
+
+
+#: The preload of a local cluster's worker processes (distributed imports it and calls dask_setup).
+WORKER_PRELOAD = __name__
+
+
+def dask_setup(worker: Any) -> None:
+    """Run in each worker process of a local cluster as it starts (its preload): Ctrl-C is left to
+    the process that started the cluster (the terminal sends it to every process; the workers
+    are shut down by their nanny, not interrupted mid-task with a traceback each), and
+    distributed's log there says only what is critical, one line each, in emseg's form: a task's
+    error reaches the user through this process (:func:`run_windowed`), and what a worker logs
+    as an error is its side of a shutdown or of a lost connection (a missed heartbeat)."""
+    with contextlib.suppress(ValueError):  # not the main thread: leave the signal as it is
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    handler = logging.StreamHandler()
+    handler.setFormatter(_OneLine("emseg: dask worker: %(levelname)s: %(message)s"))
+    handler.setLevel(logging.CRITICAL)
+    for name in DASK_LOGGERS:
+        lg = logging.getLogger(name)
+        lg.handlers = [handler]
+        lg.propagate = False
+
+
+class _OneLine(logging.Formatter):
+    """A record as one line: no traceback, whitespace folded, the level in lower case."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.message = record.getMessage()
+        record.levelname = record.levelname.lower()
+        return " ".join(self.formatMessage(record).split())
 
 
 def worker_count(client: Any) -> int:
@@ -288,13 +414,19 @@ def _local_cluster(n: int, threads_per_worker: int) -> Any:
     as ``scale`` does) and starts them the way ``LocalCluster.__init__`` does
     (``_correct_state``, which waits for every worker before raising the first failure), with
     distributed's start-up error logs quieted: the warning names what went wrong instead."""
+    import dask
     from distributed import LocalCluster
 
+    preload = [*dask.config.get("distributed.worker.preload", default=[]), WORKER_PRELOAD]
     cluster = LocalCluster(
         n_workers=0,
         threads_per_worker=threads_per_worker,
         processes=True,
         dashboard_address=None,
+        # no dashboard, but distributed's HTTP server (health, metrics) still listens: on a free port
+        # of this host, not on 8787 with a warning when another cluster holds it
+        scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
+        preload=preload,
     )
     try:
         with _quieter(("distributed", "tornado.application"), logging.CRITICAL):
@@ -473,6 +605,8 @@ __all__ = [
     "WindowStats",
     "check_scheduler_address",
     "connect",
+    "dask_logs_to_emseg",
+    "dask_setup",
     "run_windowed",
     "run_windowed_threads",
     "worker_count",

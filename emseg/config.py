@@ -142,6 +142,28 @@ def flag_of(f: dataclasses.Field) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
+#: What ``--help`` shows for one value of a tuple option's item type, where no metavar is declared.
+_ITEM_METAVARS = {int: "N", float: "X", str: "TEXT"}
+
+
+def metavar_of(f: dataclasses.Field) -> str | None:
+    """What ``--help`` shows after the flag of a config field: what the parser accepts. The
+    declared ``metavar``; nothing for a flag (it takes no value); the ``choices`` (``a|b|c``);
+    one word per item of a fixed-length tuple (``N N``, the form typed: space-separated); None
+    for a single number or text, which the CLI shows by its type (``<int>``, ``<float>``)."""
+    meta = f.metadata
+    kind = meta["kind"]
+    if meta["metavar"] is not None:
+        return str(meta["metavar"])
+    if kind is bool:
+        return ""
+    if meta["choices"]:
+        return "|".join(meta["choices"])
+    if isinstance(kind, tuple) and kind[1] is not None and meta["parse"] is None:
+        return " ".join([_ITEM_METAVARS.get(kind[0], "VALUE")] * kind[1])
+    return None
+
+
 def options(cls: type) -> dict[str, dataclasses.Field]:
     """The option fields of a config class (those made with :func:`option`), by name."""
     return {f.name: f for f in dataclasses.fields(cls) if "help" in f.metadata}
@@ -253,7 +275,7 @@ def _overwrite(help: str = "Replace an existing output written by emseg.") -> An
 
 
 def _device(default: str = "auto") -> Any:
-    return option(default, "auto, cpu, cuda or cuda:N.", runtime=True)
+    return option(default, "auto, cpu, cuda or cuda:N.", metavar="DEVICE", runtime=True)
 
 
 #: ``emseg segment``'s settings where neither an option, a calibration nor the prediction's run
@@ -332,7 +354,7 @@ class ExportConfig(Checked):
         flag="--format",
         choices=EXPORT_FORMATS,
     )
-    labels: str | None = option(None, "Export labels/NAME (e.g. membranes) as 0/255.", kind=str)
+    labels: str | None = option(None, "Export labels/NAME (e.g. membranes) as 0/255.", kind=str, metavar="NAME")
     level: int = option(0, "Pyramid level.", ge=0)
     overwrite: bool = _overwrite()
 
@@ -396,11 +418,13 @@ class AugmentConfig:
 class ModelConfig(Checked):
     """Which network to build; stored in every checkpoint so it rebuilds itself."""
 
-    arch: str = option("unet", "unet, or smp:ENCODER for a segmentation-models-pytorch U-Net.")
+    arch: str = option(
+        "unet", "unet, or smp:ENCODER for a segmentation-models-pytorch U-Net.", metavar="unet|smp:ENCODER"
+    )
     depth: int = option(4, "U-Net depth (levels of down-sampling).", ge=1)
     base_channels: int = option(64, "U-Net channels at the first level.", ge=1)
     encoder_weights: str | None = option(
-        None, "smp encoder weights, e.g. imagenet (downloads; needs internet).", kind=str
+        None, "smp encoder weights, e.g. imagenet (downloads; needs internet).", kind=str, metavar="NAME"
     )
     in_channels: int = 1
     out_channels: int = 1
@@ -456,7 +480,11 @@ class TrainConfig(Checked):
     w0: float = option(10.0, "Weight map: border weight w0.", ge=0, cli=False)
     sigma: float = option(5.0, "Weight map: border width sigma in pixels.", gt=0, cli=False)
     val_slices: tuple[int, ...] | None = option(
-        None, "Held-out slices, A:B or a,b,c (default: last 10 %).", kind=(int, None), parse=slice_list
+        None,
+        "Held-out slices, A:B or a,b,c (default: last 10 %).",
+        kind=(int, None),
+        metavar="A:B|I,J,K",
+        parse=slice_list,
     )
     seed: int = _seed_option()
     time_limit: float | None = option(
@@ -495,14 +523,18 @@ class PredictConfig(Checked):
     tta: bool = option(False, "Average the 8 rotations and flips.")
     threshold: float = option(0.5, "Membrane where P(cell) < threshold.", ge=0, le=1)
     dtype: str = option("uint8", "Stored probabilities: uint8 (0-255), float16 or float32.", choices=OUTPUT_DTYPES)
-    slices: tuple[int, int] | None = option(None, "Predict slices A:B only.", kind=(int, 2), parse=slice_range)
+    slices: tuple[int, int] | None = option(
+        None, "Predict slices A:B only.", kind=(int, 2), metavar="A:B", parse=slice_range
+    )
     device: str = _device()
     block: int = option(8192, "Pixels per side of one task's block (whole chunks; an axis up to 1.5x is one).", ge=1)
     threads: int = option(3, "Block tasks at once per process.", ge=1, runtime=True)
     workers: int | None = option(
         None, "Start a local dask.distributed cluster of N processes.", kind=int, ge=1, runtime=True
     )
-    scheduler: str | None = option(None, "Use the dask.distributed scheduler at this address.", kind=str, runtime=True)
+    scheduler: str | None = option(
+        None, "Use the dask.distributed scheduler at this address.", kind=str, metavar="tcp://HOST:PORT", runtime=True
+    )
     torch_compile: bool = option(False, "torch.compile the network (CUDA).", flag="--compile", runtime=True)
     precision: str = option("auto", "auto (bf16 where the device has it natively), fp32 or bf16.", choices=PRECISIONS)
     normalization: str = option(
@@ -570,7 +602,7 @@ class SegmentConfig(Checked):
     )  # fmt: skip
     slices: tuple[int, int] | None = option(
         None, "With --calibrate: its labelled slices A:B (default: all the prediction covers).", kind=(int, 2),
-        parse=slice_range,
+        metavar="A:B", parse=slice_range,
     )  # fmt: skip
     block: int = option(
         2048, "Block side in pixels (whole chunks; in 3d also its depth; an axis up to 1.5x is one).", ge=1
@@ -582,7 +614,9 @@ class SegmentConfig(Checked):
     workers: int | None = option(
         None, "Start a local dask.distributed cluster of N processes.", kind=int, ge=1, runtime=True
     )
-    scheduler: str | None = option(None, "Use the dask.distributed scheduler at this address.", kind=str, runtime=True)
+    scheduler: str | None = option(
+        None, "Use the dask.distributed scheduler at this address.", kind=str, metavar="tcp://HOST:PORT", runtime=True
+    )
     into: bool = option(
         False, "Write the labels into the prediction store as labels/cells instead of a new store.", cli=False
     )
@@ -598,7 +632,9 @@ class SegmentConfig(Checked):
 class EvaluateConfig(Checked):
     """What ``emseg evaluate`` scores."""
 
-    slices: tuple[int, int] | None = option(None, "Evaluate data slices A:B only.", kind=(int, 2), parse=slice_range)
+    slices: tuple[int, int] | None = option(
+        None, "Evaluate data slices A:B only.", kind=(int, 2), metavar="A:B", parse=slice_range
+    )
     overwrite: bool = _overwrite()
 
 
@@ -617,7 +653,7 @@ class BenchConfig(Checked):
 class DemoConfig(Checked):
     """What ``emseg demo`` runs."""
 
-    output: str = option("emseg-demo", "Folder for everything the demo writes.", short="-o")
+    output: str = option("emseg-demo", "Folder for everything the demo writes.", short="-o", metavar="DIR")
     device: str = _device()
     minutes: float | None = option(None, "Training time (default 3 on a CPU, 4 on a GPU).", kind=float, gt=0)
     classes_minutes: float = option(

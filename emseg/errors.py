@@ -5,7 +5,9 @@ take): the CLI prints its message on one line and exits with code 2. An :class:`
 is a failure while doing valid work (a full disk, a non-finite loss): exit code 1. A
 :class:`Cancelled` run was stopped by its user (the napari widget's Cancel button, through
 :class:`emseg.progress.Cancellable`): it unwinds like Ctrl-C, so a resumable output keeps what
-is done. Anything else is a bug and keeps its traceback.
+is done. An :class:`Interrupted` is Ctrl-C (or SIGTERM) that reached an output being written: it
+says what was kept, and the CLI how to resume (exit code 130). Anything else is a bug and keeps
+its traceback.
 """
 
 from __future__ import annotations
@@ -33,3 +35,14 @@ class Cancelled(EmsegError):
     """The user stopped the run between two pieces of work. Exit code 130, as for Ctrl-C."""
 
     exit_code = 130
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM, which emseg's CLI turns into one) while an output was written: what
+    the interruption kept (``kept``: "12/40 blocks of /data/out.zarr", or "nothing: ...") and
+    whether ``--resume`` continues from it (``resumable``). Raised from the KeyboardInterrupt."""
+
+    def __init__(self, kept: str, *, resumable: bool) -> None:
+        super().__init__(kept)
+        self.kept = kept
+        self.resumable = resumable

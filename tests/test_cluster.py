@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import re
+import signal
 import time
 
 import pytest
@@ -212,3 +217,91 @@ def test_the_slurm_example_writes_a_one_gpu_per_worker_job_script(tmp_path) -> N
     for line in ("#SBATCH -p gpu", "#SBATCH --gres=gpu:1", "#SBATCH -t 02:00:00", "#SBATCH --cpus-per-task=8"):
         assert line in script, script
     assert "dask_worker" in script and "--nthreads 3" in script
+
+
+# --- distributed's log goes through emseg's ---------------------------------------------------
+
+#: A line as distributed's own handlers write it ("2026-01-01 12:00:00,000 - distributed.nanny - WARNING - ...").
+RAW_DASK_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ - (distributed|tornado|asyncio)", re.M)
+
+
+def _sleepy(x: int) -> int:
+    time.sleep(0.05)
+    return x
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.mark.timeout(240)
+def test_a_lost_worker_is_one_warning_and_no_raw_dask_line(capfd) -> None:
+    """A local cluster (worker processes) loses a worker mid-run: emseg's log says so once, the
+    run completes, and nothing of distributed's own log reaches stderr; its loggers are as they
+    were after."""
+    import distributed  # noqa: F401 - configures its loggers as it is imported: what to compare with
+
+    from emseg.cluster import DASK_LOGGERS, connect
+
+    records = _Records()
+    logger = logging.getLogger("emseg.cluster")
+    logger.addHandler(records)
+    before = {name: (logging.getLogger(name).handlers[:], logging.getLogger(name).level) for name in DASK_LOGGERS}
+    results: list[int] = []
+    try:
+        with connect(None, 2, 1) as (client, _):
+            killed: list[int] = []
+
+            def on_result(value: int) -> None:
+                results.append(value)
+                if len(results) == 10:
+                    killed.append(sorted(client.run(os.getpid).values())[0])
+                    os.kill(killed[0], signal.SIGKILL)
+
+            run_windowed(client, _sleepy, range(60), lambda i: f"sleepy-{i}", on_result)
+    finally:
+        logger.removeHandler(records)
+    assert sorted(results) == list(range(60))
+    warnings = [r.getMessage() for r in records.records if r.levelno >= logging.WARNING]
+    assert warnings == [
+        f"lost a dask worker (process {killed[0]} was killed by signal 9); its tasks run again on the others"
+    ]
+    assert {name: (logging.getLogger(name).handlers, logging.getLogger(name).level) for name in DASK_LOGGERS} == before
+    err = capfd.readouterr().err
+    assert not RAW_DASK_LINE.search(err) and "Traceback" not in err, err
+
+
+@pytest.mark.timeout(300)
+def test_a_run_on_a_local_cluster_prints_only_emseg_lines(tmp_path) -> None:
+    """``emseg predict --workers 2``, as a user runs it: every line on stderr is emseg's (also when
+    another cluster holds distributed's dashboard port, 8787, which this test holds if it can)."""
+    import socket
+
+    import tifffile
+
+    import emseg
+    from emseg.config import ModelConfig
+    from emseg.recipes.bench import untrained_checkpoint
+    from emseg.synthetic import synthetic_stack
+
+    from .conftest import run_emseg
+
+    raw, _ = synthetic_stack((4, 64, 64), seed=5)
+    tifffile.imwrite(tmp_path / "raw.tif", raw, photometric="minisblack")
+    emseg.ingest(tmp_path / "raw.tif", tmp_path / "data.zarr", voxel_size=(50, 4, 4), chunks=(1, 64, 64))
+    untrained_checkpoint(tmp_path / "run", ModelConfig(depth=2, base_channels=4))
+    args = ["predict", "run", "data.zarr", "-o", "p.zarr", "--tile", "32", "--overlap", "8", "--device", "cpu"]
+    with socket.socket() as port:
+        with contextlib.suppress(OSError):  # already held by another: the same for the test
+            port.bind(("0.0.0.0", 8787))
+            port.listen()
+        proc = run_emseg(*args, "--workers", "2", cwd=tmp_path, env={"EMSEG_PROGRESS_INTERVAL": "0"})
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert lines and all(line.startswith(("emseg: ", "wrote ")) for line in lines), proc.stderr
+    assert not [line for line in lines if "warning" in line or "error" in line], proc.stderr

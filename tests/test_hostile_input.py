@@ -369,11 +369,68 @@ PROC_COMMANDS = {
 }
 
 
+PROC_COMMANDS["demo"] = lambda w, o: ["demo", "-o", o, "--device", "cpu", "--minutes", "0.01"]
+PROC_COMMANDS["bench --json"] = lambda w, o: ["bench", "--quick", "--no-monai", "--json", o]
+_NAMES = {"export": "x.tif", "show": "x.png", "evaluate --json": "x.json", "augment-preview": "x.png",
+          "bench --json": "x.json", "export-model": "model", "train": "run", "demo": "demo"}  # fmt: skip
+
+
 @pytest.mark.parametrize("command", sorted(PROC_COMMANDS))
 def test_an_output_under_proc_is_one_line(world, cli, command):
-    name = {"export": "x.tif", "show": "x.png", "evaluate --json": "x.json", "augment-preview": "x.png"}
-    target = Path("/proc") / name.get(command, "x.zarr")
+    target = Path("/proc") / _NAMES.get(command, "x.zarr")
     one_line_refusal(cli(*PROC_COMMANDS[command](world, target), "-q"))
+
+
+def _refusing(monkeypatch: pytest.MonkeyPatch, folder: Path, code: int) -> None:
+    """Make ``folder`` refuse new files and folders with OSError ``code`` (EROFS: a read-only
+    mount; EACCES: no permission), whoever runs the test (root passes every permission check)."""
+    import errno
+
+    for name in ("open", "mkdir"):
+        real = getattr(os, name)
+
+        def refusing(path, *args, _real=real, **kwargs):
+            if str(folder) in os.path.abspath(os.fsdecode(path)):
+                raise OSError(code, os.strerror(code), os.fsdecode(path))
+            return _real(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, name, refusing)
+    assert code in (errno.EROFS, errno.EACCES)
+
+
+#: Destinations no command can write, each as (the parent of the output, what makes it so).
+UNWRITABLE = ["missing parent under /proc", "under /sys", "parent is a file", "read-only mount", "permission denied"]
+
+
+@pytest.mark.parametrize("kind", UNWRITABLE)
+@pytest.mark.parametrize("command", sorted(PROC_COMMANDS))
+def test_an_unwritable_destination_is_one_line_before_any_work(
+    world, tmp_path, cli, monkeypatch, deadline, command, kind
+):
+    """Every command that writes refuses a destination it cannot write, of every kind, in one line
+    (exit 2, no traceback), before its work (the up-front check creates and removes one file)."""
+    import errno
+
+    parent = {
+        "missing parent under /proc": Path("/proc") / "emseg-missing" / "sub",
+        "under /sys": Path("/sys"),
+        "parent is a file": tmp_path / "file",
+        "read-only mount": tmp_path / "ro" / "sub",
+        "permission denied": tmp_path / "denied",
+    }[kind]
+    if kind == "under /sys" and not Path("/sys").is_dir():
+        pytest.skip("no /sys here")
+    if kind == "parent is a file":
+        parent.write_text("a file\n")
+    if kind in ("read-only mount", "permission denied"):
+        parent.parent.mkdir(exist_ok=True)
+        if kind == "permission denied":
+            parent.mkdir()
+        code = errno.EROFS if kind == "read-only mount" else errno.EACCES
+        _refusing(monkeypatch, parent.parent if kind == "read-only mount" else parent, code)
+    target = parent / _NAMES.get(command, "x.zarr")
+    message = one_line_refusal(cli(*PROC_COMMANDS[command](world, target), "-q"))
+    assert "emseg-probe" not in message and not target.exists()
 
 
 # --- scheduler addresses are checked before anything is written -----------------------------

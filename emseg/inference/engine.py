@@ -267,6 +267,7 @@ class Engine:
         self._inbox: queue.Queue[_InFlight | None] = queue.Queue()
         self._done: queue.Queue[tuple | None] = queue.Queue(maxsize=4)
         self._error: BaseException | None = None
+        self._failing = threading.Lock()  # the server's failure path against submit's queueing
         self._closing = False
         self._unfinished: set[_InFlight] = set()  # started, result not yet handed over
         self._server = threading.Thread(target=self._serve, name="emseg-engine", daemon=True)
@@ -281,14 +282,23 @@ class Engine:
         """Queue a block: ``region`` (Hd, Wd) is the input over ``plan.domain``, normalised by
         ``norm`` (mean, std) or else the engine's. The future gives (probabilities (h, w) in the
         output dtype, membranes (h, w) uint8), or with C > 1 classes ((C, h, w) probabilities,
-        (h, w) uint8 most probable class numbered from 1)."""
-        if self._error is not None:
-            raise EmsegRuntimeError(f"inference failed: {self._error}")
+        (h, w) uint8 most probable class numbered from 1); after a failure of the model, that
+        failure."""
         future: Future = Future()
+        if self._error is not None:
+            future.set_exception(EmsegRuntimeError(f"inference failed: {self._error}"))
+            return future
         sy, sx = plan.weight_sums()
         arrays = [region, *(w.astype(np.float32) for w in (plan.y_windows, plan.x_windows, sy, sx))]
         norm = None if norm is None else (float(norm[0]), float(norm[1]))
-        self._inbox.put(_InFlight(plan=plan, staged=self.transfer.stage(arrays), future=future, norm=norm))
+        staged = self.transfer.stage(arrays)
+        # with the server's failure path locked out: a block queued after the server failed and
+        # emptied its inbox would wait forever; one that comes later fails as the others did
+        with self._failing:
+            if self._error is None:
+                self._inbox.put(_InFlight(plan=plan, staged=staged, future=future, norm=norm))
+                return future
+        future.set_exception(EmsegRuntimeError(f"inference failed: {self._error}"))
         return future
 
     def run_block(
@@ -450,15 +460,16 @@ class Engine:
                     if self._closing and not active:
                         break
         except BaseException as exc:  # noqa: BLE001 - not swallowed: handed to every waiting task, which re-raises it
-            self._error = exc
-            waiting = list(self._unfinished)
-            while True:
-                try:
-                    item = self._inbox.get_nowait()
-                except queue.Empty:
-                    break
-                if item is not None:
-                    waiting.append(item)
+            with self._failing:  # no block is queued after the inbox is emptied here
+                self._error = exc
+                waiting = list(self._unfinished)
+                while True:
+                    try:
+                        item = self._inbox.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is not None:
+                        waiting.append(item)
             for block in waiting:  # started ones too, even if all their tiles left `active`
                 try:
                     block.future.set_exception(exc)

@@ -126,6 +126,7 @@ def predict_store(
         )
         norms = slice_mean_stds(meta, image, z_range, config, progress)
         total, tasks = plan_tasks(run, shape, chunks, norms)
+        out.expect(total, "blocks")
         done = out.done_names()
         if out.resumed:
             log.info("resuming: %d of %d blocks already done", len(done), total)

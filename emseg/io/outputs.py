@@ -17,7 +17,8 @@ through :class:`Output`:
    place, then delete the previous one; release the lock.
 
 On failure the partial is removed and the previous output is left untouched; an OSError (a full
-disk, a write budget) becomes an :class:`~emseg.errors.EmsegRuntimeError`. A *resumable* output
+disk, a write budget) becomes an :class:`~emseg.errors.EmsegRuntimeError`, and Ctrl-C an
+:class:`~emseg.errors.Interrupted` that says what was kept. A *resumable* output
 (predict, segment) writes into ``.NAME.partial/`` instead, which holds the content
 (``store.zarr``), its resume record (``settings.json``: the settings a resume must match) and one
 done-marker per finished piece (``done/``); on failure all of it is kept for ``--resume``. The
@@ -47,7 +48,7 @@ from types import TracebackType
 from typing import Any
 
 from emseg._version import __version__
-from emseg.errors import BadInputError, EmsegError, EmsegRuntimeError
+from emseg.errors import BadInputError, EmsegError, EmsegRuntimeError, Interrupted
 
 log = logging.getLogger(__name__)
 
@@ -347,6 +348,27 @@ def _check_parent(final: Path) -> None:
         raise BadInputError(f"{final}: {existing} is not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise BadInputError(f"{final}: destination {existing} is not writable")
+    check_writable(existing, final)
+
+
+def check_writable(folder: Path, final: Path) -> None:
+    """Create and remove one empty hidden file in ``folder``, where ``final`` is to be written:
+    the check that holds for every user and file system (``os.access`` grants root everything,
+    and knows nothing of /proc or /sys, which refuse new files whatever the permissions say).
+    An unwritable folder is one line (:func:`destination_error`), before any work."""
+    probe = folder / f".emseg-probe-{_tag()}"
+    try:
+        fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:  # the folder is there: a virtual file system that takes no files
+            raise BadInputError(
+                f"{final}: cannot write in {folder} (it takes no new files: a virtual file system such as /proc?); "
+                "choose a writable destination"
+            ) from None
+        raise destination_error(final, exc, f"write in {folder}") from None
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(probe)
 
 
 # --- the lock -------------------------------------------------------------------------------
@@ -608,6 +630,9 @@ class Output:
         self._create = create
         self._inputs = [Path(p) for p in inputs if p is not None]
         self._lock = OutputLock(self.final, command)
+        #: How many done-markers a finished run leaves, and what they count (:meth:`expect`).
+        self.total: int | None = None
+        self.unit = "pieces"
         if resume_record is not None:
             self._partial = self.final.parent / f".{self.final.name}{PARTIAL_TAG}"
             self.path = self._partial / CONTENT_NAME
@@ -628,6 +653,22 @@ class Output:
 
     def done_names(self) -> set[str]:
         return {p.name for p in self.done_dir.iterdir()}
+
+    def expect(self, total: int, unit: str) -> None:
+        """A finished run leaves ``total`` done-markers, each one of ``unit`` ("blocks"): what an
+        interruption reports as kept ("12/40 blocks of OUT")."""
+        self.total, self.unit = total, unit
+
+    def _interrupted(self) -> Interrupted:
+        """What Ctrl-C kept, once the partial was abandoned: a resumable partial with its record
+        (its done pieces), or nothing (the partial was removed)."""
+        settings = self._partial / SETTINGS_FILE
+        if self.resumable and settings.is_file() and self.done_dir.is_dir():
+            of = "" if self.total is None else f"/{self.total}"
+            kept = f"{len(self.done_names())}{of} {self.unit} of {self.final} (in {self._partial.name})"
+            return Interrupted(kept, resumable=True)
+        earlier = "; the earlier one is untouched" if self.final.exists() else ""
+        return Interrupted(f"nothing: the unfinished {self.final.name} was removed{earlier}", resumable=False)
 
     def _failed(self, exc: OSError) -> EmsegRuntimeError:
         then = "rerun with --resume to finish it" if self.resumable else "nothing was changed"
@@ -705,6 +746,8 @@ class Output:
             self._abandon(fresh_and_refused=isinstance(exc, BadInputError))
             if isinstance(exc, OSError):
                 raise self._failed(exc) from exc
+            if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, Interrupted):
+                raise self._interrupted() from exc
         finally:
             self._lock.release()
 
@@ -742,6 +785,7 @@ __all__ = [
     "MARKER",
     "check_inputs",
     "check_output",
+    "check_writable",
     "complete_output",
     "is_emseg_file",
     "is_emseg_output",

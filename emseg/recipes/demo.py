@@ -381,7 +381,7 @@ def _start(train: Path, device: Any, plan: DemoPlan, minutes: float) -> tuple[st
 def _demo_folder(out: Path) -> None:
     """Create the demo's folder (or use an existing one), after the checks: a path that is not a
     folder, or one that cannot be created, is one line."""
-    from emseg.io.outputs import destination_error
+    from emseg.io.outputs import check_writable, destination_error
 
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise BadInputError(f"-o {out}: is not a folder; the demo writes its results into a folder")
@@ -389,6 +389,7 @@ def _demo_folder(out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise destination_error(out, exc, "create the demo's folder") from None
+    check_writable(out, out)  # an existing folder emseg may not write into
 
 
 def _pictures(data: Path, pred: Path, slices: tuple[int, ...], output: Path, with_truth: bool) -> Path:

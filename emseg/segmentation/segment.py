@@ -93,6 +93,7 @@ def segment_store(
         inputs=[] if config.into else [image.path],  # --into writes inside its input on purpose
     ) as out:  # fmt: skip
         job = _job(image, out, config, channel)
+        out.expect(2 * len(blocks), "block passes")  # fragments, then labels, of each block
         _first_pass(job, blocks, out.done_names(), config, progress)
         offsets, table = _stitch(job, blocks)
         _create_labels(out.path, image, chunks, int(table.max()), prov, config.into)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,15 @@ from torch import nn
 
 from emseg._version import __version__
 from emseg.config import TrainConfig, from_dict, to_dict
-from emseg.errors import BadInputError
-from emseg.io.outputs import OutputLock, check_output, is_emseg_output, write_bytes_atomic, write_json_atomic
+from emseg.errors import BadInputError, EmsegRuntimeError, Interrupted
+from emseg.io.outputs import (
+    OutputLock,
+    check_output,
+    destination_error,
+    is_emseg_output,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 from emseg.models.checkpoint import load_resume_point, save_checkpoint, save_resume_point
 from emseg.training.ema import WeightAverage, WithAverage, split_average
 from emseg.viz import curves_png
@@ -77,7 +85,8 @@ class RunDir:
     def claim(self, resume: bool, overwrite: bool) -> Iterator[None]:
         """Hold the run directory while the block writes it: a second emseg writing it is refused
         (a lock beside it); an existing run needs ``resume`` or ``overwrite`` (which removes only
-        the files emseg writes there)."""
+        the files emseg writes there). Ctrl-C in the block becomes :class:`Interrupted` (what the
+        run directory keeps), an OSError writing into it one line."""
         if self.path.is_symlink():
             raise BadInputError(f"{self.path}: is a symbolic link; give the real path of the run directory")
         if self.path.exists() and not self.path.is_dir():
@@ -93,24 +102,65 @@ class RunDir:
                 f"{self.path}: cannot lock it for writing in {self.path.parent} ({exc.strerror or exc})"
             ) from None
         try:
-            existing = [f for f in RUN_FILES if (self.path / f).exists() or (self.path / f).is_symlink()]
-            foreign = self.path.is_dir() and any(self.path.iterdir()) and not is_emseg_output(self.path, "run")
-            if foreign and not (resume and existing):  # --resume reads (and checks) the run files there
-                # a user's folder (or one whose run files are not emseg's): never written into
-                raise BadInputError(
-                    f"{self.path}: is a folder emseg did not write (no emseg config.json); give a new or empty folder"
-                )
-            if existing and not resume and not overwrite:
-                raise BadInputError(
-                    f"{self.path}: already holds a run ({', '.join(existing)}); use --resume or --overwrite"
-                )
-            if overwrite and not resume:
-                for f in existing:
-                    (self.path / f).unlink()
-            self.path.mkdir(exist_ok=True)
-            yield
+            self._prepare(resume, overwrite)
+            with self._reported():
+                yield
         finally:
             lock.release()
+
+    def _prepare(self, resume: bool, overwrite: bool) -> None:
+        """Refuse a folder emseg did not write, and an existing run without ``resume`` or
+        ``overwrite``; remove the run files ``overwrite`` replaces; create the folder."""
+        existing = [f for f in RUN_FILES if (self.path / f).exists() or (self.path / f).is_symlink()]
+        foreign = self.path.is_dir() and any(self.path.iterdir()) and not is_emseg_output(self.path, "run")
+        if foreign and not (resume and existing):  # --resume reads (and checks) the run files there
+            # a user's folder (or one whose run files are not emseg's): never written into
+            raise BadInputError(
+                f"{self.path}: is a folder emseg did not write (no emseg config.json); give a new or empty folder"
+            )
+        if existing and not resume and not overwrite:
+            raise BadInputError(
+                f"{self.path}: already holds a run ({', '.join(existing)}); use --resume or --overwrite"
+            )
+        if overwrite and not resume:
+            for f in existing:
+                (self.path / f).unlink()
+        try:
+            self.path.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise destination_error(self.path, exc, "create the run directory") from None
+
+    @contextlib.contextmanager
+    def _reported(self) -> Iterator[None]:
+        """Ctrl-C as :class:`Interrupted` (what the run keeps); an OSError writing a file of the
+        run directory (a full disk) as one line."""
+        try:
+            yield
+        except KeyboardInterrupt as exc:
+            if isinstance(exc, Interrupted):
+                raise
+            raise self._interrupted() from exc
+        except OSError as exc:
+            written = (
+                exc.filename is not None and self.path.absolute() in Path(os.fsdecode(exc.filename)).absolute().parents
+            )
+            if not written:
+                raise  # not a write into the run directory
+            raise EmsegRuntimeError(
+                f"{self.path}: writing the run failed ({exc.strerror or exc}); its last checkpoint stays "
+                "(rerun with --resume once the cause is fixed)"
+            ) from exc
+
+    def _interrupted(self) -> Interrupted:
+        """What Ctrl-C kept of the run: its finished epochs and resume point, or nothing to resume."""
+        if self.resume_point.is_file() or (self.path / LEGACY_RESUME_POINT).is_file():
+            epochs = len(self.rows)
+            kept = f"{epochs} finished epoch{'s' if epochs != 1 else ''} in the run directory {self.path}"
+            return Interrupted(f"{kept} (its resume point: {RESUME_POINT})", resumable=True)
+        return Interrupted(
+            f"nothing: the run directory {self.path} holds no checkpoint yet (its first epoch had not ended)",
+            resumable=False,
+        )
 
     def meta(self, config: TrainConfig, extra: dict[str, Any]) -> dict[str, Any]:
         return {"format": FORMAT, "emseg_version": __version__, "config": to_dict(config), **extra}
