@@ -133,6 +133,7 @@ BAD: dict[str, st.SearchStrategy] = {
     "--samples": _ints(BELOW_ONE, HUGE),
     "--data": BAD_INPUT,
     "--minutes": _floats(NAN_INF, NON_POSITIVE_FLOAT),
+    "--classes-minutes": _floats(NAN_INF, st.floats(max_value=-1e-9, min_value=-1e30)),  # 0 skips: valid
     "--components": _floats(NAN_INF, OUTSIDE_0_1),
     "--calibrate": BAD_INPUT,
     "--init": BAD_INPUT,

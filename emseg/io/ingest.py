@@ -204,17 +204,22 @@ def _write(  # noqa: C901 - the streaming loop: read ahead, check, write each py
 
 #: Percentiles of the display window of an ingested image (viewers that read ``omero``).
 DISPLAY_PERCENTILES = (0.5, 99.5)
+#: At most this many pixels are read for it.
+DISPLAY_SAMPLE = 1 << 20
 
 
 def _add_display_window(root: Any, coarsest: Any, version: str) -> None:
     """The image's ``omero`` block: a grey channel windowed on robust percentiles of nine evenly
-    spaced slices of its coarsest level (about 1 kpx a side), within the dtype's range (the
+    spaced slices of its coarsest level (about 1 kpx a side), strided to at most
+    ``DISPLAY_SAMPLE`` pixels in all so that memory stays flat, within the dtype's range (the
     sample's for floats)."""
     from emseg.io.zarr import intensity_omero, ngff_metadata, ngff_payload
 
     depth = int(coarsest.shape[0])
     zs = sorted(set(np.linspace(0, depth - 1, min(9, depth)).round().astype(int).tolist()))
-    sample = np.concatenate([np.asarray(coarsest[z]).ravel() for z in zs]).astype(np.float64)
+    plane = int(coarsest.shape[-2]) * int(coarsest.shape[-1])
+    step = max(1, math.ceil(math.sqrt(plane * len(zs) / DISPLAY_SAMPLE)))
+    sample = np.concatenate([np.asarray(coarsest[z, ::step, ::step]).ravel() for z in zs])
     start, end = (float(v) for v in np.percentile(sample, DISPLAY_PERCENTILES))
     dtype = np.dtype(coarsest.dtype)
     if np.issubdtype(dtype, np.integer):
