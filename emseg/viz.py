@@ -45,8 +45,14 @@ def overlay(
     return rgb
 
 
-def panel_rows(rows: Sequence[dict[str, np.ndarray]], output: Path, titles: Sequence[str] | None = None) -> Path:
-    """Save a grid: one row per dict, one column per (title -> (Y, X) or (Y, X, 3) array).
+def panel_rows(
+    rows: Sequence[dict[str, np.ndarray]],
+    output: Path,
+    titles: Sequence[str] | None = None,
+    legend: Sequence[tuple[str, Sequence[float]]] = (),
+) -> Path:
+    """Save a grid: one row per dict, one column per (title -> (Y, X) or (Y, X, 3) array), with
+    ``legend`` (name, RGB in 0-1) as coloured patches under it.
 
     Keys starting with "image" are shown in grey with a robust window; "prob" keys with a 0-1
     colour map and a colour bar; "mask"/"truth" keys as binary; arrays with three channels as RGB.
@@ -54,6 +60,12 @@ def panel_rows(rows: Sequence[dict[str, np.ndarray]], output: Path, titles: Sequ
     ever cut.
     """
     plt, fig = panel_figure(rows, titles)
+    if legend:
+        from matplotlib.patches import Patch
+
+        handles = [Patch(facecolor=tuple(rgb), edgecolor="0.3", label=name) for name, rgb in legend]
+        columns = min(len(handles), 6)
+        fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=columns, frameon=False)
     output.parent.mkdir(parents=True, exist_ok=True)
     # the format is given: the output may be a hidden partial whose name does not end in .png;
     # the Software text marks the file as emseg's, so --overwrite may replace it

@@ -34,9 +34,7 @@ def test_plain_progress_lines_say_what_how_far_how_fast_and_eta(capsys) -> None:
     reporter.finish()
     lines = capsys.readouterr().err.splitlines()
     assert lines[0] == "emseg: predict: started (4 blocks)"
-    assert (
-        lines[1].startswith("emseg: predict: 1/4 blocks (25%), ") and "ETA" in lines[1] and "mpix per s 2.5" in lines[1]
-    )
+    assert lines[1].startswith("emseg: predict: 1/4 blocks (25%), ") and "ETA" in lines[1] and "2.5 MPix/s" in lines[1]
     assert lines[-1].startswith("emseg: predict: 4/4 blocks (100%)") and lines[-1].endswith(", done")
 
 

@@ -309,7 +309,7 @@ def classes_part(
     mito = segment_store(
         pred, part / "mitochondria.zarr", SegmentConfig(objects="mitochondria", overwrite=True), progress=progress
     )
-    picture = _class_pictures(stores["test"], pred, part / "classes.png")
+    picture = _class_pictures(stores["test"], pred, part / "classes.png", first=n - VNC_HELD_OUT)
     result = {
         "data": str(folder),
         "sections": {"train": list(range(n - VNC_HELD_OUT - 1)), "validation": [n - VNC_HELD_OUT - 1],
@@ -329,8 +329,9 @@ def classes_part(
     return outputs, result
 
 
-def _class_pictures(data: Path, pred: Path, output: Path) -> Path:
-    """Rows of EM | true classes | predicted classes, each class in its colour, for every section."""
+def _class_pictures(data: Path, pred: Path, output: Path, first: int = 0) -> Path:
+    """Rows of EM | true classes | predicted classes, each class in its colour (a legend under
+    them), for every section; sections numbered from ``first`` (their place in the source)."""
     from emseg.io.zarr import open_ome, store_classes
     from emseg.viz import panel_rows
 
@@ -339,19 +340,21 @@ def _class_pictures(data: Path, pred: Path, output: Path) -> Path:
     palette = np.zeros((len(classes) + 1, 3), np.float32)  # 0, unlabelled: black
     for c in classes:
         palette[c.value] = np.asarray(c.rgb, np.float32) / 255.0
-    legend = ", ".join(c.name for c in classes)
     rows = []
     for z in range(image.shape[0]):
         truth = np.asarray(image.labels["classes"].array[z])
         predicted = np.asarray(prediction.labels["classes"].array[z])
         rows.append(
             {
-                f"image (section {z})": np.asarray(image.array[z]),
-                f"truth: {legend}": palette[truth],
+                f"image (section {first + z})": np.asarray(image.array[z]),
+                "true classes": palette[truth],
                 "predicted classes": palette[predicted],
             }
         )
-    return panel_rows(rows, output)
+    legend = [(c.name, tuple(palette[c.value])) for c in classes]
+    if (np.asarray(image.labels["classes"].array) == 0).any():
+        legend.append(("unlabelled", (0.0, 0.0, 0.0)))
+    return panel_rows(rows, output, legend=legend)
 
 
 #: Fewer training steps than this in the demo's budget (measured on this machine): random weights

@@ -56,6 +56,8 @@ class Calibration:
     #: The slices scored, as indices of the labelled store.
     slices: list[int] = field(default_factory=list)
     seconds: float = 0.0
+    #: How many settings were scored.
+    settings_scored: int = 0
 
     @property
     def fallback(self) -> bool:
@@ -105,6 +107,7 @@ def calibrate(
     return Calibration(
         settings, float(v_rand), float(map_threshold), float(map_v_rand), float(defaults_v_rand),
         [int(s) for s in slices], round(time.perf_counter() - start, 3),
+        len(seedings) * len(MERGE_THRESHOLDS) * len(MIN_SIZES),
     )  # fmt: skip
 
 

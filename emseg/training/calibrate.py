@@ -104,6 +104,7 @@ def calibrate_run(
     norm = meta["normalization"]
     prob = predict_planes(cast(SegmentationNet, model), raw, (float(norm["mean"]), float(norm["std"])), config)
     result = calibrate(probability_uint8(prob, "validation P(cell)"), truth, slices=slices)
+    progress.advance(result.settings_scored)
     progress.finish()
     record = {**result.to_dict(), "slices_role": role, "run": str(run.resolve()), "data": str(Path(data).resolve())}
     write_json_atomic(run / SEGMENTATION_FILE, record)
