@@ -63,7 +63,7 @@ def panel_rows(
     if legend:
         from matplotlib.patches import Patch
 
-        handles = [Patch(facecolor=tuple(rgb), edgecolor="0.3", label=name) for name, rgb in legend]
+        handles = [Patch(facecolor=(rgb[0], rgb[1], rgb[2]), edgecolor="0.3", label=name) for name, rgb in legend]
         columns = min(len(handles), 6)
         fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=columns, frameon=False)
     output.parent.mkdir(parents=True, exist_ok=True)
