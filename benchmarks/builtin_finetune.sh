@@ -10,7 +10,7 @@
 #   * fine-tuned: 100 steps from the built-in model (`emseg train --init builtin:membranes`) on
 #     sections 0-5 (5 validates and calibrates), then both models scored on sections 6-9 only.
 #
-#   bash benchmarks/builtin_finetune.sh ../shared/data/vnc /tmp/vnc     # ~5 min on 2 cores
+#   bash benchmarks/builtin_finetune.sh ../shared/data/vnc /tmp/vnc     # ~5 min on 2 cores; OUT/summary.json
 set -euo pipefail
 vnc=${1:?VNC folder with train-volume.tif and train-labels.tif}
 out=${2:?output folder}
@@ -41,3 +41,13 @@ for what in zeroshot-all:all zeroshot-native:all zeroshot-test:test finetuned-te
   data=${what##*:}
   $emseg evaluate "$out/$pred.zarr" "$out/$data.zarr" --json "$out/$pred.json" --overwrite --quiet
 done
+python - "$out" <<'PY'
+import json, sys
+out = sys.argv[1]
+summary = {}
+for name in ("zeroshot-all", "zeroshot-native", "zeroshot-test", "finetuned-test"):
+    scores = json.load(open(f"{out}/{name}.json"))
+    summary[name] = {"v_rand": round(scores["v_rand"], 4), "threshold": scores["v_rand_threshold"]}
+json.dump(summary, open(f"{out}/summary.json", "w"), indent=1)
+print(json.dumps(summary, indent=1))
+PY

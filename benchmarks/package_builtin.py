@@ -1,11 +1,15 @@
 """Package a trained run as emseg's built-in membrane model (issue 29).
 
-    python benchmarks/package_builtin.py /tmp/builtin/run benchmarks/results/builtin_model.json
+    python benchmarks/package_builtin.py /tmp/builtin/run benchmarks/results/builtin_model.json \
+        [benchmarks/results/builtin_finetune.json]
 
 copies RUN/best.safetensors to emseg/models/weights/membranes.safetensors with a ``builtin`` block in
 its header (task, training pixel size, training data, licence, the command that trained it and the
-scores measured in RESULTS, written by benchmarks/train_builtin.py), and prints the file's SHA-256
-for ``emseg.models.builtin.MODELS``.
+scores measured in RESULTS, written by benchmarks/train_builtin.py, and, when given, the VNC
+figures of the packaged model through ``emseg predict builtin:membranes`` that
+benchmarks/builtin_finetune.sh wrote), and prints the file's SHA-256 for
+``emseg.models.builtin.MODELS``. The weights are copied unchanged: packaging again with more
+scores changes the SHA-256, never a prediction.
 """
 
 from __future__ import annotations
@@ -25,18 +29,20 @@ TRAINING_DATA = (
 LICENCE = "BSD-3-Clause, as emseg (weights trained only on ISBI 2012 training slices and synthetic data)"
 
 
-def main(run: Path, results: Path) -> None:
+def main(run: Path, results: Path, finetune: Path | None = None) -> None:
     measured = json.loads(results.read_text())
     target = WEIGHTS / "membranes.safetensors"
     WEIGHTS.mkdir(exist_ok=True)
     shutil.copyfile(run / "best.safetensors", target)
     meta = read_checkpoint(target)[1]
-    names = {
-        "isbi_27_29": "V_rand ISBI 27-29",
-        "vnc_native": "V_rand VNC 0-9 (4.6 nm)",
-        "vnc_rescaled_4nm": "V_rand VNC 0-9 (rescaled to 4 nm)",
-    }
+    names = {"isbi_27_29": "V_rand ISBI 27-29"}
     scores = {label: round(float(measured["measured"][key]["v_rand"]), 4) for key, label in names.items()}
+    if finetune is not None:  # the packaged model through emseg predict: VNC resampled to 4 nm and back
+        vnc = json.loads(finetune.read_text())
+        scores["V_rand VNC 0-9 (emseg predict, resampled to 4 nm)"] = vnc["zeroshot-all"]["v_rand"]
+        scores["V_rand VNC 0-9 (--no-rescale, 4.6 nm)"] = vnc["zeroshot-native"]["v_rand"]
+    else:
+        scores["V_rand VNC 0-9 (4.6 nm)"] = round(float(measured["measured"]["vnc_native"]["v_rand"]), 4)
     data = {**meta.get("data", {}), "path": "ISBI 2012 slices 0-26 + synthetic (benchmarks/train_builtin.py)"}
     builtin = {
         "task": "membranes: P(cell), cell interior against membrane",
@@ -52,4 +58,4 @@ def main(run: Path, results: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    main(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]) if len(sys.argv) > 3 else None)

@@ -570,16 +570,18 @@ def models_cmd(
     if as_json:
         stdout.print_json(json.dumps(found))
         return
-    table = Table(title="built-in models (predict, export-model, train --init, the napari widget)")
-    for col in ("name", "what", "pixel (nm)", "scores", "trained on", "licence"):
-        table.add_column(col, no_wrap=col == "name", min_width=18 if col == "name" else None)
-    for m in found:
-        scores = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in m["scores"].items())
-        size = f"{m['parameters'] / 1e6:.2f} M parameters, {m['size_bytes'] / 2**20:.1f} MiB"
-        table.add_row(
-            m["name"], f"{m['task']}; {size}", f"{m['pixel_size_nm']:g}", scores, m["training_data"], m["licence"]
-        )
-    stdout.print(table)
+    for m in found:  # one two-column table per model: readable in an 80-column terminal
+        table = Table(title=f"{m['name']} (predict, export-model, train --init, the napari widget)", show_header=False)
+        table.add_column(no_wrap=True, style="bold")
+        table.add_column()
+        table.add_row("what", m["task"])
+        table.add_row("size", f"{m['parameters'] / 1e6:.2f} M parameters, {m['size_bytes'] / 2**20:.1f} MiB")
+        table.add_row("pixel size", f"{m['pixel_size_nm']:g} nm (predict resamples other pixel sizes to it)")
+        for name, value in m["scores"].items():
+            table.add_row(name, f"{value:.4f}" if isinstance(value, float) else str(value))
+        table.add_row("trained on", m["training_data"])
+        table.add_row("licence", m["licence"])
+        stdout.print(table)
 
 
 def _origins(origin: dict[str, str]) -> str:

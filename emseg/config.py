@@ -441,6 +441,10 @@ class ModelConfig(Checked):
 
 #: Warm-up steps of a run that starts from trained weights (``--init``): they need no long ramp.
 INIT_WARMUP_STEPS = 20
+#: Peak learning rate from random weights, and from trained ones (``--init``; without ``--lr``): a
+#: tenth, as fine-tuning goes (100 steps on VNC sections from builtin:membranes: V_rand 0.9734 at
+#: 1e-3, below the model it started from, 0.9773 at 3e-4, 0.9800 at 1e-4; benchmarks/README.md).
+LR, INIT_LR = 1e-3, 1e-4
 #: TrainConfig fields that live in its nested ModelConfig (the API and CLI take them flat).
 MODEL_FIELDS = tuple(options(ModelConfig))
 
@@ -455,7 +459,12 @@ class TrainConfig(Checked):
     steps_per_epoch: int = option(100, "Optimizer steps per epoch.", ge=1)
     batch_size: int = option(16, "Crops per step (per process under torchrun).", ge=1)
     crop: int = option(384, "Crop side in pixels (a multiple of 2**depth).", ge=1)
-    lr: float = option(1e-3, "Peak learning rate (AdamW, warm-up then cosine decay).", gt=0)
+    lr: float | None = option(
+        None,
+        "Peak learning rate (AdamW, warm-up then cosine decay); default 1e-3, and 1e-4 when starting from --init.",
+        kind=float,
+        gt=0,
+    )
     #: The cosine decay ends at lr * min_lr_ratio.
     min_lr_ratio: float = 0.01
     warmup_steps: int = 200
@@ -510,6 +519,13 @@ class TrainConfig(Checked):
 
     def _check(self) -> None:
         check_batch_memory(self.crop, self.batch_size, "--crop")
+
+    @property
+    def peak_lr(self) -> float:
+        """``lr``, or its default: :data:`LR` from random weights, :data:`INIT_LR` from ``init``."""
+        if self.lr is not None:
+            return self.lr
+        return INIT_LR if self.init else LR
 
 
 @dataclass(frozen=True)

@@ -107,6 +107,24 @@ def test_training_starts_from_a_run_with_its_network_and_a_short_warm_up(tmp_pat
     assert max(float((a[k] - b[k]).abs().max()) for k in learned) < 1e-3  # lr 1e-12: the weights it started from
 
 
+def test_fine_tuning_takes_a_tenth_of_the_learning_rate_unless_the_output_layer_is_new(isbi_zarr) -> None:
+    from dataclasses import replace
+
+    from emseg.config import INIT_LR, LR, TrainConfig
+    from emseg.training.calibrate import with_init
+    from emseg.training.data import open_training_store
+    from emseg.training.loop import with_classes
+
+    image = open_training_store(str(isbi_zarr))  # a store of cells: one output
+    assert with_classes(TrainConfig(), image).lr == LR  # random weights
+    tuned = with_init(TrainConfig(init="builtin:membranes"))
+    assert with_classes(tuned, image).lr == INIT_LR == LR / 10  # the network taken whole
+    assert with_classes(replace(tuned, lr=5e-4), image).lr == 5e-4  # --lr wins
+    five = replace(tuned, model=replace(tuned.model, out_channels=5))  # as from a five-class run: a new head
+    assert with_classes(five, image).lr == LR
+    assert with_classes(five, image).model.out_channels == 1
+
+
 def test_init_refuses_what_is_no_model(tmp_path, isbi_zarr, cli) -> None:
     result = cli("train", isbi_zarr, "-o", tmp_path / "r", "--init", tmp_path / "nothing", "--device", "cpu")
     assert result.exit_code == 2 and "no such model" in result.stderr and not (tmp_path / "r").exists()

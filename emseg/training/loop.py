@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from emseg.classes import classes_record
-from emseg.config import TrainConfig
+from emseg.config import INIT_LR, LR, TrainConfig
 from emseg.device import autocast_dtype, backend_flags, is_cuda, synchronize
 from emseg.errors import BadInputError, EmsegRuntimeError
 from emseg.io.outputs import check_inputs, write_json_atomic
@@ -93,14 +93,19 @@ def seeded_model(config: TrainConfig) -> SegmentationNet:
 
 def with_classes(config: TrainConfig, image: OmeImage) -> TrainConfig:
     """``config`` with one output channel per class of the store's class image (``ingest --class``;
-    a softmax network), or one (P(cell)) for a store of cells."""
+    a softmax network), or one (P(cell)) for a store of cells, and its peak learning rate when
+    ``--lr`` was not given: :data:`~emseg.config.INIT_LR` for a network taken whole from
+    ``--init``, :data:`~emseg.config.LR` otherwise (random weights, or a new output layer)."""
     classes = store_classes(image) if training_label(image) == "classes" else None
     n = 1 if classes is None else len(classes)
     if classes is not None and n < 2:
         raise BadInputError(f"{image.path}: labels/classes has one class; train on two or more (or on cells)")
-    if config.model.out_channels == n:
-        return config
-    return replace(config, model=replace(config.model, out_channels=n))
+    fresh_head = config.model.out_channels != n
+    if fresh_head:
+        config = replace(config, model=replace(config.model, out_channels=n))
+    if config.lr is None:  # a tenth for a network taken whole from --init; a new output layer learns from scratch
+        config = replace(config, lr=INIT_LR if config.init is not None and not fresh_head else LR)
+    return config
 
 
 def draw_batch(sampler: CropSampler, config: TrainConfig, gens: tuple[torch.Generator, torch.Generator]) -> Batch:
@@ -291,7 +296,7 @@ def make_trainee(model: SegmentationNet, config: TrainConfig, device: torch.devi
     model.to(device)
     if config.channels_last:  # faster on CUDA and on oneDNN CPUs alike
         model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.peak_lr, weight_decay=config.weight_decay)
     return Trainee(model, optimizer, WeightAverage(model, config.ema_decay) if config.ema_decay else None, meta)
 
 

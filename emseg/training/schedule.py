@@ -20,15 +20,15 @@ from emseg.config import TrainConfig
 
 
 def _cosine(progress: float, config: TrainConfig) -> float:
-    floor = config.lr * config.min_lr_ratio
-    return floor + 0.5 * (config.lr - floor) * (1 + math.cos(math.pi * min(1.0, max(0.0, progress))))
+    floor = config.peak_lr * config.min_lr_ratio
+    return floor + 0.5 * (config.peak_lr - floor) * (1 + math.cos(math.pi * min(1.0, max(0.0, progress))))
 
 
 def learning_rate(step: int, total: int, config: TrainConfig) -> float:
     """Linear warm-up (at most 10 % of the run), then cosine decay to lr * min_lr_ratio."""
     warmup = min(config.warmup_steps, max(1, total // 10))
     if step < warmup:
-        return config.lr * (step + 1) / warmup
+        return config.peak_lr * (step + 1) / warmup
     return _cosine((step - warmup) / max(1, total - warmup), config)
 
 
@@ -42,7 +42,7 @@ def budget_learning_rate(step: int, progress: float, config: TrainConfig) -> flo
     warm = config.warmup_fraction
     ramp = max((step + 1) / max(1, config.warmup_steps), progress / warm if warm > 0 else math.inf)
     if ramp < 1:
-        return config.lr * ramp
+        return config.peak_lr * ramp
     return _cosine((progress - warm) / max(1e-9, 1 - warm), config)
 
 
