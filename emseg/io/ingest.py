@@ -220,6 +220,8 @@ def _add_display_window(root: Any, coarsest: Any, version: str) -> None:
     plane = int(coarsest.shape[-2]) * int(coarsest.shape[-1])
     step = max(1, math.ceil(math.sqrt(plane * len(zs) / DISPLAY_SAMPLE)))
     sample = np.concatenate([np.asarray(coarsest[z, ::step, ::step]).ravel() for z in zs])
+    if sample.dtype == np.bool_:  # percentiles need numbers
+        sample = sample.astype(np.uint8)
     start, end = (float(v) for v in np.percentile(sample, DISPLAY_PERCENTILES))
     dtype = np.dtype(coarsest.dtype)
     if np.issubdtype(dtype, np.integer):
