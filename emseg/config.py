@@ -522,10 +522,11 @@ class TrainConfig(Checked):
 
     @property
     def peak_lr(self) -> float:
-        """``lr``, or its default: :data:`LR` from random weights, :data:`INIT_LR` from ``init``."""
-        if self.lr is not None:
-            return self.lr
-        return INIT_LR if self.init else LR
+        """``lr`` as training uses it: :func:`emseg.training.loop.with_classes` chooses it (from
+        :data:`LR` and :data:`INIT_LR`) when ``--lr`` was not given, before anything trains."""
+        if self.lr is None:
+            raise ValueError("TrainConfig.lr is chosen by emseg.training.loop.with_classes before training")
+        return self.lr
 
 
 @dataclass(frozen=True)

@@ -340,9 +340,10 @@ def _class_pictures(data: Path, pred: Path, output: Path, first: int = 0) -> Pat
     palette = np.zeros((len(classes) + 1, 3), np.float32)  # 0, unlabelled: black
     for c in classes:
         palette[c.value] = np.asarray(c.rgb, np.float32) / 255.0
-    rows = []
+    rows, unlabelled = [], False
     for z in range(image.shape[0]):
         truth = np.asarray(image.labels["classes"].array[z])
+        unlabelled = unlabelled or bool((truth == 0).any())
         predicted = np.asarray(prediction.labels["classes"].array[z])
         rows.append(
             {
@@ -352,7 +353,7 @@ def _class_pictures(data: Path, pred: Path, output: Path, first: int = 0) -> Pat
             }
         )
     legend = [(c.name, tuple(palette[c.value])) for c in classes]
-    if (np.asarray(image.labels["classes"].array) == 0).any():
+    if unlabelled:
         legend.append(("unlabelled", (0.0, 0.0, 0.0)))
     return panel_rows(rows, output, legend=legend)
 
