@@ -66,11 +66,14 @@ def test_the_fast_scorer_is_evaluates_v_rand(annotated, mode) -> None:
     truth = (labels > 0).astype(np.uint8)
     truths = [ndi.label(t, structure=FOUR)[0] for t in truth]
     seeding = _Seeding(prob, truths, 0.7, 2, mode, "cores", (50.0, 4.0, 4.0))
-    for merge_threshold, min_size in ((0.5, 1), (0.78, 200), (0.95, 50)):
+    cases = ((0.5, 1), (0.78, 200), (0.95, 50))
+    grid = seeding.grid([t for t, _ in cases], [size for _, size in cases])  # what calibration searches
+    for i, (merge_threshold, min_size) in enumerate(cases):
         job = Job("", "", "", "", "", mode, 0.7, 2, merge_threshold, min_size, (50.0, 4.0, 4.0), "cores")
         segmented, _ = segment_image(prob, job)
         expected = score_instances(segmented, truth).v_rand
         assert seeding.score(merge_threshold, min_size) == pytest.approx(expected, abs=1e-12)
+        assert grid[i, i] == pytest.approx(expected, abs=1e-12)
 
 
 def test_thinned_components_score_as_the_map_they_came_from(annotated) -> None:

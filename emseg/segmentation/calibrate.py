@@ -119,7 +119,7 @@ def _search(seedings: dict[tuple[float, int], _Seeding]) -> tuple[float, dict[st
     a lucky one; the middle of a high plateau transfers to other slices better (benchmarks/README.md)."""
     best: tuple[float, float, tuple[float, int], float, int] | None = None
     for key, seeding in seedings.items():
-        scores = np.array([[seeding.score(t, size) for size in MIN_SIZES] for t in MERGE_THRESHOLDS])
+        scores = seeding.grid(MERGE_THRESHOLDS, MIN_SIZES)
         plateau = ndi.uniform_filter1d(scores, size=2 * PLATEAU + 1, axis=0, mode="nearest")
         i, j = np.unravel_index(int(np.argmax(plateau)), plateau.shape)
         if best is None or plateau[i, j] > best[0]:
@@ -181,9 +181,20 @@ class _Seeding:
 
     def per_slice(self, merge_threshold: float, min_size: int) -> np.ndarray:
         lut = cut_tree(self.n, self.merges, self.heights, merge_threshold)
+        return self.scorer.per_slice(self._absorbed(lut, min_size))
+
+    def grid(self, merge_thresholds: Sequence[float], min_sizes: Sequence[int]) -> np.ndarray:
+        """(thresholds, sizes) mean V_rand: :meth:`score` of each pair, each tree cut once."""
+        out = np.empty((len(merge_thresholds), len(min_sizes)))
+        for i, t in enumerate(merge_thresholds):
+            lut = cut_tree(self.n, self.merges, self.heights, t)
+            out[i] = [self.scorer.score(self._absorbed(lut, size)) for size in min_sizes]
+        return out
+
+    def _absorbed(self, lut: np.ndarray, min_size: int) -> np.ndarray:
         if min_size > 1 and len(self.pairs):
-            lut = _absorb_small(self.sizes, lut, self.pairs, self.sums, self.counts, min_size)
-        return self.scorer.per_slice(lut)
+            return _absorb_small(self.sizes, lut, self.pairs, self.sums, self.counts, min_size)
+        return lut
 
 
 class _Scorer:
@@ -218,7 +229,8 @@ class _Scorer:
         inner = np.concatenate(inner_keys)
         keys, self.inner_counts = np.unique(inner[:, 0] * max(self.n_truth, 1) + inner[:, 1], return_counts=True)
         self.inner_label, self.inner_truth = np.divmod(keys, max(self.n_truth, 1))
-        e = np.concatenate(edge)
+        # the pixels of one border inside one true cell share a row: count each row once
+        e, self.edge_counts = np.unique(np.concatenate(edge), axis=0, return_counts=True)
         self.edge_label, self.edge_right, self.edge_down, self.edge_truth = e.T
 
     def score(self, lut: np.ndarray) -> float:
@@ -234,10 +246,10 @@ class _Scorer:
         line |= (own != lut[self.edge_down]) & (lut[self.edge_down] != -1)
         line |= own == -1
         slices = self.slice_of_truth
-        n0 = np.bincount(slices[self.edge_truth[line]], minlength=self.n_slices).astype(np.float64)
+        n0 = np.bincount(slices[self.edge_truth[line]], weights=self.edge_counts[line], minlength=self.n_slices)
         obj = np.concatenate([lut[self.inner_label], own[~line]])
         tru = np.concatenate([self.inner_truth, self.edge_truth[~line]])
-        weight = np.concatenate([self.inner_counts, np.ones(int((~line).sum()), np.int64)])
+        weight = np.concatenate([self.inner_counts, self.edge_counts[~line]])
         k = int(obj.max()) + 1 if obj.size else 1
         key = tru * k + obj
         pair, inverse = np.unique(key, return_inverse=True)
