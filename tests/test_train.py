@@ -78,16 +78,16 @@ def _interrupted_after(monkeypatch: pytest.MonkeyPatch, steps: int) -> None:
 
 
 @pytest.mark.slow
-def test_same_seed_same_run_and_resume_continues_exactly(isbi_zarr, tmp_path, monkeypatch):
+def test_same_seed_same_run_and_resume_continues_exactly(small_zarr, tmp_path, monkeypatch):
     full, again, split = tmp_path / "full", tmp_path / "again", tmp_path / "split"
-    emseg.train(isbi_zarr, full, **TINY)
-    emseg.train(isbi_zarr, again, **TINY)
+    emseg.train(small_zarr, full, **TINY)
+    emseg.train(small_zarr, again, **TINY)
     with monkeypatch.context() as patch:
         _interrupted_after(patch, 12)  # dies in the second epoch; the first one's end is saved
         with pytest.raises(_Interrupted):
-            emseg.train(isbi_zarr, split, **TINY)
+            emseg.train(small_zarr, split, **TINY)
     assert len(_rows(split)) == 1
-    emseg.train(isbi_zarr, split, **TINY, resume=True)
+    emseg.train(small_zarr, split, **TINY, resume=True)
     a, b, c = _weights(full), _weights(again), _weights(split)
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -96,9 +96,9 @@ def test_same_seed_same_run_and_resume_continues_exactly(isbi_zarr, tmp_path, mo
 
 
 @pytest.mark.slow
-def test_time_limit_stops_cleanly_mid_epoch_and_resumes(isbi_zarr, tmp_path):
+def test_time_limit_stops_cleanly_mid_epoch_and_resumes(small_zarr, tmp_path):
     run = tmp_path / "run"
-    summary = emseg.train(isbi_zarr, run, **{**TINY, "epochs": 50}, time_limit=1e-9)
+    summary = emseg.train(small_zarr, run, **{**TINY, "epochs": 50}, time_limit=1e-9)
     assert summary["stopped_early"]
     rows = _rows(run)
     assert len(rows) == 1 and int(rows[0]["step"]) == 1 and rows[0]["v_rand"]
@@ -107,9 +107,9 @@ def test_time_limit_stops_cleanly_mid_epoch_and_resumes(isbi_zarr, tmp_path):
 
 
 @pytest.mark.slow
-def test_checkpoint_reloads_to_identical_outputs(isbi_zarr, tmp_path):
+def test_checkpoint_reloads_to_identical_outputs(small_zarr, tmp_path):
     run = tmp_path / "run"
-    emseg.train(isbi_zarr, run, **{**TINY, "epochs": 1, "steps_per_epoch": 3})
+    emseg.train(small_zarr, run, **{**TINY, "epochs": 1, "steps_per_epoch": 3})
     model = emseg.load_model(run)
     assert not model.training
     meta = model.emseg_meta
@@ -128,10 +128,10 @@ def test_checkpoint_reloads_to_identical_outputs(isbi_zarr, tmp_path):
 
 
 @pytest.mark.slow
-def test_smp_architecture_trains_one_step_offline(isbi_zarr, tmp_path):
+def test_smp_architecture_trains_one_step_offline(small_zarr, tmp_path):
     run = tmp_path / "smp"
     emseg.train(
-        isbi_zarr,
+        small_zarr,
         run,
         arch="smp:resnet18",
         crop=64,
@@ -139,7 +139,7 @@ def test_smp_architecture_trains_one_step_offline(isbi_zarr, tmp_path):
         epochs=1,
         steps_per_epoch=1,
         device="cpu",
-        val_slices="29",
+        val_slices="9",
     )
     model = emseg.load_model(run)
     assert type(model).__name__ == "SmpUNet"
@@ -148,8 +148,8 @@ def test_smp_architecture_trains_one_step_offline(isbi_zarr, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("loss", ["bce", "dice", "bce+dice"])
-def test_other_losses_train(isbi_zarr, tmp_path, loss):
-    summary = emseg.train(isbi_zarr, tmp_path / loss, **{**TINY, "epochs": 1, "steps_per_epoch": 2}, loss=loss)
+def test_other_losses_train(small_zarr, tmp_path, loss):
+    summary = emseg.train(small_zarr, tmp_path / loss, **{**TINY, "epochs": 1, "steps_per_epoch": 2}, loss=loss)
     assert np.isfinite(summary["val_loss"])
 
 
@@ -185,16 +185,16 @@ def test_bad_training_input(isbi_zarr, tmp_path, cli):
 
 
 @pytest.mark.slow
-def test_existing_run_needs_resume_or_overwrite_and_resume_checks_the_config(isbi_zarr, tmp_path):
+def test_existing_run_needs_resume_or_overwrite_and_resume_checks_the_config(small_zarr, tmp_path):
     run = tmp_path / "run"
-    emseg.train(isbi_zarr, run, **{**TINY, "epochs": 1, "steps_per_epoch": 2})
+    emseg.train(small_zarr, run, **{**TINY, "epochs": 1, "steps_per_epoch": 2})
     with pytest.raises(BadInputError, match="--resume or --overwrite"):
-        emseg.train(isbi_zarr, run, **TINY)
+        emseg.train(small_zarr, run, **TINY)
     with pytest.raises(BadInputError, match="--resume"):
-        emseg.train(isbi_zarr, run, **{**TINY, "base_channels": 16}, resume=True)
+        emseg.train(small_zarr, run, **{**TINY, "base_channels": 16}, resume=True)
     with pytest.raises(BadInputError, match="no resume.safetensors"):
-        emseg.train(isbi_zarr, tmp_path / "fresh", **TINY, resume=True)
-    emseg.train(isbi_zarr, run, **{**TINY, "epochs": 1, "steps_per_epoch": 2}, overwrite=True)
+        emseg.train(small_zarr, tmp_path / "fresh", **TINY, resume=True)
+    emseg.train(small_zarr, run, **{**TINY, "epochs": 1, "steps_per_epoch": 2}, overwrite=True)
     assert len(_rows(run)) == 1
 
 
@@ -214,38 +214,38 @@ def _as_older_runs_resume_point(run: Path) -> None:
 
 
 @pytest.mark.slow
-def test_resume_reads_an_older_runs_optimizer_safetensors(isbi_zarr, tmp_path, monkeypatch):
+def test_resume_reads_an_older_runs_optimizer_safetensors(small_zarr, tmp_path, monkeypatch):
     from emseg.config import TrainConfig
 
     full, old = tmp_path / "full", tmp_path / "old"
     no_average = TrainConfig(ema_decay=None)  # older runs kept no average of the weights
-    emseg.train(isbi_zarr, full, **TINY, config=no_average)
+    emseg.train(small_zarr, full, **TINY, config=no_average)
     with monkeypatch.context() as patch:
         _interrupted_after(patch, 12)
         with pytest.raises(_Interrupted):
-            emseg.train(isbi_zarr, old, **TINY, config=no_average)
+            emseg.train(small_zarr, old, **TINY, config=no_average)
     _as_older_runs_resume_point(old)
     with pytest.raises(BadInputError, match="optimizer.safetensors"):  # it counts as a run
-        emseg.train(isbi_zarr, old, **TINY, config=no_average)
-    emseg.train(isbi_zarr, old, **TINY, resume=True, config=no_average)
+        emseg.train(small_zarr, old, **TINY, config=no_average)
+    emseg.train(small_zarr, old, **TINY, resume=True, config=no_average)
     assert (old / "resume.safetensors").is_file() and not (old / "optimizer.safetensors").exists()
     a, b = _weights(full), _weights(old)
     assert all(torch.equal(a[k], b[k]) for k in a)
     (old / "optimizer.safetensors").write_bytes(b"left by an older emseg")
-    emseg.train(isbi_zarr, old, **{**TINY, "epochs": 1, "steps_per_epoch": 1}, overwrite=True)
+    emseg.train(small_zarr, old, **{**TINY, "epochs": 1, "steps_per_epoch": 1}, overwrite=True)
     assert not (old / "optimizer.safetensors").exists() and len(_rows(old)) == 1
 
 
 @pytest.mark.slow
-def test_a_second_writer_of_a_run_directory_is_refused(isbi_zarr, tmp_path):
+def test_a_second_writer_of_a_run_directory_is_refused(small_zarr, tmp_path):
     from emseg.io.outputs import OutputLock
 
     run = tmp_path / "run"
     with OutputLock(run, "train"):
         with pytest.raises(BadInputError, match="another emseg train"):
-            emseg.train(isbi_zarr, run, **TINY)
+            emseg.train(small_zarr, run, **TINY)
     assert not run.exists()
-    emseg.train(isbi_zarr, run, **{**TINY, "epochs": 1, "steps_per_epoch": 1})  # released: trains
+    emseg.train(small_zarr, run, **{**TINY, "epochs": 1, "steps_per_epoch": 1})  # released: trains
 
 
 def _flags() -> dict:
@@ -301,8 +301,8 @@ def test_backend_flags_put_back_what_was_there(unusual_flags):
 
 
 @pytest.mark.slow
-def test_fit_leaves_torch_flags_as_it_found_them(isbi_zarr, tmp_path, unusual_flags):
-    emseg.train(isbi_zarr, tmp_path / "run", **{**TINY, "epochs": 1, "steps_per_epoch": 1})
+def test_fit_leaves_torch_flags_as_it_found_them(small_zarr, tmp_path, unusual_flags):
+    emseg.train(small_zarr, tmp_path / "run", **{**TINY, "epochs": 1, "steps_per_epoch": 1})
     assert _same_flags(unusual_flags)
 
 
@@ -320,17 +320,17 @@ def test_crops_of_a_slice_smaller_than_their_context_are_mirrored():
 
 
 @pytest.mark.slow
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(isbi_zarr, tmp_path):
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(small_zarr, tmp_path):
     run = tmp_path / "run"
-    emseg.train(isbi_zarr, run, **{**TINY, "epochs": 1, "steps_per_epoch": 2})
+    emseg.train(small_zarr, run, **{**TINY, "epochs": 1, "steps_per_epoch": 2})
     good = _weights(run)
     with pytest.raises(EmsegRuntimeError, match="non-finite"):
-        emseg.train(isbi_zarr, run, **{**TINY, "epochs": 3, "lr": 1e38}, resume=True)
+        emseg.train(small_zarr, run, **{**TINY, "epochs": 3, "lr": 1e38}, resume=True)
     after = _weights(run)
     assert all(torch.equal(good[k], after[k]) for k in good)
     result = run_emseg(
         "train",
-        isbi_zarr,
+        small_zarr,
         "-o",
         run,
         "--resume",
@@ -367,7 +367,7 @@ def test_augment_preview_draws_pairs(isbi_zarr, tmp_path, cli):
 
 @pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo")
-def test_ddp_with_gloo_keeps_ranks_identical(isbi_zarr, tmp_path):
+def test_ddp_with_gloo_keeps_ranks_identical(small_zarr, tmp_path):
     run = tmp_path / "ddp"
     cmd = [
         sys.executable,
@@ -380,7 +380,7 @@ def test_ddp_with_gloo_keeps_ranks_identical(isbi_zarr, tmp_path):
         "-m",
         "emseg",
         "train",
-        str(isbi_zarr),
+        str(small_zarr),
         "-o",
         str(run),
         "--device",
@@ -433,7 +433,7 @@ class _Clock:
 
 
 @pytest.mark.slow
-def test_a_time_limited_run_ends_with_a_decayed_learning_rate_and_says_what_it_saved(isbi_zarr, tmp_path):
+def test_a_time_limited_run_ends_with_a_decayed_learning_rate_and_says_what_it_saved(small_zarr, tmp_path):
     from emseg.config import TrainConfig, override_train
     from emseg.training.loop import fit
     from emseg.training.validate import validator
@@ -456,7 +456,7 @@ def test_a_time_limited_run_ends_with_a_decayed_learning_rate_and_says_what_it_s
     run = tmp_path / "run"
     config = override_train(TrainConfig(), **{**TINY, "epochs": 1000, "steps_per_epoch": 4}, time_limit=30.0)
     seen = Recorder()
-    summary = fit(isbi_zarr, run, config, validate=validator(config), clock=_Clock(1.0), progress=seen)
+    summary = fit(small_zarr, run, config, validate=validator(config), clock=_Clock(1.0), progress=seen)
     assert summary["stopped_early"]
     # the budget ends the run: no total of 4000 steps (and an ETA of hours), the time left instead,
     # and never a "loss nan" before the first loss is known
@@ -500,14 +500,14 @@ def test_the_best_weights_are_chosen_by_a_mean_of_validations_not_one_lucky_scor
 
 
 @pytest.mark.slow
-def test_resume_gives_the_optimizer_state_its_parameters_memory_format(isbi_zarr, tmp_path):
+def test_resume_gives_the_optimizer_state_its_parameters_memory_format(small_zarr, tmp_path):
     from emseg.config import TrainConfig, override_train
     from emseg.models.build import build_model
     from emseg.training.ema import WeightAverage
     from emseg.training.run_dir import RunDir
 
     run = tmp_path / "run"
-    emseg.train(isbi_zarr, run, **{**TINY, "epochs": 1, "steps_per_epoch": 2})
+    emseg.train(small_zarr, run, **{**TINY, "epochs": 1, "steps_per_epoch": 2})
     config = override_train(TrainConfig(), **TINY)
     model = build_model(config.model).to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters())
@@ -586,13 +586,13 @@ def test_normalisation_maps_a_new_stacks_percentiles_onto_the_training_ones():
 
 
 @pytest.mark.slow
-def test_predict_and_export_take_the_normalisation_from_the_checkpoint(isbi_zarr, tmp_path):
+def test_predict_and_export_take_the_normalisation_from_the_checkpoint(small_zarr, tmp_path):
     from emseg.config import PredictConfig
     from emseg.models.checkpoint import save_checkpoint
     from emseg.models.export import export_model
 
     run = tmp_path / "run"
-    emseg.train(isbi_zarr, run, **{**TINY, "epochs": 1, "steps_per_epoch": 3})
+    emseg.train(small_zarr, run, **{**TINY, "epochs": 1, "steps_per_epoch": 3})
     model = emseg.load_model(run)
     meta = model.emseg_meta
     assert {"mean", "std", "percentiles", "low", "high"} <= set(meta["normalization"])
@@ -603,7 +603,7 @@ def test_predict_and_export_take_the_normalisation_from_the_checkpoint(isbi_zarr
     save_checkpoint(old, model, {**meta, "normalization": {k: norm[k] for k in ("mean", "std")}})
 
     def predicted(ckpt: Path, name: str, **kw: object) -> np.ndarray:
-        out = emseg.predict(ckpt, isbi_zarr, tmp_path / name, slices="29:30", dtype="float32", **kw)
+        out = emseg.predict(ckpt, small_zarr, tmp_path / name, slices="9:10", dtype="float32", **kw)
         import zarr
 
         return np.asarray(zarr.open_group(str(out), mode="r")["0"][0])
@@ -624,7 +624,7 @@ def test_predict_and_export_take_the_normalisation_from_the_checkpoint(isbi_zarr
 
 
 @pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
-def test_validation_computes_in_the_precision_training_was_given(isbi_zarr, tmp_path, precision, dtype):
+def test_validation_computes_in_the_precision_training_was_given(small_zarr, tmp_path, precision, dtype):
     """Validation predicts as ``emseg predict`` would with the run's ``--precision``: it used the
     engine's default ("auto"), so fp32 validated in bf16 on a CPU with native bf16 and bf16 in
     fp32 on one without; one of the two fails on any CPU."""
@@ -636,7 +636,27 @@ def test_validation_computes_in_the_precision_training_was_given(isbi_zarr, tmp_
 
     hook = torch.nn.modules.module.register_module_forward_hook(record)
     try:
-        emseg.train(isbi_zarr, tmp_path / "run", **{**TINY, "epochs": 1, "steps_per_epoch": 1}, precision=precision)
+        emseg.train(small_zarr, tmp_path / "run", **{**TINY, "epochs": 1, "steps_per_epoch": 1}, precision=precision)
     finally:
         hook.remove()
     assert seen and set(seen) == {dtype}
+
+
+def test_curves_are_drawn_at_most_every_half_minute_and_at_the_end(tmp_path):
+    from emseg.training.run_dir import PLOT_EVERY_S, RunDir
+
+    assert PLOT_EVERY_S >= 10
+    run = RunDir(tmp_path)
+    run.rows = [{"epoch": 0, "step": 10, "train_loss": 0.7, "lr": 1e-3}]
+    run.write_metrics()
+    curves = tmp_path / "curves.png"
+    assert curves.read_bytes().startswith(b"\x89PNG")  # the first epoch draws at once
+    curves.unlink()
+    run.rows.append({"epoch": 1, "step": 20, "train_loss": 0.5, "lr": 1e-3})
+    run.write_metrics()  # a second epoch within the interval: metrics.csv now, the picture later
+    assert len((tmp_path / "metrics.csv").read_text().splitlines()) == 3 and not curves.exists()
+    run.finish()
+    assert curves.read_bytes().startswith(b"\x89PNG")
+    curves.unlink()
+    run.finish()  # nothing new since: not drawn again
+    assert not curves.exists()

@@ -478,6 +478,8 @@ def fit(
                 log.info("time limit of %s s reached at epoch %d step %d", budget.seconds, epoch, step % per_epoch + 1)
                 break
         write_ddp_record(run, model, dist)
+        if dist.is_main:
+            run.finish()
         progress.finish()
     D.shutdown(dist)
     return summary(run, state, per_epoch, stop, scores)

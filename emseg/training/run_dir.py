@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import math
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,9 @@ COLUMNS = (
     "saved",
 )
 FORMAT = "emseg-checkpoint/1"
+#: curves.png is drawn again at most this often while training (seconds; drawing costs 1-2 s on a
+#: busy CPU, more than a short epoch), and once at the end.
+PLOT_EVERY_S = 30.0
 RESUME_POINT = "resume.safetensors"
 #: The resume point's name in runs written before it was renamed; ``--resume`` still reads it.
 LEGACY_RESUME_POINT = "optimizer.safetensors"
@@ -67,6 +72,8 @@ class RunDir:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.rows: list[dict[str, Any]] = []
+        self._plotted_at = -math.inf  # time.monotonic() of the last curves.png
+        self._plot_due = False  # rows written since
 
     @property
     def last(self) -> Path:
@@ -252,11 +259,20 @@ class RunDir:
         for r in self.rows:
             writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
         write_bytes_atomic(self.path / "metrics.csv", buf.getvalue().encode())
-        self.plot()
+        self._plot_due = True
+        if time.monotonic() - self._plotted_at >= PLOT_EVERY_S:
+            self.plot()
 
     def plot(self) -> None:
         """curves.png: loss, pixel accuracy and V_rand / V_info per epoch."""
         write_bytes_atomic(self.path / "curves.png", curves_png(self.rows))
+        self._plotted_at, self._plot_due = time.monotonic(), False
+
+    def finish(self) -> None:
+        """The last curves.png, when rows came after the one drawn (epochs end faster than
+        :data:`PLOT_EVERY_S`)."""
+        if self._plot_due:
+            self.plot()
 
 
 def restore_memory_format(optimizer: torch.optim.Optimizer) -> None:
