@@ -130,5 +130,31 @@ def isbi_zarr(tmp_path_factory) -> Path:
     return ingest_stack(folder / "raw.tif", out, IngestConfig(voxel_size=(50, 4, 4)), labels=folder / "lab.tif")
 
 
+@pytest.fixture(scope="session")
+def small_zarr(tmp_path_factory) -> Path:
+    """Ten 192 x 192 crops of the ISBI training slices (synthetic EM-like data when absent), for
+    tests of how training runs (resume, checkpoints, losses) rather than how well: their weight
+    maps, validation and segmentation calibration cost a tenth of the whole stack's."""
+    import tifffile
+
+    from emseg.config import IngestConfig
+    from emseg.io.ingest import ingest_stack
+
+    folder = tmp_path_factory.mktemp("small")
+    d = isbi_dir()
+    if d is not None:
+        raw = tifffile.imread(d / "train-volume.tif")[:10, :192, :192]
+        labels = tifffile.imread(d / "train-labels.tif")[:10, :192, :192]
+    else:
+        from emseg.synthetic import synthetic_stack
+
+        raw, labels = synthetic_stack((10, 192, 192), seed=0)
+    tifffile.imwrite(folder / "raw.tif", raw, photometric="minisblack")
+    tifffile.imwrite(folder / "lab.tif", labels, photometric="minisblack")
+    return ingest_stack(
+        folder / "raw.tif", folder / "small.zarr", IngestConfig(voxel_size=(50, 4, 4)), labels=folder / "lab.tif"
+    )
+
+
 #: A training configuration small enough for a 2-core CPU test.
 TINY = dict(depth=2, base_channels=8, crop=64, batch_size=4, steps_per_epoch=10, epochs=2, lr=3e-3, device="cpu")

@@ -355,13 +355,13 @@ def _rss_of_predict(model_run: Path, data: Path, out: Path) -> tuple[int, int]:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
-def test_memory_stays_flat_as_the_stack_grows(isbi_zarr, tmp_path):
+def test_memory_stays_flat_as_the_stack_grows(small_zarr, tmp_path):
     """Memory for a 16-slice stack is that of a 4-slice one (both keep all block threads busy)."""
     from emseg.synthetic import synthetic_stack
 
     run = tmp_path / "cheap"  # an untrained, cheap network: memory, not quality, is measured
     emseg.train(
-        isbi_zarr,
+        small_zarr,
         run,
         depth=2,
         base_channels=4,
@@ -370,7 +370,7 @@ def test_memory_stays_flat_as_the_stack_grows(isbi_zarr, tmp_path):
         epochs=1,
         steps_per_epoch=1,
         device="cpu",
-        val_slices="29",
+        val_slices="9",
     )
     raw, _ = synthetic_stack((1, 1024, 1024), seed=3)
     small = _store(tmp_path, np.concatenate([raw] * 4), chunks=(1, 512, 512), name="small.zarr")

@@ -96,10 +96,10 @@ def test_an_output_moved_aside_by_a_killed_run_is_put_back(tmp_path):
 
 
 @pytest.mark.slow
-def test_killed_training_resumes_to_the_same_weights(isbi_zarr, tmp_path):
+def test_killed_training_resumes_to_the_same_weights(small_zarr, tmp_path):
     args = [
         "train",
-        str(isbi_zarr),
+        str(small_zarr),
         "--device",
         "cpu",
         "--depth",
@@ -115,7 +115,7 @@ def test_killed_training_resumes_to_the_same_weights(isbi_zarr, tmp_path):
         "--epochs",
         "3",
         "--val-slices",
-        "29",
+        "9",
         "-q",
     ]
     whole = tmp_path / "whole"
