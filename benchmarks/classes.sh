@@ -2,7 +2,8 @@
 # Issue 24: several classes from one annotation (benchmarks/README.md, "Several classes"). The ten
 # VNC sections in ../shared/data/vnc: sections 0-7 train (7 validates and chooses the weights),
 # sections 8-9 are kept out and only measured. Two networks of the README's small configuration,
-# each trained on the CPU for the same time (TIME seconds, default 600):
+# trained on the CPU side by side, one thread each, for TIME seconds (default 600), so that
+# whatever else the machine runs slows both alike:
 #
 #   * five classes: membrane (0,32,64,96,128), glia (159), mitochondria (191), synapse (223), cell (255);
 #   * membrane only: cell = every code but the membranes' (the binary model emseg trained before).
@@ -10,7 +11,7 @@
 # then both scored on sections 8-9 by benchmarks/classes_score.py: per-class IoU and Dice,
 # mitochondria object F1 and the V_rand of membrane against the rest for both.
 #
-#   bash benchmarks/classes.sh ../shared/data/vnc /tmp/classes [TIME]     # ~25 min on 2 cores
+#   bash benchmarks/classes.sh ../shared/data/vnc /tmp/classes [TIME]     # ~TIME + 3 min on 2 cores
 #   INIT=builtin:membranes bash benchmarks/classes.sh ...   # both networks start from the built-in model
 set -euo pipefail
 vnc=${1:?VNC folder with train-volume.tif and train-labels.tif}
@@ -36,8 +37,10 @@ for name in train test; do
   $emseg ingest "$out/$name-raw.tif" --labels "$out/$name-binary.tif" -o "$out/$name-binary.zarr" \
     --voxel-size 50 4.6 4.6 --quiet --overwrite
 done
+export OMP_NUM_THREADS=1
 $emseg train "$out/train.zarr" -o "$out/classes" "${small[@]}" --val-slices 7 --time-limit "$seconds" --seed 0 \
-  --device cpu --overwrite --quiet
+  --device cpu --overwrite --quiet &
 $emseg train "$out/train-binary.zarr" -o "$out/binary" "${small[@]}" --val-slices 7 --time-limit "$seconds" \
-  --seed 0 --device cpu --overwrite --quiet
+  --seed 0 --device cpu --overwrite --quiet &
+wait -n; wait -n  # either failing stops the script (set -e)
 python "$(dirname "$0")/classes_score.py" "$out"

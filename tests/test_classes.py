@@ -23,7 +23,7 @@ from emseg.io.ingest import ingest_stack
 from emseg.io.zarr import open_ome, store_classes
 from emseg.probability import OBJECT_MIN_DISTANCE, blob_objects
 from emseg.training.losses import make_loss
-from emseg.training.weights import class_weight_map
+from emseg.training.weights import REST_POWER, class_weight_map, unet_weight_map
 from tests.test_segment import write_pred
 
 VNC_CLASSES = ("membrane=0,32,64,96,128", "glia=159", "mitochondria=191", "synapse=223", "cell=255")
@@ -155,16 +155,34 @@ def test_class_weight_map_balances_labelled_pixels_and_borders_membranes():
     lab[:, 30:33] = 1  # a membrane between two cells
     lab[10:16, 10:16] = 2  # a mitochondrion
     lab[:4, :] = 0  # unlabelled
-    w = class_weight_map(lab, 3, membrane=1, w0=10, sigma=5)
-    assert (w[:4] == 0).all()
-    plain = class_weight_map(lab, 3, membrane=None)
     labelled = lab > 0
+    plain = class_weight_map(lab, 3, membrane=None)
+    assert (plain[:4] == 0).all()
     assert plain[labelled].mean() == pytest.approx(1.0, rel=1e-5)
-    for k in (1, 2, 3):  # every class weighs the same in total
+    for k in (1, 2, 3):  # without a membrane class every class weighs the same in total
         assert plain[lab == k].sum() == pytest.approx(labelled.sum() / 3, rel=1e-4)
-    extra = w - plain
+    flat = class_weight_map(lab, 3, membrane=1, w0=0)
+    assert (flat[:4] == 0).all()
+    assert flat[labelled].mean() == pytest.approx(1.0, rel=1e-5)
+    # membrane against the rest: half each, as the binary map weighs membrane against cell
+    assert flat[lab == 1].sum() == pytest.approx(labelled.sum() / 2, rel=1e-4)
+    # the rest's half shared by a power of each class's pixels: rare classes gain, not all
+    n2, n3 = (lab == 2).sum(), (lab == 3).sum()
+    share = flat[lab == 2].sum() / flat[lab == 3].sum()
+    assert share == pytest.approx((n2 / n3) ** (1 - REST_POWER), rel=1e-4) and n2 / n3 <= share <= 1
+    w = class_weight_map(lab, 3, membrane=1, w0=10, sigma=5)
+    extra = w - flat
     assert (extra[lab != 1] == 0).all()  # the border term is on the membrane only
     assert extra[20:, 30:33].min() > 5  # between two cells, close to both
+
+
+def test_class_weight_map_of_membrane_and_cell_only_is_the_binary_map():
+    lab = np.full((48, 64), 2, np.uint8)
+    lab[:, 20:23] = 1
+    lab[30:32, :] = 1
+    np.testing.assert_allclose(
+        class_weight_map(lab, 2, membrane=1, w0=10, sigma=5), unet_weight_map(lab == 2, w0=10, sigma=5), atol=1e-5
+    )
 
 
 def test_the_loss_ignores_unlabelled_pixels():

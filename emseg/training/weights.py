@@ -43,6 +43,9 @@ from scipy import ndimage as ndi
 from emseg.config import TrainConfig
 
 W0, SIGMA = TrainConfig.w0, TrainConfig.sigma  # the defaults are training's
+#: How much of their rarity the classes other than membrane gain in weight (the share of class k
+#: among them goes as ``count ** (1 - REST_POWER)``; 1 would weigh each of them the same in total).
+REST_POWER = 0.5
 #: Relative size (of w0) below which the border term is treated as zero by the fast version.
 BORDER_EPS = 1e-4
 
@@ -141,30 +144,60 @@ def unet_weight_map_reference(
     return _combine(cell, d1, d2, w0, sigma, balance)
 
 
+def _balance(counts: np.ndarray, classes: list[int], total: float, power: float) -> dict[int, float]:
+    """Per-pixel weights of ``classes`` (those with pixels) whose pixels weigh ``total`` in all,
+    class k's share proportional to ``counts[k] ** (1 - power)`` (power 1: every class the same)."""
+    present = [k for k in classes if counts[k]]
+    shares = {k: counts[k] ** (1.0 - power) for k in present}
+    norm = sum(shares.values())
+    return {k: total * shares[k] / (norm * counts[k]) for k in present}
+
+
 def class_weight_map(
-    label: np.ndarray, n_classes: int, membrane: int | None, *, w0: float = W0, sigma: float = SIGMA
+    label: np.ndarray,
+    n_classes: int,
+    membrane: int | None,
+    *,
+    w0: float = W0,
+    sigma: float = SIGMA,
+    rest_power: float = REST_POWER,
 ) -> np.ndarray:
     """The U-Net weight map generalised to classes 1..``n_classes`` (0 = unlabelled).
 
-    label: (H, W) uint8 class numbers. Returns (H, W) float32: 0 on unlabelled pixels; on the
-    labelled ones the class balance ``w_c = 1 / (n * f_k)`` (``f_k`` the share of class k among
-    the slice's labelled pixels, ``n`` the classes present: mean exactly 1 over them), plus, on
-    the ``membrane`` class, the paper's border term with the cells being the 4-connected
-    components of every other labelled class (what a membrane separates: cell interior,
-    mitochondria, ... of one cell are one region)."""
+    label: (H, W) uint8 class numbers. Returns (H, W) float32: 0 on unlabelled pixels, mean
+    exactly 1 over the labelled ones.
+
+    * Without a ``membrane`` class every class present weighs the same in total (``w_k = 1 /
+      (n f_k)``, ``f_k`` the share of class k among the slice's labelled pixels, ``n`` the
+      classes present).
+    * With one, the weights are those of the binary map first: membrane and the rest weigh half
+      each, exactly as :func:`unet_weight_map` weighs membrane against cell, plus the paper's
+      border term on the membrane, the cells being the 4-connected components of every other
+      labelled class (what a membrane separates: cell interior, mitochondria, ... of one cell
+      are one region). The rest's half is then shared among its classes in proportion to
+      ``count ** (1 - rest_power)`` (0.5: rare classes gain by the square root of their rarity,
+      not by all of it). So the membrane decision is learned as a membrane-only model
+      learns it, and a rare class (synapses: a fraction of a percent of the pixels) cannot
+      outweigh the membranes between touching cells.
+    """
     label = np.asarray(label)
     if label.ndim != 2:
         raise ValueError(f"label must be 2-D (H, W), got shape {label.shape}")
     counts = np.bincount(label.ravel(), minlength=n_classes + 1)[: n_classes + 1].astype(np.float64)
     labelled = counts[1:].sum()
-    out = np.zeros(label.shape, np.float64)
-    present = np.count_nonzero(counts[1:])
     if labelled == 0:
-        return out.astype(np.float32)
+        return np.zeros(label.shape, np.float32)
+    classes = list(range(1, n_classes + 1))
+    rest = [k for k in classes if k != membrane]
+    weights: dict[int, float]
+    if membrane is None or not counts[membrane] or not counts[rest].sum():
+        weights = _balance(counts, classes, labelled, 1.0)
+    else:
+        weights = {membrane: labelled / (2 * counts[membrane])}
+        weights.update(_balance(counts, rest, labelled / 2, rest_power))
     table = np.zeros(256, np.float64)
-    for k in range(1, n_classes + 1):
-        if counts[k]:
-            table[k] = labelled / (present * counts[k])
+    for k, w in weights.items():
+        table[k] = w
     out = table[label]
     if membrane is not None and w0 > 0:
         inside = (label > 0) & (label != membrane)
@@ -191,6 +224,7 @@ def weight_maps(labels: np.ndarray, **kw: Any) -> np.ndarray:
 
 __all__ = [
     "BORDER_EPS",
+    "REST_POWER",
     "border_cutoff",
     "class_weight_map",
     "unet_weight_map",
