@@ -184,12 +184,16 @@ def connect(scheduler: str | None, workers: int | None, threads: int) -> Iterato
 DASK_LOGGERS = ("distributed", "tornado", "tornado.application", "asyncio")
 #: distributed's line when a worker process dies (its nanny's, in this process for a local cluster).
 _WORKER_DIED = re.compile(r"Worker process (\d+) (was killed by .*|exited with status .*)")
+#: distributed's errors that it recovers from by itself: a result lost with its worker is computed
+#: again (said at ERROR level, before or after the nanny's line of the death; a lasting failure
+#: reaches emseg as the task's exception).
+_RECOVERED = re.compile(r"Couldn't gather keys")
 
 
 class _DaskLog(logging.Handler):
     """Receives distributed's records in place of its own stderr handlers and says them through
     emseg's log: a worker that died is one warning, an error one warning line (while the run
-    goes on), everything else debug."""
+    goes on) unless distributed recovers from it itself, everything else debug."""
 
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
@@ -205,7 +209,7 @@ class _DaskLog(logging.Handler):
         if died and not self.closing:
             self.lost += 1
             log.warning("lost a dask worker (process %s %s); its tasks run again on the others", *died.groups())
-        elif record.levelno >= logging.ERROR and not self.closing:
+        elif record.levelno >= logging.ERROR and not self.closing and not _RECOVERED.match(text):
             log.warning("dask: %s", text if len(text) <= 300 else text[:297] + "...")
         else:
             log.debug("dask: %s: %s", record.name, text)

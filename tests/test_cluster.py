@@ -305,3 +305,26 @@ def test_a_run_on_a_local_cluster_prints_only_emseg_lines(tmp_path) -> None:
     lines = proc.stderr.splitlines()
     assert lines and all(line.startswith(("emseg: ", "wrote ")) for line in lines), proc.stderr
     assert not [line for line in lines if "warning" in line or "error" in line], proc.stderr
+
+
+def test_what_distributed_recovers_from_by_itself_is_no_warning() -> None:
+    """A result lost with its worker ("Couldn't gather keys", an ERROR of distributed's, logged
+    before or after the worker's death under load) is computed again: debug only; other errors
+    stay one warning line."""
+    from emseg.cluster import dask_logs_to_emseg
+
+    records = _Records()
+    logger = logging.getLogger("emseg.cluster")
+    logger.addHandler(records)
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
+    try:
+        with dask_logs_to_emseg():
+            logging.getLogger("distributed").error("Couldn't gather keys: sleepy-11")
+            logging.getLogger("distributed").error("Failed to serialize a task")
+    finally:
+        logger.removeHandler(records)
+        logger.setLevel(level)
+    warnings = [r.getMessage() for r in records.records if r.levelno >= logging.WARNING]
+    assert warnings == ["dask: Failed to serialize a task"]
+    assert any("Couldn't gather keys" in r.getMessage() for r in records.records if r.levelno == logging.DEBUG)
