@@ -107,27 +107,33 @@ def cli():
     return invoke
 
 
-@pytest.fixture(scope="session")
-def isbi_zarr(tmp_path_factory) -> Path:
-    """The ISBI training stack ingested once per session (synthetic EM-like data when absent)."""
+def _ingest(raw: Path, labels: Path, out: Path) -> Path:
+    """A TIFF stack and its labels ingested as the tests' stores are (50 x 4 x 4 nm voxels)."""
     from emseg.config import IngestConfig
     from emseg.io.ingest import ingest_stack
 
-    out = tmp_path_factory.mktemp("isbi") / "isbi.zarr"
-    d = isbi_dir()
-    if d is not None:
-        return ingest_stack(
-            d / "train-volume.tif", out, IngestConfig(voxel_size=(50, 4, 4)), labels=d / "train-labels.tif"
-        )
+    return ingest_stack(raw, out, IngestConfig(voxel_size=(50, 4, 4)), labels=labels)
+
+
+def _ingest_arrays(folder: Path, raw: np.ndarray, labels: np.ndarray, name: str) -> Path:
+    """``raw`` and ``labels`` written as TIFFs in ``folder`` and ingested as ``folder/name``."""
     import tifffile
 
-    from emseg.synthetic import synthetic_stack
-
-    raw, labels = synthetic_stack((30, 256, 256), seed=0)
-    folder = out.parent
     tifffile.imwrite(folder / "raw.tif", raw, photometric="minisblack")
     tifffile.imwrite(folder / "lab.tif", labels, photometric="minisblack")
-    return ingest_stack(folder / "raw.tif", out, IngestConfig(voxel_size=(50, 4, 4)), labels=folder / "lab.tif")
+    return _ingest(folder / "raw.tif", folder / "lab.tif", folder / name)
+
+
+@pytest.fixture(scope="session")
+def isbi_zarr(tmp_path_factory) -> Path:
+    """The ISBI training stack ingested once per session (synthetic EM-like data when absent)."""
+    folder = tmp_path_factory.mktemp("isbi")
+    d = isbi_dir()
+    if d is not None:
+        return _ingest(d / "train-volume.tif", d / "train-labels.tif", folder / "isbi.zarr")
+    from emseg.synthetic import synthetic_stack
+
+    return _ingest_arrays(folder, *synthetic_stack((30, 256, 256), seed=0), "isbi.zarr")
 
 
 @pytest.fixture(scope="session")
@@ -135,25 +141,17 @@ def small_zarr(tmp_path_factory) -> Path:
     """Ten 192 x 192 crops of the ISBI training slices (synthetic EM-like data when absent), for
     tests of how training runs (resume, checkpoints, losses) rather than how well: their weight
     maps, validation and segmentation calibration cost a tenth of the whole stack's."""
-    import tifffile
-
-    from emseg.config import IngestConfig
-    from emseg.io.ingest import ingest_stack
-
     folder = tmp_path_factory.mktemp("small")
     d = isbi_dir()
     if d is not None:
-        raw = tifffile.imread(d / "train-volume.tif")[:10, :192, :192]
-        labels = tifffile.imread(d / "train-labels.tif")[:10, :192, :192]
+        import tifffile
+
+        raw, labels = (tifffile.imread(d / f)[:10, :192, :192] for f in ("train-volume.tif", "train-labels.tif"))
     else:
         from emseg.synthetic import synthetic_stack
 
         raw, labels = synthetic_stack((10, 192, 192), seed=0)
-    tifffile.imwrite(folder / "raw.tif", raw, photometric="minisblack")
-    tifffile.imwrite(folder / "lab.tif", labels, photometric="minisblack")
-    return ingest_stack(
-        folder / "raw.tif", folder / "small.zarr", IngestConfig(voxel_size=(50, 4, 4)), labels=folder / "lab.tif"
-    )
+    return _ingest_arrays(folder, raw, labels, "small.zarr")
 
 
 #: A training configuration small enough for a 2-core CPU test.
