@@ -71,18 +71,25 @@ def _check(label: np.ndarray, w0: float, sigma: float) -> np.ndarray:
     return label != 0
 
 
+def _balance(counts: np.ndarray, classes: list[int], total: float, power: float) -> dict[int, float]:
+    """Per-pixel weights of ``classes`` (those with pixels) whose pixels weigh ``total`` in all,
+    class k's share proportional to ``counts[k] ** (1 - power)`` (power 1: every class the same)."""
+    present = [k for k in classes if counts[k]]
+    shares = {k: counts[k] ** (1.0 - power) for k in present}
+    norm = sum(shares.values())
+    return {k: total * shares[k] / (norm * counts[k]) for k in present}
+
+
 def _class_weights(cell: np.ndarray, balance: bool) -> np.ndarray:
     """(H, W) bool cell mask -> (H, W) float64 class-balance weights with mean 1."""
     if not balance:
         return np.ones(cell.shape, dtype=np.float64)
     n_cell = int(np.count_nonzero(cell))
-    n_mem = cell.size - n_cell
-    n_present = int(n_cell > 0) + int(n_mem > 0)
-    if n_present < 2:
+    counts = np.array([cell.size - n_cell, n_cell], np.float64)  # membrane, cell
+    weights = _balance(counts, [0, 1], float(cell.size), 1.0)
+    if len(weights) < 2:
         return np.ones(cell.shape, dtype=np.float64)
-    w_cell = cell.size / (n_present * n_cell)
-    w_mem = cell.size / (n_present * n_mem)
-    return np.where(cell, w_cell, w_mem)
+    return np.where(cell, weights[1], weights[0])
 
 
 def _combine(cell: np.ndarray, d1: np.ndarray, d2: np.ndarray, w0: float, sigma: float, balance: bool) -> np.ndarray:
@@ -142,15 +149,6 @@ def unet_weight_map_reference(
         d2 = np.minimum(d2, np.maximum(d1, dk))
         d1 = np.minimum(d1, dk)
     return _combine(cell, d1, d2, w0, sigma, balance)
-
-
-def _balance(counts: np.ndarray, classes: list[int], total: float, power: float) -> dict[int, float]:
-    """Per-pixel weights of ``classes`` (those with pixels) whose pixels weigh ``total`` in all,
-    class k's share proportional to ``counts[k] ** (1 - power)`` (power 1: every class the same)."""
-    present = [k for k in classes if counts[k]]
-    shares = {k: counts[k] ** (1.0 - power) for k in present}
-    norm = sum(shares.values())
-    return {k: total * shares[k] / (norm * counts[k]) for k in present}
 
 
 def class_weight_map(
